@@ -1,0 +1,30 @@
+"""The exception hierarchy of logitstore.
+
+Every error logitstore raises on purpose derives from ``LogitstoreError``; the
+subclasses also inherit the matching builtin (``FileNotFoundError``,
+``ValueError``) so callers can catch either.
+"""
+
+
+class LogitstoreError(Exception):
+    """Base class of all logitstore errors."""
+
+
+class CacheNotFoundError(LogitstoreError, FileNotFoundError):
+    """The path is not a cache directory (no manifest)."""
+
+
+class FormatVersionError(LogitstoreError, ValueError):
+    """The cache was written with a format version this code cannot read."""
+
+
+class CorruptCacheError(LogitstoreError, ValueError):
+    """A shard or the manifest does not match the spec or the recorded checksums."""
+
+
+class InvalidInputError(LogitstoreError, ValueError):
+    """Arguments or arrays given to the writer/reader break the data contract."""
+
+
+class CacheExistsError(LogitstoreError, FileExistsError):
+    """A writer was pointed at a directory that already holds a cache."""

@@ -1,0 +1,281 @@
+"""Reading a cache: ``logitstore.open(path)`` -> ``Cache``.
+
+Decoding is vectorised per Parquet row group: a ``Block`` holds every position of
+a row group's sequences as flat or padded ``[P, K]`` numpy arrays (token ids,
+float32 logprobs with -inf padding, entry counts), and ``Sequence`` objects are
+views into it. Scalar (per-sequence) columns can be read alone, without touching
+the list columns. Reading needs numpy and pyarrow only, never torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence as Seq
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from logitstore import codec as C
+from logitstore import format as F
+from logitstore.errors import CorruptCacheError, InvalidInputError
+from logitstore.manifest import Manifest, load_manifest
+from logitstore.rules import rule_from_dict
+
+
+def read_id_map(path: Path, manifest: Manifest) -> np.ndarray:
+    """The code -> token id table of a ranked-id cache, checked against the manifest."""
+    f = Path(path) / manifest.id_map["file"]
+    try:
+        data = f.read_bytes()
+    except OSError as exc:
+        raise CorruptCacheError(f"{f}: cannot read the id map ({exc})") from exc
+    if hashlib.sha256(data).hexdigest() != manifest.id_map["sha256"]:
+        raise CorruptCacheError(f"{f}: checksum does not match the manifest")
+    t = pq.read_table(pa.BufferReader(data))
+    m = t.column("token_id").to_numpy().astype(np.int32)
+    if m.size != manifest.vocab_size or not np.array_equal(np.sort(m), np.arange(m.size)):
+        raise CorruptCacheError(f"{f}: not a permutation of the {manifest.vocab_size} token ids")
+    return m
+
+
+@dataclasses.dataclass
+class Block:
+    """The decoded positions of some sequences (one row group, or a subset of one)."""
+
+    scalars: dict[str, np.ndarray]  # per sequence: seq_id (object), record, n_positions, aggregates...
+    token_offsets: np.ndarray  # [S+1] into input_ids
+    input_ids: np.ndarray  # [sum T] int32
+    pos_offsets: np.ndarray  # [S+1] into the position arrays
+    pos: np.ndarray  # [P] int32
+    labels: np.ndarray  # [P] int32 = input_ids[pos]
+    loss_mask: np.ndarray  # [P] bool
+    label_logprob: np.ndarray  # [P] float32
+    entropy: np.ndarray  # [P] float32
+    tail_mass: np.ndarray  # [P] float32
+    ids: np.ndarray  # [P, K] int32, -1 where invalid
+    logprobs: np.ndarray | None  # [P, K] float32, -inf where invalid; None when not stored (codec "none")
+    n_entries: np.ndarray  # [P] int32
+    counts: np.ndarray | None  # [P, K] uint16 (rule sample), 0 where invalid
+
+    def __len__(self) -> int:
+        return self.pos_offsets.size - 1
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.arange(self.ids.shape[1])[None, :] < self.n_entries[:, None]
+
+    def sequence(self, i: int) -> "Sequence":
+        a, b = self.pos_offsets[i], self.pos_offsets[i + 1]
+        ta, tb = self.token_offsets[i], self.token_offsets[i + 1]
+        return Sequence(
+            **{k: v[i] for k, v in self.scalars.items()},
+            input_ids=self.input_ids[ta:tb], pos=self.pos[a:b], labels=self.labels[a:b],
+            loss_mask=self.loss_mask[a:b], label_logprob=self.label_logprob[a:b], entropy=self.entropy[a:b],
+            tail_mass=self.tail_mass[a:b], ids=self.ids[a:b],
+            logprobs=None if self.logprobs is None else self.logprobs[a:b],
+            n_entries=self.n_entries[a:b], counts=None if self.counts is None else self.counts[a:b],
+        )
+
+
+@dataclasses.dataclass
+class Sequence:
+    """One cached sequence, decoded. Array fields are ``[N]`` or ``[N, K]`` over its N cached positions."""
+
+    seq_id: str
+    record: int
+    sample: int
+    n_tokens: int
+    n_positions: int
+    n_targets: int
+    mean_entropy: float | None
+    teacher_nll: float | None
+    token_accuracy: float | None
+    correct: bool | None
+    input_ids: np.ndarray
+    pos: np.ndarray
+    labels: np.ndarray
+    loss_mask: np.ndarray
+    label_logprob: np.ndarray
+    entropy: np.ndarray
+    tail_mass: np.ndarray
+    ids: np.ndarray
+    logprobs: np.ndarray | None
+    n_entries: np.ndarray
+    counts: np.ndarray | None
+
+
+class Cache:
+    """A cache on disk, read through its last committed manifest."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path)
+        self.codec = C.Codec.from_dict(self.manifest.codec)
+        self.rule = rule_from_dict(self.manifest.rule)
+        self.k = self.rule.k
+        self.schema = F.shard_schema(rule=self.rule.name, value_codec=self.codec.values, id_codec=self.codec.ids,
+                                     scalar_dtype=self.codec.scalars)
+        self.id_map = read_id_map(self.path, self.manifest) if self.manifest.id_map else None
+        self._index: dict[str, tuple[int, int]] | None = None  # seq_id -> (shard, row)
+        self._files: dict[int, pq.ParquetFile] = {}
+
+    # ------------------------------------------------------------ summary
+    def __len__(self) -> int:
+        return self.manifest.sequences
+
+    @property
+    def num_positions(self) -> int:
+        return self.manifest.positions
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.path / s.file for s in self.manifest.shards]
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.path)!r}, sequences={len(self)}, positions={self.num_positions}, rule={self.manifest.rule})"
+
+    # ------------------------------------------------------------ raw access
+    def _file(self, shard: int) -> pq.ParquetFile:
+        f = self._files.get(shard)
+        if f is None:
+            path = self.shard_paths[shard]
+            try:
+                f = pq.ParquetFile(path)
+            except (OSError, pa.ArrowException) as exc:
+                raise CorruptCacheError(f"{path}: cannot open shard ({exc})") from exc
+            if f.schema_arrow.remove_metadata() != self.schema:
+                raise CorruptCacheError(f"{path}: schema does not match the manifest's rule and codec")
+            self._files[shard] = f
+        return f
+
+    def scalars(self, columns: Seq[str] | None = None) -> pa.Table:
+        """The per-sequence scalar columns of every sequence (only these columns are read)."""
+        cols = list(columns or F.SCALAR_COLUMNS)
+        bad = [c for c in cols if c not in F.SCALAR_COLUMNS]
+        if bad:
+            raise InvalidInputError(f"{bad} are not scalar columns; choose from {list(F.SCALAR_COLUMNS)}")
+        tables = [self._file(i).read(columns=cols) for i in range(len(self.shard_paths))]
+        return pa.concat_tables(tables) if tables else self.schema.empty_table().select(cols)
+
+    # ------------------------------------------------------------ decoded access
+    def iter_blocks(self, shards: Iterable[int] | None = None) -> Iterator[Block]:
+        """Decoded row groups, in storage order."""
+        for s in range(len(self.shard_paths)) if shards is None else shards:
+            f = self._file(s)
+            for rg in range(f.num_row_groups):
+                yield self.decode(self._read(s, rg))
+
+    def __iter__(self) -> Iterator[Sequence]:
+        return self.iter_sequences()
+
+    def iter_sequences(self, seq_ids: Iterable[str] | None = None) -> Iterator[Sequence]:
+        """Every sequence in storage order, or those in ``seq_ids`` (grouped by row group)."""
+        if seq_ids is None:
+            for block in self.iter_blocks():
+                for i in range(len(block)):
+                    yield block.sequence(i)
+            return
+        wanted = self._locate(seq_ids)
+        for (shard, rg), rows in sorted(wanted.items()):
+            block = self.decode(self._read(shard, rg).take(pa.array(sorted(rows))))
+            for i in range(len(block)):
+                yield block.sequence(i)
+
+    def __getitem__(self, seq_id: str) -> Sequence:
+        return next(self.iter_sequences([seq_id]))
+
+    def __contains__(self, seq_id: str) -> bool:
+        return seq_id in self.index
+
+    @property
+    def index(self) -> dict[str, tuple[int, int]]:
+        """seq_id -> (shard, row in shard); built on first use from the ``seq_id`` column only."""
+        if self._index is None:
+            idx: dict[str, tuple[int, int]] = {}
+            for s in range(len(self.shard_paths)):
+                for row, sid in enumerate(self._file(s).read(columns=["seq_id"]).column(0).to_pylist()):
+                    idx[sid] = (s, row)
+            self._index = idx
+        return self._index
+
+    def _locate(self, seq_ids: Iterable[str]) -> dict[tuple[int, int], list[int]]:
+        out: dict[tuple[int, int], list[int]] = {}
+        bounds: dict[int, np.ndarray] = {}
+        for sid in seq_ids:
+            if sid not in self.index:
+                raise KeyError(f"seq_id {sid!r} is not in {self.path}")
+            s, row = self.index[sid]
+            if s not in bounds:
+                md = self._file(s).metadata
+                bounds[s] = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+            rg = int(np.searchsorted(bounds[s], row, side="right") - 1)
+            out.setdefault((s, rg), []).append(row - int(bounds[s][rg]))
+        return out
+
+    def _read(self, shard: int, rg: int) -> pa.Table:
+        try:
+            return self._file(shard).read_row_group(rg)
+        except (OSError, pa.ArrowException) as exc:
+            raise CorruptCacheError(f"{self.shard_paths[shard]}: row group {rg} cannot be read ({exc})") from exc
+
+    def decode(self, table: pa.Table) -> Block:
+        """A shard table (or a slice of one) -> a ``Block`` of decoded numpy arrays."""
+        col = lambda name: table.column(name).combine_chunks()  # noqa: E731
+        scal = {}
+        for name in F.SCALAR_COLUMNS:
+            a = col(name)
+            scal[name] = np.array(a.to_pylist(), dtype=object) if name in ("seq_id", "correct") or a.null_count \
+                else a.to_numpy(zero_copy_only=False)
+        tok_off, input_ids = _flat(col("input_ids"))
+        pos_off, pos = _flat(col("pos"))
+        rows = np.repeat(np.arange(len(table)), np.diff(pos_off))
+        labels = input_ids[tok_off[:-1][rows] + pos]
+        ent_pos_off, ids_flat = _flat2(col(F.id_column(self.codec.ids)))
+        n_ent = np.diff(ent_pos_off).astype(np.int32)
+        k = max(self.k, int(n_ent.max(initial=1)))
+        if self.id_map is not None:
+            if ids_flat.size and (ids_flat.min() < 0 or ids_flat.max() >= self.id_map.size):
+                raise CorruptCacheError(f"{self.path}: entry code outside the id map")
+            ids_flat = np.take(self.id_map, ids_flat)
+        vname = F.value_column(self.codec.values)[0]
+        n_pos, mask = n_ent.size, C.valid_mask(n_ent, k)
+        ids = C.pad_flat(ids_flat, mask, n_pos, k, -1)
+        lps = None
+        if vname is not None:
+            vals = _flat2(col(vname))[1]
+            if self.codec.values == "qdelta":
+                vals = C.dequantise_flat(vals, ent_pos_off[:-1], self.codec.logprob_step)
+            lps = C.pad_flat(vals.astype(np.float32, copy=False), mask, n_pos, k, -np.inf)
+        counts = None
+        if self.rule.name == "sample":
+            counts = C.pad_flat(_flat2(col("sample_counts"))[1], mask, n_pos, k, 0)
+        f32 = lambda name: _flat(col(name))[1].astype(np.float32, copy=False)  # noqa: E731
+        return Block(
+            scalars=scal, token_offsets=tok_off, input_ids=input_ids, pos_offsets=pos_off, pos=pos, labels=labels,
+            loss_mask=_flat(col("loss_mask"))[1], label_logprob=f32("label_logprob"), entropy=f32("entropy"),
+            tail_mass=f32("tail_mass"), ids=ids, logprobs=lps, n_entries=n_ent, counts=counts,
+        )
+
+
+def _flat(a: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """list<x> -> (offsets rebased to 0 [n+1], values [m])."""
+    off = a.offsets.to_numpy().astype(np.int64)
+    values = a.values.to_numpy(zero_copy_only=False)[off[0]:off[-1]]
+    return off - off[0], values
+
+
+def _flat2(a: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """list<list<x>> -> (entry offsets per position [P+1], flat values)."""
+    outer = a.offsets.to_numpy().astype(np.int64)
+    inner = a.values.offsets.to_numpy().astype(np.int64)[outer[0]:outer[-1] + 1]
+    values = a.values.values.to_numpy(zero_copy_only=False)[inner[0]:inner[-1]]
+    return inner - inner[0], values
+
+
+def open(path: str | os.PathLike) -> Cache:  # noqa: A001 - the natural name, as in logitstore.open
+    """Open the cache at ``path`` (a directory with ``manifest.json``)."""
+    return Cache(path)
