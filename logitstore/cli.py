@@ -71,7 +71,14 @@ def _size(n: int) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from logitstore.errors import CacheNotFoundError
+    from logitstore.format import MANIFEST_NAME
     from logitstore.verify import verify
+
+    if not (Path(args.cache) / MANIFEST_NAME).is_file():
+        raise CacheNotFoundError(f"{args.cache}: not a logitstore cache (no {MANIFEST_NAME})")
 
     bar = None
     if not args.quiet and sys.stderr.isatty():

@@ -110,10 +110,21 @@ def dequantise_flat(deltas: np.ndarray, starts: np.ndarray, step: float) -> np.n
 
 
 def build_id_map(sample_ids: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Code -> token id table: ids by descending frequency in ``sample_ids``, then unseen ids ascending."""
+    """Code -> token id table from the entry ids in ``sample_ids``.
+
+    Tokens are ranked by descending frequency (ties and unseen ids by ascending id), and
+    rank r gets the r-th code in low-byte-major order (low byte 0 for every high byte, then
+    low byte 1, ...). So the most frequent tokens share low byte 0 and differ in the high
+    byte: with ``BYTE_STREAM_SPLIT`` neither byte stream is dominated by one symbol, which
+    zstd's Huffman literal coder handles better (FORMAT.md; measured in BENCHMARKS.md).
+    """
     counts = np.bincount(sample_ids.astype(np.int64).ravel(), minlength=vocab_size)[:vocab_size]
-    # stable sort on -count keeps ties (and unseen ids) in ascending id order
-    return np.argsort(-counts, kind="stable").astype(np.int32)
+    by_rank = np.argsort(-counts, kind="stable")  # token ids, most frequent first
+    codes = np.arange(vocab_size)
+    code_of_rank = np.lexsort((codes >> 8, codes & 255))
+    id_map = np.empty(vocab_size, np.int32)
+    id_map[code_of_rank] = by_rank
+    return id_map
 
 
 def invert_id_map(id_map: np.ndarray) -> np.ndarray:

@@ -25,6 +25,9 @@ from logitstore.errors import CorruptCacheError, InvalidInputError
 from logitstore.manifest import Manifest, load_manifest
 from logitstore.rules import rule_from_dict
 
+# What pyarrow raises on a damaged file: its own errors, OS errors, and undecodable footers.
+_READ_ERRORS = (OSError, pa.ArrowException, UnicodeDecodeError, ValueError)
+
 
 def read_id_map(path: Path, manifest: Manifest) -> np.ndarray:
     """The code -> token id table of a ranked-id cache, checked against the manifest."""
@@ -144,8 +147,8 @@ class Cache:
         if f is None:
             path = self.shard_paths[shard]
             try:
-                f = pq.ParquetFile(path)
-            except (OSError, pa.ArrowException) as exc:
+                f = pq.ParquetFile(path, page_checksum_verification=True)
+            except _READ_ERRORS as exc:
                 raise CorruptCacheError(f"{path}: cannot open shard ({exc})") from exc
             if f.schema_arrow.remove_metadata() != self.schema:
                 raise CorruptCacheError(f"{path}: schema does not match the manifest's rule and codec")
@@ -158,7 +161,7 @@ class Cache:
         bad = [c for c in cols if c not in F.SCALAR_COLUMNS]
         if bad:
             raise InvalidInputError(f"{bad} are not scalar columns; choose from {list(F.SCALAR_COLUMNS)}")
-        tables = [self._file(i).read(columns=cols) for i in range(len(self.shard_paths))]
+        tables = [self._read(i, None, cols) for i in range(len(self.shard_paths))]
         return pa.concat_tables(tables) if tables else self.schema.empty_table().select(cols)
 
     # ------------------------------------------------------------ decoded access
@@ -197,7 +200,7 @@ class Cache:
         if self._index is None:
             idx: dict[str, tuple[int, int]] = {}
             for s in range(len(self.shard_paths)):
-                for row, sid in enumerate(self._file(s).read(columns=["seq_id"]).column(0).to_pylist()):
+                for row, sid in enumerate(self._read(s, None, ["seq_id"]).column(0).to_pylist()):
                     idx[sid] = (s, row)
             self._index = idx
         return self._index
@@ -216,11 +219,14 @@ class Cache:
             out.setdefault((s, rg), []).append(row - int(bounds[s][rg]))
         return out
 
-    def _read(self, shard: int, rg: int) -> pa.Table:
+    def _read(self, shard: int, rg: int | None, columns: list[str] | None = None) -> pa.Table:
+        """Row group ``rg`` of a shard (``None``: the whole shard), optionally only ``columns``."""
+        f = self._file(shard)
         try:
-            return self._file(shard).read_row_group(rg)
-        except (OSError, pa.ArrowException) as exc:
-            raise CorruptCacheError(f"{self.shard_paths[shard]}: row group {rg} cannot be read ({exc})") from exc
+            return f.read(columns=columns) if rg is None else f.read_row_group(rg, columns=columns)
+        except _READ_ERRORS as exc:
+            where = "" if rg is None else f" row group {rg}"
+            raise CorruptCacheError(f"{self.shard_paths[shard]}:{where} cannot be read ({exc})") from exc
 
     def decode(self, table: pa.Table) -> Block:
         """A shard table (or a slice of one) -> a ``Block`` of decoded numpy arrays."""
@@ -233,6 +239,8 @@ class Cache:
         tok_off, input_ids = _flat(col("input_ids"))
         pos_off, pos = _flat(col("pos"))
         rows = np.repeat(np.arange(len(table)), np.diff(pos_off))
+        if pos.size and ((pos < 1) | (pos >= np.diff(tok_off)[rows])).any():
+            raise CorruptCacheError(f"{self.path}: cached positions outside [1, n_tokens) of their sequence")
         labels = input_ids[tok_off[:-1][rows] + pos]
         ent_pos_off, ids_flat = _flat2(col(F.id_column(self.codec.ids)))
         n_ent = np.diff(ent_pos_off).astype(np.int32)

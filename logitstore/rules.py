@@ -108,7 +108,8 @@ def sparsify(logprobs: np.ndarray, rule: Rule, rng: np.random.Generator | None =
         p = np.exp(lp)
         cdf = np.cumsum(p, axis=1)
         u = rng.random((n, rule.draws)) * cdf[:, -1:]
-        draws = np.stack([np.searchsorted(cdf[i], u[i], side="right") for i in range(n)]).clip(0, v - 1)
+        draws = np.array([np.searchsorted(cdf[i], u[i], side="right") for i in range(n)],
+                         dtype=np.int64).reshape(n, rule.draws).clip(0, v - 1)
         return entries_from_draws(lp, draws, rule.k)
     k = min(rule.k, v)
     ids = order[:, :k]
@@ -132,7 +133,7 @@ def entries_from_draws(logprobs: np.ndarray, draws: np.ndarray, cap: int) -> Ent
     """Full ``[N, V]`` logprobs and ``[N, D]`` drawn ids -> unique ids with counts, most likely first."""
     lp = np.asarray(logprobs, dtype=np.float64)
     n = lp.shape[0]
-    uniq = [np.unique(d, return_counts=True) for d in draws]
+    uniq = [np.unique(d, return_counts=True) for d in np.asarray(draws)]
     kk = min(cap, max((len(u) for u, _ in uniq), default=1))
     ids = np.zeros((n, kk), np.int32)
     vals = np.full((n, kk), -np.inf, np.float32)

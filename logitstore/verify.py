@@ -124,8 +124,8 @@ def _invariants(cache: Cache, b) -> list[str]:
     if not (b.label_logprob <= 0).all():
         bad.append("label_logprob > 0")
     if b.counts is not None:
-        if (b.counts[valid] < 1).any() or b.counts[valid].sum() > b.n_entries.size * cache.rule.draws:
-            bad.append("sample_counts must be >= 1 and sum to at most draws per position")
+        if (b.counts[valid] < 1).any() or (np.where(valid, b.counts, 0).sum(axis=1) > cache.rule.draws).any():
+            bad.append(f"sample_counts must be >= 1 and sum to at most draws={cache.rule.draws} per position")
     bad += _sequence_invariants(cache, b)
     return bad
 
@@ -136,10 +136,16 @@ def _logprob_invariants(cache: Cache, lp: np.ndarray, valid: np.ndarray, tail: n
         bad.append("entry logprobs must be finite and <= 0")
     if lp.shape[1] > 1 and ((lp[:, 1:] > lp[:, :-1]) & valid[:, 1:]).any():
         bad.append("entries not sorted by logprob, most likely first")
-    # stored mass + tail = 1, within the decoding error of the values (relative e^{err} - 1)
-    err = {"qdelta": cache.codec.logprob_error_bound(), "fp16": 1e-3}.get(cache.codec.values, 1e-6)
-    mass = np.exp(lp.astype(np.float64)).sum(axis=1)
-    tol = mass * math.expm1(err) + (1e-3 if cache.codec.scalars == "fp16" else 1e-5)
+    # stored mass + tail = 1, within the decoding error of the values: an entry decoded with
+    # abs logprob error e has probability error p * expm1(e); fp16's error is relative (2^-11 |lp|)
+    lp64 = np.where(valid, lp, -np.inf).astype(np.float64)
+    p = np.exp(lp64)
+    if cache.codec.values == "fp16":
+        err = np.where(valid, np.abs(lp64) * 2.0**-11 + 1e-7, 0.0)
+    else:
+        err = cache.codec.logprob_error_bound() if cache.codec.values == "qdelta" else 1e-6
+    mass = p.sum(axis=1)
+    tol = (p * np.expm1(err)).sum(axis=1) + (1e-3 if cache.codec.scalars == "fp16" else 1e-5)
     if (np.abs(mass + tail - 1) > tol).any():
         bad.append("sum(exp(entry logprobs)) + tail_mass != 1 beyond the codec's bound")
     return bad

@@ -31,6 +31,7 @@ from logitstore.rules import Rule, Sampled
 logger = logging.getLogger(__name__)
 
 _LP_TOL = 1e-4  # logprobs/entropies this far past their bound are rounding noise and get clamped
+DATA_PAGE_BYTES = 2 << 20  # Parquet data page target: 2 MiB measured smallest at k=50 (BENCHMARKS.md)
 
 
 def sequence_id(input_ids: np.ndarray, extra: bytes | str = b"") -> str:
@@ -50,7 +51,10 @@ def file_sha256(path: Path) -> str:
 
 def _np(x, dtype=None) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if str(x.dtype) in ("torch.bfloat16", "torch.float8_e4m3fn", "torch.float8_e5m2"):  # numpy has no such dtype
+            x = x.float()
+        x = x.numpy()
     return np.asarray(x, dtype=dtype)
 
 
@@ -266,6 +270,8 @@ class CacheWriter:
             raise InvalidInputError(f"seq {sid}: entry logprobs must be finite and <= 0")
         if K > 1 and ((lp[:, 1:] > lp[:, :-1]) & valid[:, 1:]).any():
             raise InvalidInputError(f"seq {sid}: entries must be sorted by logprob, most likely first")
+        if K > 1 and has_repeats(ids, valid):
+            raise InvalidInputError(f"seq {sid}: a position lists the same token id twice")
         if not (np.isfinite(lab_lp).all() and lab_lp.max(initial=0) <= _LP_TOL):
             raise InvalidInputError(f"seq {sid}: label_logprob must be finite and <= 0")
         if not (np.isfinite(ent).all() and ent.min(initial=0) >= -_LP_TOL):
@@ -278,8 +284,11 @@ class CacheWriter:
                     (self.codec.scalars == "fp16" and lab_lp.min(initial=0) < floor):
                 raise InvalidInputError(f"seq {sid}: logprobs below {floor} do not fit the fp16 codec")
         if cnt is not None:
-            if cnt.shape != ids.shape or (cnt[valid] < 1).any() or cnt.max(initial=0) > 65535:
-                raise InvalidInputError(f"seq {sid}: counts must be [N, K] integers in [1, 65535] on valid entries")
+            if cnt.shape != ids.shape or (cnt[valid] < 1).any() or \
+                    (np.where(valid, cnt, 0).sum(axis=1) > self.rule.draws).any():
+                raise InvalidInputError(
+                    f"seq {sid}: counts must be [N, K], >= 1 on valid entries and sum to at most "
+                    f"draws={self.rule.draws} per position")
         np.minimum(lp_v, 0, out=lp_v)
         # ---- aggregates over target positions, from the full-precision inputs
         labels = tok[pos]
@@ -380,12 +389,14 @@ class CacheWriter:
             if f.name in ("pos", "record"):
                 enc[leaf] = "DELTA_BINARY_PACKED"
             elif f.name in ("input_ids", "label_logprob", "entropy", "tail_mass", "topk_ids", "topk_codes",
-                            "topk_logprobs", "topk_logprob_deltas", "sample_counts"):
+                            "topk_logprobs", "topk_logprob_deltas", "sample_counts") \
+                    and not pa.types.is_float16(_leaf_type(f.type)):  # DuckDB reads no BYTE_STREAM_SPLIT half floats
                 enc[leaf] = "BYTE_STREAM_SPLIT"
         self._pq = pq.ParquetWriter(
             self._shard_tmp, schema, compression="zstd", compression_level=self.codec.zstd_level,
             use_dictionary=False, column_encoding=enc, write_statistics=list(F.SCALAR_COLUMNS),
-            data_page_size=1 << 20,
+            write_page_checksum=True,  # CRC32 per page: readers detect corrupted pages, not just verify
+            data_page_size=DATA_PAGE_BYTES,
         )
 
     def _commit_shard(self) -> None:
@@ -420,10 +431,23 @@ class CacheWriter:
         self._code_of = C.invert_id_map(id_map)
 
 
+def has_repeats(ids: np.ndarray, valid: np.ndarray) -> bool:
+    """True when some row of ``ids [N, K]`` lists an id twice among its valid entries."""
+    fill = -1 - np.arange(ids.shape[1], dtype=np.int64)[None, :]  # distinct negatives for padding
+    s = np.sort(np.where(valid, ids, fill), axis=1)
+    return bool((s[:, 1:] == s[:, :-1]).any())
+
+
 def _offsets(lengths: np.ndarray) -> pa.Array:
     off = np.zeros(len(lengths) + 1, np.int32)
     np.cumsum(lengths, out=off[1:])
     return pa.array(off)
+
+
+def _leaf_type(t: pa.DataType) -> pa.DataType:
+    while pa.types.is_list(t):
+        t = t.value_type
+    return t
 
 
 def _depth(t: pa.DataType) -> int:
