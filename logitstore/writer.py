@@ -262,15 +262,16 @@ class CacheWriter:
             raise InvalidInputError(f"seq {sid}: positions must be strictly increasing within [1, {T - 1}]")
         if N and (n_ent.min() < 1 or n_ent.max() > K):
             raise InvalidInputError(f"seq {sid}: n_entries must be within [1, {K}]")
-        valid = np.arange(K)[None, :] < n_ent[:, None]
-        ids_v, lp_v = ids[valid], lp[valid]
+        fixed = not N or int(n_ent.min()) == K  # every position has K entries: no masks, no copies
+        valid = np.ones((N, K), bool) if fixed else np.arange(K)[None, :] < n_ent[:, None]
+        ids_v, lp_v = (ids.reshape(-1), lp.reshape(-1)) if fixed else (ids[valid], lp[valid])
         if ids_v.size and (ids_v.min() < 0 or ids_v.max() >= self.vocab_size):
             raise InvalidInputError(f"seq {sid}: entry ids outside [0, {self.vocab_size})")
         if not np.isfinite(lp_v).all() or (lp_v.size and lp_v.max() > _LP_TOL):
             raise InvalidInputError(f"seq {sid}: entry logprobs must be finite and <= 0")
-        if K > 1 and ((lp[:, 1:] > lp[:, :-1]) & valid[:, 1:]).any():
+        if K > 1 and ((lp[:, 1:] > lp[:, :-1]) if fixed else ((lp[:, 1:] > lp[:, :-1]) & valid[:, 1:])).any():
             raise InvalidInputError(f"seq {sid}: entries must be sorted by logprob, most likely first")
-        if K > 1 and has_repeats(ids, valid):
+        if K > 1 and has_repeats(ids, None if fixed else valid):
             raise InvalidInputError(f"seq {sid}: a position lists the same token id twice")
         if not (np.isfinite(lab_lp).all() and lab_lp.max(initial=0) <= _LP_TOL):
             raise InvalidInputError(f"seq {sid}: label_logprob must be finite and <= 0")
@@ -289,7 +290,8 @@ class CacheWriter:
                 raise InvalidInputError(
                     f"seq {sid}: counts must be [N, K], >= 1 on valid entries and sum to at most "
                     f"draws={self.rule.draws} per position")
-        np.minimum(lp_v, 0, out=lp_v)
+        if lp_v.size and lp_v.max() > 0:  # rounding noise above 0 (checked <= _LP_TOL above); never edit in place
+            lp_v = np.minimum(lp_v, 0)
         # ---- aggregates over target positions, from the full-precision inputs
         labels = tok[pos]
         top1 = None if argmax is None else _np(argmax).ravel()
@@ -302,9 +304,10 @@ class CacheWriter:
             "token_accuracy": float((top1[mask] == labels[mask]).mean()) if nt and top1 is not None else None,
         }
         self._buf.append(dict(
-            seq_id=sid, record=int(record), sample=int(sample), correct=correct, input_ids=tok, pos=pos,
+            # the buffer owns copies: a caller may reuse its arrays (or tensors) for the next sequence
+            seq_id=sid, record=int(record), sample=int(sample), correct=correct, input_ids=tok.copy(), pos=pos,
             loss_mask=mask, label_logprob=np.minimum(lab_lp, 0), entropy=np.maximum(ent, 0),
-            tail_mass=np.clip(tail, 0, 1), ids=ids_v.astype(np.int32, copy=False), lp=lp_v, n_ent=n_ent,
+            tail_mass=np.clip(tail, 0, 1), ids=ids_v.astype(np.int32), lp=lp_v.copy() if fixed else lp_v, n_ent=n_ent,
             counts=None if cnt is None else cnt[valid].astype(np.uint16), n_targets=nt, **agg,
         ))
         self._seen.add(sid)
@@ -431,10 +434,13 @@ class CacheWriter:
         self._code_of = C.invert_id_map(id_map)
 
 
-def has_repeats(ids: np.ndarray, valid: np.ndarray) -> bool:
-    """True when some row of ``ids [N, K]`` lists an id twice among its valid entries."""
-    fill = -1 - np.arange(ids.shape[1], dtype=np.int64)[None, :]  # distinct negatives for padding
-    s = np.sort(np.where(valid, ids, fill), axis=1)
+def has_repeats(ids: np.ndarray, valid: np.ndarray | None) -> bool:
+    """True when some row of ``ids [N, K]`` lists an id twice among its valid entries (None: all valid)."""
+    if valid is None:
+        s = np.sort(ids.astype(np.int32, copy=False), axis=1)
+    else:
+        fill = -1 - np.arange(ids.shape[1], dtype=np.int32)[None, :]  # distinct negatives for padding
+        s = np.sort(np.where(valid, ids, fill).astype(np.int32, copy=False), axis=1)
     return bool((s[:, 1:] == s[:, :-1]).any())
 
 

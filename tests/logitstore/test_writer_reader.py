@@ -22,7 +22,9 @@ from logitstore.verify import verify
 
 from tests.conftest import (
     assert_sequence_matches,
+    entropy,
     make_sequences,
+    random_logprobs,
     read_manifest,
     reference_id_map,
     reference_seq_id,
@@ -582,3 +584,34 @@ def test_open_missing_path(tmp_path):
         logitstore.open(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError):
         logitstore.open(tmp_path / "nothing")
+
+
+def test_the_writer_owns_its_buffer_when_the_caller_reuses_its_arrays(tmp_path):
+    """A backend may fill the same output arrays for every sequence; what was added must not change."""
+    rng = np.random.default_rng(5)
+    vocab, k, n = 50, 4, 6
+    tok = np.zeros(n + 1, np.int32)
+    ids = np.zeros((n, k), np.int32)
+    lps = np.zeros((n, k), np.float32)
+    lab, ent, tail = np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    expected = []
+    with logitstore.CacheWriter(tmp_path / "c", vocab_size=vocab, rule=TopK(k)) as w:
+        for _ in range(3):
+            lp = random_logprobs(rng, n, vocab)
+            order = np.argsort(-lp, axis=1)[:, :k]
+            tok[:] = rng.integers(0, vocab, n + 1)
+            ids[:] = order
+            lps[:] = np.take_along_axis(lp, order, 1)
+            lab[:] = lp[np.arange(n), tok[1:]]
+            ent[:] = entropy(lp)
+            tail[:] = 1 - np.exp(lps.astype(np.float64)).sum(1)
+            w.add(input_ids=tok, ids=ids, logprobs=lps, label_logprob=lab, entropy=ent, tail_mass=tail)
+            expected.append((tok.copy(), ids.copy(), lps.copy(), ent.copy()))
+        tok[:] = 0; ids[:] = 0; lps[:] = -1.0; ent[:] = 9.0  # the caller scribbles over its arrays
+    got = list(logitstore.open(tmp_path / "c"))
+    assert len(got) == 3
+    for s, (t, i, l, e) in zip(got, expected):
+        np.testing.assert_array_equal(s.input_ids, t)
+        np.testing.assert_array_equal(s.ids, i)
+        assert np.abs(s.logprobs - l).max() <= Codec().logprob_step / 2 + 1e-6
+        np.testing.assert_allclose(s.entropy, e)
