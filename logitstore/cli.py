@@ -1,6 +1,6 @@
 """The ``logitstore`` command line: the only place in the package that prints.
 
-Subcommands available in this version: ``info`` and ``verify``. Each exits 0 on
+Subcommands available in this version: ``build``, ``info`` and ``verify``. Each exits 0 on
 success, 1 when ``verify`` finds problems, and 2 with a one-line reason on bad
 input (missing cache, unreadable manifest, unknown version).
 """
@@ -103,6 +103,50 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    import logging
+
+    from builders.data import Fields
+    from builders.driver import BuildConfig, build
+    from logitstore.codec import Codec
+    from logitstore.errors import InvalidInputError
+    from logitstore.rules import MassTopK, Sampled, TopK
+
+    if args.mass is not None and args.sample is not None:
+        raise InvalidInputError("--mass and --sample are two different rules; give at most one")
+    if args.sample is not None:
+        rule = Sampled(args.sample, args.top_k or 0)
+    elif args.mass is not None:
+        rule = MassTopK(args.mass, args.top_k or 64)
+    else:
+        if args.top_k is None:
+            raise InvalidInputError("--top-k K is required (or --mass P / --sample DRAWS)")
+        rule = TopK(args.top_k)
+    codec = Codec(values=args.values, ids=args.ids, scalars=args.scalars, zstd_level=args.zstd_level,
+                  **({"logprob_step": args.logprob_step} if args.logprob_step else {}))
+    config = BuildConfig(
+        rule=rule, codec=codec, backend=args.backend,
+        backend_options={"dtype": args.dtype, "device": args.device, "extract_mb": args.extract_mb,
+                         "trust_remote_code": args.trust_remote_code},
+        fields=Fields(text=args.text_field, messages=args.messages_field, prompt=args.prompt_field,
+                      response=args.response_field, answer=args.answer_field),
+        max_length=args.max_length, on_long=args.on_long, on_bad=args.on_bad, token_budget=args.token_budget,
+        cache_prompt=args.cache_prompt, shard_mb=args.shard_mb, row_group_positions=args.row_group_positions,
+        seed=args.seed,
+    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    m = build(args.teacher, args.data, args.output, config, resume=args.resume, progress=not args.quiet,
+              argv=sys.argv[1:])
+    skipped = (m.build.get("skipped") or {}).get("counts") or {}
+    print(f"{args.output}: {m.sequences:,} sequences, {m.positions:,} positions, {_size(m.bytes)}"
+          + (f", {m.bytes / m.positions:.1f} bytes/position" if m.positions else ""))
+    if skipped:
+        print("skipped or changed: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+    if m.duplicates_skipped:
+        print(f"duplicates: {m.duplicates_skipped} records with the same tokens as an earlier one were written once")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="logitstore",
@@ -115,6 +159,53 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
     info.add_argument("--json", action="store_true", help="same as --format json")
     info.set_defaults(func=_info)
+    b = sub.add_parser(
+        "build", help="batch teacher inference into a cache",
+        description="Score DATA with TEACHER and write the sparse next-token distributions of every target "
+                    "position to the cache CACHE. TEACHER: a local model directory, a hub id, or a .gguf file. "
+                    "DATA: .jsonl (.jsonl.gz, .jsonl.zst), .json, .parquet, or a dataset saved with datasets' "
+                    "save_to_disk, whose records have text, messages (chat; assistant turns are targets) or "
+                    "prompt + response (response tokens are targets).")
+    b.add_argument("teacher", metavar="TEACHER")
+    b.add_argument("data", metavar="DATA")
+    b.add_argument("-o", "--output", required=True, metavar="CACHE", help="cache directory to create (or resume)")
+    r = b.add_argument_group("entries per position (one rule)")
+    r.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens (with --mass/--sample: the cap)")
+    r.add_argument("--mass", type=float, metavar="P", help="keep the smallest prefix with mass >= P (cap: --top-k, default 64)")
+    r.add_argument("--sample", type=int, metavar="DRAWS", help="keep the unique ids of DRAWS samples with their counts")
+    b.add_argument("--resume", action="store_true", help="continue an interrupted build of CACHE (same teacher, data, rule)")
+    b.add_argument("--max-length", type=int, metavar="N", help="longest sequence in tokens (default: no limit)")
+    b.add_argument("--on-long", choices=["truncate", "skip"], default="truncate", help="records over --max-length (default: truncate)")
+    b.add_argument("--on-bad", choices=["error", "skip"], default="error",
+                   help="bad records: stop with an error naming file, line and field (default), or skip and count")
+    b.add_argument("--cache-prompt", action="store_true", help="also cache non-target positions (loss_mask false)")
+    t = b.add_argument_group("teacher")
+    t.add_argument("--backend", default="transformers", help="teacher backend (default: transformers)")
+    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model dtype (default fp32)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    t.add_argument("--token-budget", type=int, default=8192, help="padded tokens per teacher batch (default 8192)")
+    t.add_argument("--extract-mb", type=int, default=96, help="memory for the LM head/softmax chunks, MiB (default 96)")
+    t.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own Python code to run")
+    t.add_argument("--seed", type=int, default=0, help="seed of --sample draws")
+    f = b.add_argument_group("record fields")
+    f.add_argument("--text-field", default="text")
+    f.add_argument("--messages-field", default="messages")
+    f.add_argument("--prompt-field", default="prompt")
+    f.add_argument("--response-field", default="response")
+    f.add_argument("--answer-field", default="answer")
+    s = b.add_argument_group("storage (FORMAT.md)")
+    s.add_argument("--values", choices=["qdelta", "fp16", "fp32", "none"], default="qdelta",
+                   help="entry logprobs: quantised deltas (default, max error 0.0195 nats), fp16, fp32 (lossless), "
+                        "none (--sample only)")
+    s.add_argument("--logprob-step", type=float, help="qdelta step in nats (default 5/128)")
+    s.add_argument("--ids", choices=["ranked", "raw"], default="ranked", help="entry ids as ranked codes (default) or raw")
+    s.add_argument("--scalars", choices=["fp32", "fp16"], default="fp32", help="label logprob/entropy/tail mass dtype")
+    s.add_argument("--zstd-level", type=int, default=1, help="zstd level (default 1; 19 is ~1%% smaller, much slower)")
+    s.add_argument("--shard-mb", type=float, default=256, help="shard size limit in MiB (default 256)")
+    s.add_argument("--row-group-positions", type=int, default=65536,
+                   help="positions per Parquet row group: the unit of reading and shuffling (default 65536)")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_build)
     ver = sub.add_parser("verify", help="check every shard against the manifest and the spec",
                          description="Check checksums, sizes, schema, version, counts and every decoded value "
                                      "against the invariants of FORMAT.md. Exit 1 if anything is wrong.")

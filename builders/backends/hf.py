@@ -1,0 +1,147 @@
+"""The transformers backend: any causal LM that transformers loads, on CPU or CUDA.
+
+A teacher is a local model directory, a hub id (loaded where a hub is reachable, a
+clear error where not) or a ``.gguf`` file (transformers' GGUF loader). Per batch the
+model *body* runs once over right-padded sequences; only the hidden states of the
+requested positions go through the LM head, in chunks (``builders.extract``), so
+memory never holds a ``[B, T, V]`` tensor. Right padding with an attention mask keeps
+every real token's hidden state identical to scoring the sequence alone (causal
+attention never looks right).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from builders.backends.base import Scored
+from builders.extract import Head, chunk_rows_for, extract, split
+from builders.tokenizers import tokenizer_record
+from logitstore.errors import InvalidInputError, LogitstoreError
+from logitstore.rules import Rule
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TeacherLoadError(LogitstoreError, OSError):
+    """The teacher could not be loaded (missing path, no hub access, unsupported architecture)."""
+
+
+def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
+    """(model, tokenizer, identity dict) for a model directory, a hub id or a .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"--dtype {dtype!r}: allowed {', '.join(DTYPES)}")
+    path = Path(teacher)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TeacherLoadError(f"teacher {teacher}: no such .gguf file")
+        src, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise TeacherLoadError(f"teacher {teacher}: a directory without config.json is not a model directory")
+        src = str(path)
+    elif teacher.count("/") == 1 and not teacher.startswith((".", "/")):
+        src = teacher  # a hub id
+    else:
+        raise TeacherLoadError(f"teacher {teacher}: not a model directory, a .gguf file or a hub id (org/name)")
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kwargs)
+    except OSError as exc:
+        hint = " (offline? set HF_HUB_OFFLINE=0 and check the network)" if src == teacher and not path.exists() else ""
+        raise TeacherLoadError(f"teacher {teacher}: cannot load ({exc}){hint}") from exc
+    model = model.to(device).eval()
+    identity = {"id": teacher if not path.exists() else str(path.resolve()), "revision": _revision(path, model),
+                "dtype": dtype, "architecture": type(model).__name__}
+    return model, tok, identity
+
+
+def _revision(path: Path, model) -> str:
+    """A hub commit where known; for local files, a hash of the config and the weight files' names and sizes."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return commit
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for f in files:
+        if f.suffix in (".json", ".safetensors", ".bin", ".gguf", ".model", ".txt"):
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.name == "config.json":
+                h.update(f.read_bytes())
+    return "local-" + h.hexdigest()[:16]
+
+
+class TransformersBackend:
+    """See the module docstring. ``extract_mb`` bounds the memory of the head/softmax chunks."""
+
+    exactness: dict[str, str] = {}
+
+    def __init__(self, teacher: str, *, dtype: str = "fp32", device: str = "cpu", extract_mb: int = 96,
+                 trust_remote_code: bool = False):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidInputError(f"--device {device}: CUDA is not available on this machine")
+        self.model, self.tokenizer, self.identity = load_teacher(teacher, dtype=dtype, device=device,
+                                                                 trust_remote_code=trust_remote_code)
+        self.device = torch.device(device)
+        lm_head = self.model.get_output_embeddings()
+        self.body = self.model.base_model
+        if lm_head is None or self.body is self.model or not hasattr(lm_head, "weight"):
+            raise TeacherLoadError(f"teacher {teacher}: {type(self.model).__name__} exposes no separate LM head")
+        cfg = self.model.config
+        self.head = Head(weight=lm_head.weight, bias=getattr(lm_head, "bias", None),
+                         scale=getattr(cfg, "logit_scale", None), softcap=getattr(cfg, "final_logit_softcapping", None))
+        self.vocab_size = self.head.vocab_size
+        self.chunk_rows = chunk_rows_for(self.vocab_size, extract_mb << 20)
+        self.extract_mb = extract_mb
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.identity)
+
+    def options(self) -> dict[str, Any]:
+        return {"device": str(self.device), "extract_mb": self.extract_mb, "chunk_rows": self.chunk_rows}
+
+    def tokenizer_record(self) -> dict[str, Any]:
+        return tokenizer_record(self.tokenizer)
+
+    @torch.no_grad()
+    def hidden(self, input_ids: Sequence[np.ndarray]) -> torch.Tensor:
+        """Final hidden states ``[B, T, H]`` of a right-padded batch."""
+        lengths = [len(x) for x in input_ids]
+        T = max(lengths)
+        ids = torch.zeros((len(input_ids), T), dtype=torch.long)
+        mask = torch.zeros((len(input_ids), T), dtype=torch.long)
+        for i, x in enumerate(input_ids):
+            ids[i, :len(x)] = torch.as_tensor(np.asarray(x, dtype=np.int64))
+            mask[i, :len(x)] = 1
+        out = self.body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def score(self, input_ids: Sequence[np.ndarray], positions: Sequence[np.ndarray], rule: Rule,
+              generator: torch.Generator | None = None) -> list[Scored]:
+        h = self.hidden(input_ids)
+        rows = np.concatenate([np.full(len(p), i) for i, p in enumerate(positions)]).astype(np.int64)
+        cols = np.concatenate([np.asarray(p, np.int64) for p in positions])
+        if rows.size:
+            # the hidden state at t - 1 predicts token t
+            hs = h[torch.as_tensor(rows, device=h.device), torch.as_tensor(cols - 1, device=h.device)]
+            labels = torch.as_tensor(np.concatenate([np.asarray(x)[np.asarray(p, np.int64)]
+                                                     for x, p in zip(input_ids, positions)]), device=h.device)
+        else:
+            hs = h.new_zeros((0, h.shape[-1]))
+            labels = torch.zeros(0, dtype=torch.long, device=h.device)
+        res = extract(hs, self.head, labels, rule, chunk_rows=self.chunk_rows, generator=generator)
+        return split(res, [len(p) for p in positions])

@@ -1,0 +1,400 @@
+"""Input data for a build: read records from a file and turn them into token sequences with a loss mask.
+
+``iter_records`` streams the records of a file (forms: ``ALLOWED_FORMS``; compressed jsonl is
+decompressed as a stream, Parquet read batch by batch). ``load_examples`` tokenises each record
+into an ``Example`` of one of three kinds, chosen by the fields present, in this order:
+
+- ``messages``: a chat rendered with the tokenizer's chat template. An assistant turn's targets
+  are its content and the template's end-of-turn marker (ChatML's ``<|im_end|>``), so the
+  student learns to stop: the tokens between the render before the turn *with* the generation
+  prompt and the render through the turn, less whitespace after the marker (ChatML's ``\\n``,
+  never generated since decoding stops at the marker). The turn header is context.
+- ``prompt`` + ``response``: BOS (if the tokenizer adds one), then prompt and response tokenised
+  separately (no chat template), so the boundary is exact; the response tokens are the targets.
+- ``text``: every token after the first is a target.
+
+Bad records raise ``BadRecordError`` or are counted by reason in a ``SkipReport``; sequences
+over ``max_length`` are truncated or skipped. ``data_fingerprint`` lets a resume refuse other data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import jinja2
+import numpy as np
+import zstandard
+
+from logitstore.errors import InvalidInputError, LogitstoreError
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_FORMS = ('.jsonl, .jsonl.gz, .jsonl.zst, .json (a list of records or {"data": [...]}), .parquet, '
+                 "or a directory written by datasets' save_to_disk")
+ROLES = ("system", "user", "assistant", "tool")
+ON_LONG, ON_BAD = ("truncate", "skip"), ("error", "skip")  # the values of load_examples' on_long and on_bad
+MAX_REPORT_EXAMPLES = 20  # messages a SkipReport keeps for the summary
+_BATCH_ROWS = 1024
+
+
+class DataNotFoundError(LogitstoreError, FileNotFoundError):
+    """The data path does not exist."""
+
+
+class DataFormatError(LogitstoreError, ValueError):
+    """The data path is not a readable input of an allowed form, or the tokenizer cannot render it."""
+
+
+class BadRecordError(LogitstoreError, ValueError):
+    """One record cannot be used. ``reason`` is its ``SkipReport`` key, ``location`` e.g. ``data.jsonl:12``."""
+
+    def __init__(self, message: str, *, location: str, reason: str, field: str | None = None):
+        super().__init__(message)
+        self.location, self.reason, self.field = location, reason, field
+
+
+@dataclasses.dataclass
+class Example:
+    """One tokenised record. ``loss_mask[t]``: token ``t`` (predicted from ``input_ids[:t]``) is a target."""
+
+    record: int  # 0-based index in the input: jsonl line (every line counted), json element, or row
+    input_ids: np.ndarray  # int32 [T]
+    loss_mask: np.ndarray  # bool [T]; loss_mask[0] is False
+    prompt_len: int  # tokens before the first target (0 for text); generation samples after this prefix
+    answer: str | None  # the record's reference answer, as a string (non-strings JSON-encoded)
+    kind: str  # "text" | "messages" | "prompt_response"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fields:
+    """Names of the record fields."""
+
+    text: str = "text"
+    messages: str = "messages"
+    prompt: str = "prompt"
+    response: str = "response"
+    answer: str = "answer"
+
+
+@dataclasses.dataclass
+class SkipReport:
+    """What was skipped or truncated and why: reason -> count, and the first messages (``file:line: reason``)."""
+
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, reason: str, message: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < MAX_REPORT_EXAMPLES:
+            self.examples.append(message)
+        logger.debug("%s", message)
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(self.counts), "examples": list(self.examples)}
+
+
+# ---------------------------------------------------------------- reading records
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``"jsonl"``, ``"jsonl.gz"``, ``"jsonl.zst"``, ``"json"``, ``"parquet"`` or ``"dataset"``."""
+    p = Path(path)
+    if not p.exists():
+        raise DataNotFoundError(f"data path {str(p)!r} does not exist; expected {ALLOWED_FORMS}")
+    if p.is_dir():
+        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            return "dataset"
+        raise DataFormatError(f"{p} is a directory but not a saved dataset (no state.json or dataset_dict.json); "
+                              f"allowed inputs: {ALLOWED_FORMS}")
+    for suffix in (".jsonl.gz", ".jsonl.zst", ".jsonl", ".json", ".parquet"):
+        if p.name.lower().endswith(suffix):
+            return suffix[1:]
+    raise DataFormatError(f"cannot tell the format of {p} from its name; allowed inputs: {ALLOWED_FORMS}")
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
+    """``(record index, location, raw record)`` for every record of ``path``, streamed.
+
+    Locations: ``data.jsonl:12`` (1-based line), ``data.json[3]`` (0-based element), ``data.parquet
+    row 7`` / ``DIR row 7`` / ``DIR[split] row 7`` (0-based row, as ``ds[7]``). Blank jsonl lines are
+    not yielded (but keep their index); an undecodable jsonl line is yielded as a ``BadRecordError``
+    in place of the record, to raise or count. A bad path, form, Parquet footer or DatasetDict fails
+    now; the records are read lazily.
+    """
+    fmt, p = detect_format(path), Path(path)
+    if fmt.startswith("jsonl"):
+        return _jsonl_records(p, fmt)
+    return {"json": _json_records, "parquet": _parquet_records, "dataset": _dataset_records}[fmt](p)
+
+
+def _jsonl_records(p: Path, fmt: str) -> Iterator[tuple[int, str, Any]]:
+    if fmt == "jsonl.zst":
+        stream = zstandard.ZstdDecompressor().stream_reader(open(p, "rb"), read_across_frames=True, closefd=True)
+        f = io.BufferedReader(stream)
+    else:
+        f = gzip.open(p, "rb") if fmt == "jsonl.gz" else open(p, "rb")
+    i = -1
+    try:  # only reading the stream can raise these here: the decoding errors are caught per line
+        with f:
+            for i, raw in enumerate(f):
+                raw = raw[3:] if i == 0 and raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte order mark
+                if not raw.strip():
+                    continue
+                loc = f"{p.name}:{i + 1}"
+                try:
+                    yield i, loc, json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    yield i, loc, BadRecordError(f"{loc}: the line is not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
+                                                 f"at column {exc.start + 1}); jsonl input must be UTF-8 text",
+                                                 location=loc, reason="invalid_utf8")
+                except json.JSONDecodeError as exc:
+                    yield i, loc, BadRecordError(f"{loc}: the line is not valid JSON ({exc.msg} at column "
+                                                 f"{exc.colno}); jsonl input holds one JSON object per line",
+                                                 location=loc, reason="invalid_json")
+    except (OSError, EOFError, zstandard.ZstdError) as exc:
+        raise DataFormatError(f"{p}: cannot read the {fmt} stream after line {i + 1}: {exc}") from exc
+
+
+def _json_records(p: Path) -> Iterator[tuple[int, str, Any]]:
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+        doc = json.loads(text) if text.strip() else []
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{p.name}: the file is not valid UTF-8 ({exc}); JSON input must be UTF-8") from exc
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{p.name}:{exc.lineno}:{exc.colno}: the file is not valid JSON ({exc.msg}); a .json "
+                              "input is one JSON document (name a file with one record per line .jsonl)") from exc
+    records = doc.get("data") if isinstance(doc, dict) else doc
+    if not isinstance(records, list):
+        what = "an object without a 'data' list" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
+        raise DataFormatError(f'{p} holds {what}; a .json input must be a list of records or {{"data": [...]}}')
+    for i, rec in enumerate(records):
+        yield i, f"{p.name}[{i}]", rec
+
+
+def _parquet_records(p: Path) -> Iterator[tuple[int, str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(p).iter_batches(batch_size=_BATCH_ROWS)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFormatError(f"{p} is not a readable Parquet file: {exc}") from exc
+    return _table_rows(batches, p.name)
+
+
+def _dataset_records(p: Path) -> Iterator[tuple[int, str, Any]]:
+    import datasets
+
+    ds, label = datasets.load_from_disk(str(p)), p.name
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds and len(ds) != 1:
+            raise DataFormatError(f"{p} is a DatasetDict with splits {list(ds)} and none named 'train'; "
+                                  "give one with a 'train' split or a single split")
+        split = "train" if "train" in ds else next(iter(ds))
+        ds, label = ds[split], f"{p.name}[{split}]"
+    return _table_rows(ds.with_format("arrow").iter(batch_size=_BATCH_ROWS), label)
+
+
+def _table_rows(batches, label: str) -> Iterator[tuple[int, str, Any]]:
+    rows = (rec for batch in batches for rec in batch.to_pylist())
+    return ((i, f"{label} row {i}", rec) for i, rec in enumerate(rows))
+
+
+def data_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 (first 16 hex) of a file's bytes; of a saved dataset: of its files' relative paths, sizes and bytes.
+    Raises as ``detect_format`` does for a missing path or a form that cannot be read."""
+    detect_format(path)
+    p, h = Path(path), hashlib.sha256()
+    files = [p] if p.is_file() else sorted((f for f in p.rglob("*") if f.is_file()),
+                                           key=lambda f: f.relative_to(p).as_posix())
+    for f in files:
+        if f != p:
+            rel = f.relative_to(p).as_posix().encode("utf-8")
+            h.update(len(rel).to_bytes(8, "little") + rel + f.stat().st_size.to_bytes(8, "little"))
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- tokenising
+
+
+class _Encoder:
+    """The tokenizer calls ``load_examples`` needs: plain encoding, BOS, chat rendering, end-of-turn markers."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        bos = getattr(tokenizer, "bos_token_id", None)
+        added = tokenizer("a")["input_ids"][:1] != tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+        self.bos = [bos] if bos is not None and added and tokenizer("a")["input_ids"][:1] == [bos] else []
+        self.special = set(getattr(tokenizer, "all_special_ids", None) or [])
+        self.special |= {int(i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+                         if getattr(t, "special", False)}
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def turn_end(self, ids: list[int], a: int, b: int) -> int:
+        """End of an assistant turn's targets in ``ids[a:b]``: through the last special token (the end-of-turn
+        marker) when only whitespace tokens follow it, else the whole span."""
+        k = b
+        while k > a and ids[k - 1] not in self.special and not self.tok.decode([ids[k - 1]]).strip():
+            k -= 1
+        return k if k > a and ids[k - 1] in self.special else b
+
+
+def load_examples(path: str | os.PathLike, tokenizer: Any, *, fields: Fields = Fields(), max_length: int | None = None,
+                  on_long: str = "truncate", on_bad: str = "error",
+                  report: SkipReport | None = None) -> Iterator[Example]:
+    """The ``Example`` of each usable record of ``path`` (kinds and masks: see the module docstring).
+
+    ``max_length`` caps the tokens of a whole sequence: ``on_long="truncate"`` keeps the
+    first ``max_length`` (counted ``truncated``; ``too_long`` and skipped when no target is
+    left), ``"skip"`` drops the record (``too_long``). ``on_bad="error"`` raises
+    ``BadRecordError`` at the first bad record; ``"skip"`` counts it in ``report`` under its
+    reason. An input with no records at all raises ``DataFormatError`` in both modes.
+    Options and the path are checked at call time; records are read as the iterator runs.
+    """
+    for name, value, allowed in (("on_long", on_long, ON_LONG), ("on_bad", on_bad, ON_BAD)):
+        if value not in allowed:
+            raise InvalidInputError(f"{name}={value!r} is not one of {allowed}")
+    if max_length is not None and (type(max_length) is not int or max_length < 2):
+        raise InvalidInputError(f"max_length={max_length!r} must be None or an integer >= 2: a sequence needs "
+                                "a token to predict from and one to predict")
+    for name, value in dataclasses.asdict(fields).items():
+        if not isinstance(value, str) or not value:
+            raise InvalidInputError(f"field name {name}={value!r} must be a non-empty string")
+    report = report if report is not None else SkipReport()
+    return _examples(iter_records(path), path, _Encoder(tokenizer), fields, max_length, on_long, on_bad, report)
+
+
+def _examples(records, path, enc: _Encoder, fields: Fields, max_length: int | None, on_long: str, on_bad: str,
+              report: SkipReport) -> Iterator[Example]:
+    n_read = 0
+    for record, loc, raw in records:
+        n_read += 1
+        try:
+            if isinstance(raw, BadRecordError):
+                raise raw
+            ex = _example(record, loc, raw, enc, fields)
+        except BadRecordError as exc:
+            if on_bad == "error":
+                raise
+            report.add(exc.reason, str(exc))
+            continue
+        T = len(ex.input_ids)
+        if max_length is not None and T > max_length:
+            if on_long == "skip" or not ex.loss_mask[:max_length].any():
+                why = "" if on_long == "skip" else "; no target token is within the first max_length"
+                report.add("too_long", f"{loc}: too_long ({T} tokens > max_length={max_length}{why}), skipped")
+                continue
+            report.add("truncated", f"{loc}: truncated ({T} tokens > max_length={max_length})")
+            ex = dataclasses.replace(ex, input_ids=ex.input_ids[:max_length], loss_mask=ex.loss_mask[:max_length],
+                                     prompt_len=min(ex.prompt_len, max_length))
+        yield ex
+    if n_read == 0:
+        raise DataFormatError(f"no records in {path}: the input is empty or holds only blank lines")
+    if report.counts:
+        logger.info("%s: %s", path, ", ".join(f"{k}={v}" for k, v in sorted(report.counts.items())))
+
+
+def _bad(loc: str, reason: str, what: str, field: str | None = None) -> BadRecordError:
+    return BadRecordError(f"{loc}: field {field!r}: {what}" if field else f"{loc}: {what}",
+                          location=loc, reason=reason, field=field)
+
+
+def _string(raw: dict, name: str, loc: str, kind: str) -> str:
+    if not isinstance(raw[name], str):
+        raise _bad(loc, "wrong_type", f"must be a string, got {type(raw[name]).__name__} ({raw[name]!r:.60}); "
+                   f"a {kind} record is tokenised from text", name)
+    return raw[name]
+
+
+def _example(record: int, loc: str, raw: Any, enc: _Encoder, fields: Fields) -> Example:
+    if not isinstance(raw, dict):
+        raise _bad(loc, "not_object", f"the record is a {type(raw).__name__} ({raw!r:.60}), not an object with a "
+                   f"{fields.text!r}, {fields.messages!r} or {fields.prompt!r}+{fields.response!r} field")
+    has = {name: raw.get(name) is not None for name in dataclasses.asdict(fields).values()}
+    answer = raw.get(fields.answer)
+    if answer is not None and not isinstance(answer, str):
+        answer = json.dumps(answer, ensure_ascii=False, default=str)
+    if has[fields.messages]:
+        kind = "messages"
+        ids, mask = _chat(raw[fields.messages], loc, enc, fields.messages)
+    elif has[fields.prompt] and has[fields.response]:
+        kind = "prompt_response"
+        prompt, response = (_string(raw, f, loc, "prompt+response") for f in (fields.prompt, fields.response))
+        if not response.strip():
+            raise _bad(loc, "empty_response", "is empty; a prompt+response record trains on its response",
+                       fields.response)
+        p_ids, r_ids = enc.encode([prompt, response])
+        ids = enc.bos + p_ids + r_ids
+        mask = np.arange(len(ids)) >= len(ids) - len(r_ids)
+    elif has[fields.text]:
+        kind = "text"
+        text = _string(raw, fields.text, loc, "text")
+        if not text.strip():
+            raise _bad(loc, "empty_text", "is empty; a text record needs text to train on", fields.text)
+        ids = enc.bos + enc.encode([text])[0]
+        mask = np.ones(len(ids), bool)
+    else:
+        raise _bad(loc, "no_known_field", f"the record has none of the fields {fields.messages!r}, {fields.prompt!r}"
+                   f" and {fields.response!r}, or {fields.text!r}; its fields: "
+                   f"{', '.join(map(repr, list(raw)[:10])) or 'none'} (rename them with the field options)")
+    mask[:1] = False
+    if not mask.any():
+        raise _bad(loc, "too_short", f"the record tokenises to {len(ids)} token(s) with no target after the first; "
+                   "a training sequence needs a token to predict from and one to predict")
+    return Example(record=record, input_ids=np.asarray(ids, np.int32), loss_mask=mask,
+                   prompt_len=0 if kind == "text" else int(np.argmax(mask)), answer=answer, kind=kind)
+
+
+def _chat(messages: Any, loc: str, enc: _Encoder, field: str) -> tuple[list[int], np.ndarray]:
+    """Token ids of the rendered chat and the mask of its assistant turns (see the module docstring)."""
+    if not isinstance(messages, list):
+        raise _bad(loc, "wrong_type", f"must be a list of {{'role', 'content'}} objects, got "
+                   f"{type(messages).__name__} ({messages!r:.60})", field)
+    clean = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _bad(loc, "wrong_type", f"message {j} must be an object with string 'role' and 'content', got "
+                       f"{m!r:.60}", field)
+        if m["role"] not in ROLES:
+            raise _bad(loc, "unknown_role", f"message {j} has role {m['role']!r}; allowed roles: {ROLES}", field)
+        clean.append({k: v for k, v in m.items() if v is not None})  # Parquet structs fill absent keys with None
+    turns = [j for j, m in enumerate(clean) if m["role"] == "assistant"]
+    if not turns:
+        raise _bad(loc, "no_assistant", "the chat has no assistant turn, so nothing to train on", field)
+    if turns[0] == 0:
+        raise _bad(loc, "assistant_first", "message 0 is an assistant turn: with nothing before it, the chat "
+                   "template cannot render the prompt that locates its tokens; begin with a system or user "
+                   "message", field)
+    if not getattr(enc.tok, "chat_template", None):
+        raise DataFormatError(f"{loc}: a {field!r} record needs a tokenizer with a chat template, and "
+                              f"{getattr(enc.tok, 'name_or_path', '') or type(enc.tok).__name__} has none")
+    try:  # the whole chat; then per assistant turn j: the chat before j with the generation prompt, and through j
+        renders = [(clean, False)] + [r for j in turns for r in ((clean[:j], True), (clean[:j + 1], False))]
+        texts = [enc.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g) for m, g in renders]
+    except jinja2.TemplateError as exc:
+        raise _bad(loc, "template_error", f"the chat template refused the conversation: {exc}", field) from exc
+    full, *parts = enc.encode(texts)
+    mask = np.zeros(len(full), bool)
+    for n, j in enumerate(turns):
+        for text, ids in zip(texts[1 + 2 * n:3 + 2 * n], parts[2 * n:2 * n + 2]):
+            if not texts[0].startswith(text) or full[:len(ids)] != ids:
+                raise _bad(loc, "template_mismatch", f"the chat template's render up to message {j} is not a token "
+                           "prefix of the whole conversation's render, so the assistant tokens cannot be located "
+                           "exactly", field)
+        a, b = len(parts[2 * n]), len(parts[2 * n + 1])
+        mask[a:enc.turn_end(full, a, b)] = True
+    return full, mask

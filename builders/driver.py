@@ -1,0 +1,169 @@
+"""The build driver: data + teacher backend -> cache. One driver for every backend.
+
+Reads and tokenises records (``builders.data``), takes them in windows, sorts each
+window by length and cuts it into batches under a token budget (little padding),
+asks the backend for the sparse distributions of the target positions, and writes
+them through ``logitstore.CacheWriter``, with a progress bar in positions/s.
+Everything needed to reproduce the build goes into the manifest. ``resume=True``
+keeps the committed shards, skips the sequences they hold and redoes the rest; a
+resume with a different teacher, tokenizer, rule, codec or data is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+import logitstore
+from builders.backends import get_backend
+from builders.data import Example, Fields, SkipReport, data_fingerprint, load_examples
+from logitstore.codec import Codec
+from logitstore.errors import InvalidInputError
+from logitstore.format import MANIFEST_NAME
+from logitstore.manifest import load_manifest
+from logitstore.rules import Rule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """Everything a build depends on besides the teacher and the data. Field docs become --help."""
+
+    rule: Rule
+    codec: Codec = dataclasses.field(default_factory=Codec)
+    backend: str = "transformers"
+    backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fields: Fields = dataclasses.field(default_factory=Fields)
+    max_length: int | None = None
+    on_long: str = "truncate"
+    on_bad: str = "error"
+    token_budget: int = 8192
+    """max padded tokens per teacher batch (batch size x longest sequence)"""
+    window: int = 4096
+    """records sorted by length together (bigger: less padding, more memory)"""
+    cache_prompt: bool = False
+    """also cache the non-target positions (prompt tokens), with loss_mask false"""
+    shard_mb: float = 256
+    """shard size limit in MiB"""
+    row_group_positions: int = 65536
+    """positions per Parquet row group (the unit of reading, shuffling and shard rotation)"""
+    seed: int = 0
+
+
+def batches(examples: list[Example], token_budget: int) -> Iterator[list[Example]]:
+    """Length-sorted batches whose padded size (count x longest) stays within ``token_budget``."""
+    batch: list[Example] = []
+    longest = 0
+    for ex in sorted(examples, key=lambda e: len(e.input_ids)):
+        n = len(ex.input_ids)
+        if batch and max(longest, n) * (len(batch) + 1) > token_budget:
+            yield batch
+            batch, longest = [], 0
+        batch.append(ex)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+def _windows(it: Iterable[Example], size: int) -> Iterator[list[Example]]:
+    buf: list[Example] = []
+    for ex in it:
+        buf.append(ex)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def positions_of(ex: Example, cache_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The positions to cache and their loss mask."""
+    T = len(ex.input_ids)
+    if cache_prompt:
+        pos = np.arange(1, T, dtype=np.int32)
+    else:
+        pos = np.flatnonzero(ex.loss_mask[1:]).astype(np.int32) + 1
+    return pos, ex.loss_mask[pos]
+
+
+def _check_resume(out: Path, data_fp: str, build: dict[str, Any]) -> None:
+    old = load_manifest(out).build
+    diffs = []
+    if old.get("data_fingerprint") != data_fp:
+        diffs.append(f"data: the cache was built from {old.get('data')!r} (fingerprint "
+                     f"{old.get('data_fingerprint')}), this input has fingerprint {data_fp}")
+    for key in ("fields", "max_length", "on_long", "cache_prompt"):
+        if old.get(key) != build.get(key):
+            diffs.append(f"{key}: cache has {old.get(key)!r}, this build has {build.get(key)!r}")
+    if diffs:
+        raise InvalidInputError(f"cannot resume {out}: " + "; ".join(diffs))
+
+
+def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config: BuildConfig, *,
+          resume: bool = False, progress: bool = True, argv: list[str] | None = None) -> logitstore.manifest.Manifest:
+    """Build (or, with ``resume``, continue) the cache ``out`` from ``data`` scored by ``teacher``."""
+    import torch
+
+    out, data = Path(out), Path(data)
+    if config.token_budget < 2:
+        raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
+    data_fp = data_fingerprint(data)  # also: a missing data path fails here, before the teacher loads
+    backend = get_backend(config.backend)(teacher, **config.backend_options)
+    report = SkipReport()
+    build_args = {
+        "teacher": teacher, "data": str(data), "data_fingerprint": data_fp, "backend": config.backend,
+        "backend_options": {**config.backend_options, **backend.options()},
+        "fields": dataclasses.asdict(config.fields), "max_length": config.max_length, "on_long": config.on_long,
+        "on_bad": config.on_bad, "token_budget": config.token_budget, "window": config.window,
+        "cache_prompt": config.cache_prompt, "seed": config.seed, "argv": argv, "skipped": None,
+    }
+    if resume and (out / MANIFEST_NAME).is_file():
+        _check_resume(out, data_fp, build_args)
+    gen = torch.Generator().manual_seed(config.seed)
+    bar = _progress_bar(progress)
+    t0, done_positions, done_seqs = time.time(), 0, 0
+    with logitstore.CacheWriter(
+        out, vocab_size=backend.vocab_size, rule=config.rule, codec=config.codec, teacher=backend.describe(),
+        tokenizer=backend.tokenizer_record(), build=build_args, exactness=backend.exactness,
+        shard_bytes=max(1, int(config.shard_mb * 2**20)), row_group_positions=config.row_group_positions,
+        resume=resume,
+    ) as writer:
+        examples = load_examples(data, backend.tokenizer, fields=config.fields, max_length=config.max_length,
+                                 on_long=config.on_long, on_bad=config.on_bad, report=report)
+        for window in _windows(examples, config.window):
+            todo = [ex for ex in window if logitstore.sequence_id(ex.input_ids) not in writer.committed_ids]
+            for batch in batches(todo, config.token_budget):
+                pos_mask = [positions_of(ex, config.cache_prompt) for ex in batch]
+                scored = backend.score([ex.input_ids for ex in batch], [p for p, _ in pos_mask], config.rule, gen)
+                for ex, (pos, mask), s in zip(batch, pos_mask, scored):
+                    writer.add(input_ids=ex.input_ids, positions=pos, loss_mask=mask, ids=s.ids, logprobs=s.logprobs,
+                               n_entries=s.n_entries, counts=s.counts, label_logprob=s.label_logprob,
+                               entropy=s.entropy, tail_mass=s.tail_mass, argmax=s.argmax, record=ex.record)
+                    done_positions += len(pos)
+                done_seqs += len(batch)
+                if bar is not None:
+                    bar.update(sum(len(p) for p, _ in pos_mask))
+                    bar.set_postfix(seqs=done_seqs, refresh=False)
+        writer.manifest.build["skipped"] = report.to_dict()
+        writer.manifest.build["elapsed_s"] = round(time.time() - t0, 1)
+    if bar is not None:
+        bar.close()
+    logger.info("built %s: %d sequences, %d positions in %.1f s", out, done_seqs, done_positions, time.time() - t0)
+    return writer.manifest
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit="pos", unit_scale=True, desc="scoring", file=sys.stderr, dynamic_ncols=True,
+                disable=None)  # None: off when stderr is not a terminal

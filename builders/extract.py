@@ -1,0 +1,158 @@
+"""Sparse distributions from hidden states, in chunks of positions.
+
+Given the final hidden states ``h [M, H]`` at M requested positions and the LM head
+(``Head``: weight, bias, and the model's post-head scale/softcap),
+``extract`` computes per position: the entries the rule keeps, the exact
+full-vocabulary entropy, the label logprob, the tail mass and the argmax, without
+ever materialising more than ``[chunk, V]`` logits. Per chunk it takes one
+normaliser and derives everything else from the same logits:
+
+    lp = logits - lse,   entropy = lse - sum(softmax(logits) * logits)
+
+Logits are the model's raw head outputs upcast to float32 (temperature 1), shifted by
+their row maximum (which changes no logprob and keeps the entropy accurate). Two
+``[chunk, V]`` float32 buffers are allocated once per call and everything runs in them
+in place, so peak extra memory is those buffers (sized by ``chunk_rows_for`` from a byte
+budget) whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from builders.backends.base import Scored
+from logitstore.rules import MassTopK, Rule, Sampled, TopK
+
+
+@dataclasses.dataclass
+class Head:
+    """The LM head as raw parts: ``logits = post(h @ weight.T + bias)`` (post: optional scale and softcap)."""
+
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None = None
+    scale: float | None = None  # logits *= scale (e.g. Cohere's logit_scale)
+    softcap: float | None = None  # logits = softcap * tanh(logits / softcap) (e.g. Gemma 2)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    def into(self, h: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor | None) -> None:
+        """Raw float32 logits of ``h [C, H]`` into ``out [C, V]`` (``tmp``: a model-dtype buffer when not fp32)."""
+        w = self.weight
+        if tmp is None:
+            torch.matmul(h.to(w.dtype), w.t(), out=out)
+        else:
+            torch.matmul(h.to(w.dtype), w.t(), out=tmp)
+            out.copy_(tmp)
+        if self.bias is not None:
+            out.add_(self.bias.float())
+        if self.scale:
+            out.mul_(self.scale)
+        if self.softcap:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+
+
+def chunk_rows_for(vocab_size: int, budget_bytes: int = 96 << 20) -> int:
+    """Rows per chunk so that the two float32 ``[rows, V]`` work buffers fit ``budget_bytes``."""
+    return max(1, budget_bytes // (2 * 4 * vocab_size))
+
+
+@torch.no_grad()
+def extract(h: torch.Tensor, head: Head, labels: torch.Tensor, rule: Rule, *, chunk_rows: int,
+            generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
+    """``h [M, H]``, ``labels [M]`` -> arrays over the M positions (see ``Scored``).
+
+    Two ``[chunk_rows, V]`` float32 buffers are allocated once and every step works in
+    them in place, so peak memory does not depend on M or on the allocator.
+    """
+    outs: dict[str, list] = {k: [] for k in ("ids", "logprobs", "n_entries", "label_logprob", "entropy",
+                                              "tail_mass", "argmax", "counts")}
+    M, V = h.shape[0], head.vocab_size
+    rows = max(1, min(chunk_rows, M))
+    zbuf = torch.empty((rows, V), dtype=torch.float32, device=h.device) if M else None
+    pbuf = torch.empty_like(zbuf) if M else None
+    tmp = None if head.weight.dtype == torch.float32 or not M else \
+        torch.empty((rows, V), dtype=head.weight.dtype, device=h.device)
+    for a in range(0, M, rows):
+        c = min(rows, M - a)
+        z, p = zbuf[:c], pbuf[:c]
+        head.into(h[a:a + c], z, None if tmp is None else tmp[:c])
+        _extract_chunk(z, p, labels[a:a + c], rule, generator, outs)
+    if not outs["ids"]:
+        k = 1 if isinstance(rule, Sampled) else rule.k
+        empty = {"ids": np.zeros((0, k), np.int32), "logprobs": np.zeros((0, k), np.float32),
+                 "counts": np.zeros((0, k), np.uint16) if isinstance(rule, Sampled) else None}
+        return {**{n: np.zeros(0, np.float32) for n in ("label_logprob", "entropy", "tail_mass")},
+                "n_entries": np.zeros(0, np.int32), "argmax": np.zeros(0, np.int32), **empty}
+    res = {}
+    for name, parts in outs.items():
+        if name == "counts" and not isinstance(rule, Sampled):
+            res[name] = None
+        elif name in ("ids", "logprobs", "counts"):
+            width = max(p.shape[1] for p in parts)
+            fill = {"ids": 0, "logprobs": -np.inf, "counts": 0}[name]
+            res[name] = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=fill)
+                                        for p in parts])
+        else:
+            res[name] = np.concatenate(parts)
+    return res
+
+
+def _extract_chunk(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, rule: Rule, generator, outs) -> None:
+    """``z``: raw logits [C, V] (overwritten), ``p``: a work buffer of the same shape."""
+    # shift by the row max in place: logprobs are unchanged, and lse - sum(p * z) no longer cancels
+    # two large numbers in float32; clamp turns masked -inf logits into a finite floor (p = 0 there)
+    z.sub_(z.max(dim=-1, keepdim=True).values).clamp_(min=torch.finfo(torch.float32).min)
+    torch.exp(z, out=p)
+    total = p.sum(-1, keepdim=True)
+    lse = total.log()  # [C, 1]
+    p.div_(total)  # softmax
+    entropy = lse[:, 0] - torch.bmm(p.unsqueeze(1), z.unsqueeze(2))[:, 0, 0]
+    label_lp = z.gather(1, labels[:, None].long())[:, 0] - lse[:, 0]
+    argmax = z.argmax(-1)
+    counts = None
+    if isinstance(rule, Sampled):
+        draws = torch.multinomial(p, rule.draws, replacement=True, generator=generator)
+        hits = p.zero_().scatter_add_(1, draws, torch.ones_like(draws, dtype=p.dtype))  # p is free now
+        n_ent = (hits > 0).sum(-1).clamp(max=rule.k)
+        width = int(n_ent.max()) if n_ent.numel() else 1
+        # the sampled ids, most likely first: top-k of the logits restricted to the hits
+        top = z.masked_fill_(hits == 0, -torch.inf).topk(width, dim=-1)
+        counts = hits.gather(1, top.indices)
+        valid = torch.arange(width)[None, :] < n_ent[:, None]
+        counts = torch.where(valid, counts, 0)
+    else:
+        k = min(rule.k, z.shape[1])
+        top = z.topk(k, dim=-1)
+        if isinstance(rule, MassTopK):
+            mass = torch.exp(top.values - lse).cumsum(-1)
+            n_ent = ((mass < rule.p).sum(-1) + 1).clamp(max=k)
+        else:
+            assert isinstance(rule, TopK)
+            n_ent = torch.full((z.shape[0],), k)
+        valid = torch.arange(k)[None, :] < n_ent[:, None]
+    lp = torch.where(valid, top.values - lse, torch.tensor(-torch.inf))
+    tail = (1.0 - torch.where(valid, torch.exp(lp.double()), 0.0).sum(-1)).clamp(0.0, 1.0)
+    outs["ids"].append(torch.where(valid, top.indices, 0).int().numpy())
+    outs["logprobs"].append(lp.numpy().astype(np.float32))
+    outs["n_entries"].append(n_ent.int().numpy())
+    outs["label_logprob"].append(label_lp.numpy())
+    outs["entropy"].append(entropy.clamp(min=0).numpy())
+    outs["tail_mass"].append(tail.float().numpy())
+    outs["argmax"].append(argmax.int().numpy())
+    if counts is not None:
+        outs["counts"].append(counts.to(torch.int32).numpy().astype(np.uint16))
+
+
+def split(res: dict[str, np.ndarray], lengths: list[int]) -> list[Scored]:
+    """Arrays over all positions of a batch -> one ``Scored`` per sequence."""
+    out, a = [], 0
+    for n in lengths:
+        sl = slice(a, a + n)
+        out.append(Scored(**{k: None if v is None else v[sl] for k, v in res.items()}))
+        a += n
+    return out

@@ -1,0 +1,90 @@
+"""The transformers backend against model(input_ids).logits -> float64 log-softmax, and padding invariance."""
+
+import numpy as np
+import pytest
+
+from builders.backends import get_backend
+from builders.backends.hf import TeacherLoadError
+from logitstore.errors import InvalidInputError
+from logitstore.rules import MassTopK, TopK
+from tests.builders.conftest import reference_logprobs
+
+
+def sequences(tokenizer):
+    texts = ["The quick brown fox jumps over the lazy dog.",
+             "Knowledge distillation trains a small student on a large teacher's distribution.",
+             "12 + 30 = 42", "Hi"]
+    return [np.asarray(tokenizer(t)["input_ids"], np.int32) for t in texts]
+
+
+def check_against_reference(scored, seq, pos, ref, k):
+    top = np.argsort(-ref, axis=-1)[:, :k]
+    ref_top = np.take_along_axis(ref, top, -1)
+    rows = pos - 1
+    np.testing.assert_allclose(scored.logprobs, ref_top[rows], atol=1e-4)
+    for i, r in enumerate(rows):  # same id sets except near-ties at the boundary
+        diff = set(top[r]) ^ set(scored.ids[i])
+        assert all(abs(ref[r, t] - ref_top[r, -1]) < 1e-4 for t in diff), (i, diff)
+    p = np.exp(ref[rows])
+    np.testing.assert_allclose(scored.entropy, -(p * ref[rows]).sum(-1), atol=1e-3)
+    np.testing.assert_allclose(scored.label_logprob, ref[rows, seq[pos]], atol=1e-4)
+    np.testing.assert_allclose(scored.tail_mass, 1 - np.exp(ref_top[rows]).sum(-1), atol=1e-4)
+
+
+def test_tiny_teacher_matches_reference_batched_and_alone(tiny_teacher):
+    backend = get_backend("transformers")(str(tiny_teacher))
+    seqs = sequences(backend.tokenizer)
+    positions = [np.arange(1, len(s)) for s in seqs]
+    positions[1] = positions[1][::3]  # a subset of positions, as for prompt/response records
+    batched = backend.score(seqs, positions, TopK(16))
+    for s, pos, got in zip(seqs, positions, batched):
+        check_against_reference(got, s, pos, reference_logprobs(tiny_teacher, s), 16)
+        alone = backend.score([s], [pos], TopK(16))[0]
+        np.testing.assert_allclose(got.logprobs, alone.logprobs, atol=1e-4)  # padding changes nothing
+        np.testing.assert_allclose(got.entropy, alone.entropy, atol=1e-4)
+
+
+def test_mass_rule_and_chunking_through_the_backend(tiny_teacher):
+    small = get_backend("transformers")(str(tiny_teacher), extract_mb=1)  # forces many small chunks
+    big = get_backend("transformers")(str(tiny_teacher))
+    assert small.chunk_rows < 10 < big.chunk_rows
+    seqs = sequences(big.tokenizer)
+    pos = [np.arange(1, len(s)) for s in seqs]
+    for a, b in zip(small.score(seqs, pos, MassTopK(0.8, 32)), big.score(seqs, pos, MassTopK(0.8, 32))):
+        np.testing.assert_array_equal(a.n_entries, b.n_entries)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+
+
+def test_teacher_errors(tmp_path):
+    with pytest.raises(TeacherLoadError, match="config.json"):
+        get_backend("transformers")(str(tmp_path))
+    with pytest.raises(TeacherLoadError, match="gguf"):
+        get_backend("transformers")(str(tmp_path / "missing.gguf"))
+    with pytest.raises(InvalidInputError, match="available: transformers"):
+        get_backend("nope")
+
+
+@pytest.mark.teacher
+def test_embedded_teacher_matches_reference():
+    from builders.embedded import prepare_embedded_teacher
+
+    path = prepare_embedded_teacher()
+    backend = get_backend("transformers")(str(path))
+    seqs = sequences(backend.tokenizer)[:3]
+    pos = [np.arange(1, len(s)) for s in seqs]
+    for s, p, got in zip(seqs, pos, backend.score(seqs, pos, TopK(32))):
+        check_against_reference(got, s, p, reference_logprobs(path, s), 32)
+
+
+@pytest.mark.teacher
+def test_a_gguf_teacher_scores_like_its_safetensors_copy():
+    from builders.embedded import embedded_gguf_path, prepare_embedded_teacher
+
+    gguf = get_backend("transformers")(str(embedded_gguf_path()))
+    plain = get_backend("transformers")(str(prepare_embedded_teacher()))
+    assert gguf.describe()["revision"] != plain.describe()["revision"]  # identities differ: a resume would refuse
+    seq = sequences(plain.tokenizer)[:2]
+    pos = [np.arange(1, len(s)) for s in seq]
+    for a, b in zip(gguf.score(seq, pos, TopK(8)), plain.score(seq, pos, TopK(8))):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
