@@ -1,6 +1,7 @@
 """The build driver: data + teacher backend -> cache. One driver for every backend.
 
-Reads and tokenises records (``builders.data``), takes them in windows, sorts each
+Reads and tokenises records (``builders.data``), or in generation mode samples the
+teacher's responses to their prompts (``builders.generate``), takes them in windows, sorts each
 window by length and cuts it into batches under a token budget (little padding),
 asks the backend for the sparse distributions of the target positions, and writes
 them through ``logitstore.CacheWriter``, with a progress bar in positions/s.
@@ -24,11 +25,13 @@ import numpy as np
 import logitstore
 from builders.backends import get_backend
 from builders.data import Example, Fields, SkipReport, data_fingerprint, load_examples
+from builders.generate import GenerationConfig, load_prompts, sampled_examples
 from logitstore.codec import Codec
 from logitstore.errors import InvalidInputError
 from logitstore.format import MANIFEST_NAME
 from logitstore.manifest import load_manifest
 from logitstore.rules import Rule
+from logitstore.writer import default_seq_id
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class BuildConfig:
     """records sorted by length together (bigger: less padding, more memory)"""
     cache_prompt: bool = False
     """also cache the non-target positions (prompt tokens), with loss_mask false"""
+    generation: GenerationConfig | None = None
+    """sample responses from the teacher instead of scoring the given text (generation mode)"""
     shard_mb: float = 256
     """shard size limit in MiB"""
     row_group_positions: int = 65536
@@ -58,12 +63,25 @@ class BuildConfig:
     seed: int = 0
 
 
-def batches(examples: list[Example], token_budget: int) -> Iterator[list[Example]]:
+@dataclasses.dataclass
+class Item:
+    """One sequence to score: an example, its sample index and its verdict (generation mode)."""
+
+    ex: Example
+    sample: int = 0
+    correct: bool | None = None
+
+    @property
+    def seq_id(self) -> str:
+        return default_seq_id(self.ex.input_ids, self.sample)
+
+
+def batches(items: list[Item], token_budget: int) -> Iterator[list[Item]]:
     """Length-sorted batches whose padded size (count x longest) stays within ``token_budget``."""
-    batch: list[Example] = []
+    batch: list[Item] = []
     longest = 0
-    for ex in sorted(examples, key=lambda e: len(e.input_ids)):
-        n = len(ex.input_ids)
+    for ex in sorted(items, key=lambda it: len(it.ex.input_ids)):
+        n = len(ex.ex.input_ids)
         if batch and max(longest, n) * (len(batch) + 1) > token_budget:
             yield batch
             batch, longest = [], 0
@@ -73,8 +91,8 @@ def batches(examples: list[Example], token_budget: int) -> Iterator[list[Example
         yield batch
 
 
-def _windows(it: Iterable[Example], size: int) -> Iterator[list[Example]]:
-    buf: list[Example] = []
+def _windows(it: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    buf: list[Item] = []
     for ex in it:
         buf.append(ex)
         if len(buf) >= size:
@@ -100,7 +118,7 @@ def _check_resume(out: Path, data_fp: str, build: dict[str, Any]) -> None:
     if old.get("data_fingerprint") != data_fp:
         diffs.append(f"data: the cache was built from {old.get('data')!r} (fingerprint "
                      f"{old.get('data_fingerprint')}), this input has fingerprint {data_fp}")
-    for key in ("fields", "max_length", "on_long", "cache_prompt"):
+    for key in ("fields", "max_length", "on_long", "cache_prompt", "generation", "seed"):
         if old.get(key) != build.get(key):
             diffs.append(f"{key}: cache has {old.get(key)!r}, this build has {build.get(key)!r}")
     if diffs:
@@ -124,6 +142,7 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
         "fields": dataclasses.asdict(config.fields), "max_length": config.max_length, "on_long": config.on_long,
         "on_bad": config.on_bad, "token_budget": config.token_budget, "window": config.window,
         "cache_prompt": config.cache_prompt, "seed": config.seed, "argv": argv, "skipped": None,
+        "generation": dataclasses.asdict(config.generation) if config.generation else None,
     }
     if resume and (out / MANIFEST_NAME).is_file():
         _check_resume(out, data_fp, build_args)
@@ -136,17 +155,17 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
         shard_bytes=max(1, int(config.shard_mb * 2**20)), row_group_positions=config.row_group_positions,
         resume=resume,
     ) as writer:
-        examples = load_examples(data, backend.tokenizer, fields=config.fields, max_length=config.max_length,
-                                 on_long=config.on_long, on_bad=config.on_bad, report=report)
-        for window in _windows(examples, config.window):
-            todo = [ex for ex in window if logitstore.sequence_id(ex.input_ids) not in writer.committed_ids]
+        items = _items(backend, data, config, report, writer, out if resume else None)
+        for window in _windows(items, config.window):
+            todo = [it for it in window if it.seq_id not in writer.committed_ids]
             for batch in batches(todo, config.token_budget):
-                pos_mask = [positions_of(ex, config.cache_prompt) for ex in batch]
-                scored = backend.score([ex.input_ids for ex in batch], [p for p, _ in pos_mask], config.rule, gen)
-                for ex, (pos, mask), s in zip(batch, pos_mask, scored):
-                    writer.add(input_ids=ex.input_ids, positions=pos, loss_mask=mask, ids=s.ids, logprobs=s.logprobs,
-                               n_entries=s.n_entries, counts=s.counts, label_logprob=s.label_logprob,
-                               entropy=s.entropy, tail_mass=s.tail_mass, argmax=s.argmax, record=ex.record)
+                pos_mask = [positions_of(it.ex, config.cache_prompt) for it in batch]
+                scored = backend.score([it.ex.input_ids for it in batch], [p for p, _ in pos_mask], config.rule, gen)
+                for it, (pos, mask), s in zip(batch, pos_mask, scored):
+                    writer.add(input_ids=it.ex.input_ids, positions=pos, loss_mask=mask, ids=s.ids,
+                               logprobs=s.logprobs, n_entries=s.n_entries, counts=s.counts,
+                               label_logprob=s.label_logprob, entropy=s.entropy, tail_mass=s.tail_mass,
+                               argmax=s.argmax, record=it.ex.record, sample=it.sample, correct=it.correct)
                     done_positions += len(pos)
                 done_seqs += len(batch)
                 if bar is not None:
@@ -158,6 +177,24 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
         bar.close()
     logger.info("built %s: %d sequences, %d positions in %.1f s", out, done_seqs, done_positions, time.time() - t0)
     return writer.manifest
+
+
+def _items(backend, data: Path, config: BuildConfig, report: SkipReport, writer, resumed: Path | None
+           ) -> Iterator[Item]:
+    """The sequences to score: the records themselves, or (generation mode) the teacher's samples."""
+    if config.generation is None:
+        for ex in load_examples(data, backend.tokenizer, fields=config.fields, max_length=config.max_length,
+                                on_long=config.on_long, on_bad=config.on_bad, report=report):
+            yield Item(ex)
+        return
+    done: dict[int, int] = {}
+    if resumed is not None and writer.manifest.shards:  # prompts whose samples are all committed are not resampled
+        for rec in logitstore.open(resumed).scalars(["record"]).column(0).to_pylist():
+            done[rec] = done.get(rec, 0) + 1
+    prompts = load_prompts(data, backend.tokenizer, fields=config.fields, on_bad=config.on_bad, report=report)
+    for ex, j, verdict in sampled_examples(backend, prompts, config.generation, seed=config.seed, skip=done,
+                                           max_length=config.max_length):
+        yield Item(ex, j, verdict)
 
 
 def _progress_bar(enabled: bool):

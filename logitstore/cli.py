@@ -124,8 +124,16 @@ def _build(args: argparse.Namespace) -> int:
         rule = TopK(args.top_k)
     codec = Codec(values=args.values, ids=args.ids, scalars=args.scalars, zstd_level=args.zstd_level,
                   **({"logprob_step": args.logprob_step} if args.logprob_step else {}))
+    generation = None
+    if args.generate is not None:
+        from builders.generate import GenerationConfig
+
+        generation = GenerationConfig(n=args.generate, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, top_p=args.top_p, verifier=args.verifier)
+    elif args.verifier:
+        raise InvalidInputError("--verifier judges generated responses: it needs --generate N")
     config = BuildConfig(
-        rule=rule, codec=codec, backend=args.backend,
+        rule=rule, codec=codec, backend=args.backend, generation=generation,
         backend_options={"dtype": args.dtype, "device": args.device, "extract_mb": args.extract_mb,
                          "trust_remote_code": args.trust_remote_code},
         fields=Fields(text=args.text_field, messages=args.messages_field, prompt=args.prompt_field,
@@ -187,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--extract-mb", type=int, default=96, help="memory for the LM head/softmax chunks, MiB (default 96)")
     t.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own Python code to run")
     t.add_argument("--seed", type=int, default=0, help="seed of --sample draws")
+    g = b.add_argument_group("generation mode (sequence-level KD, correctness)")
+    g.add_argument("--generate", type=int, metavar="N",
+                   help="sample N responses per prompt (prompt field or chat) and cache them instead of the records")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="response length limit (default 256)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (default 1; 0 = greedy). The cache stores temperature-1 logprobs anyway")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1: off)")
+    g.add_argument("--verifier", metavar="SPEC",
+                   help="mark responses correct against the answer field: exact, last-number, regex:PATTERN, "
+                        "or package.module:function")
     f = b.add_argument_group("record fields")
     f.add_argument("--text-field", default="text")
     f.add_argument("--messages-field", default="messages")

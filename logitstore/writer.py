@@ -41,6 +41,11 @@ def sequence_id(input_ids: np.ndarray, extra: bytes | str = b"") -> str:
     return h.hexdigest()
 
 
+def default_seq_id(input_ids: np.ndarray, sample: int = 0) -> str:
+    """The id ``CacheWriter.add`` gives a sequence when none is passed: its tokens, and its sample index if > 0."""
+    return sequence_id(input_ids, f"/{sample}" if sample else b"")
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -227,7 +232,7 @@ class CacheWriter:
         """
         tok = _np(input_ids).astype(np.int32, copy=False).ravel()
         T = tok.size
-        sid = seq_id if seq_id is not None else sequence_id(tok, f"/{sample}" if sample else b"")
+        sid = seq_id if seq_id is not None else default_seq_id(tok, sample)
         if not isinstance(sid, str) or not (1 <= len(sid) <= 128):
             raise InvalidInputError(f"seq_id {sid!r} must be a non-empty string of at most 128 characters")
         if sid in self._seen:

@@ -60,8 +60,10 @@ def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trus
         tok = AutoTokenizer.from_pretrained(src, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kwargs)
     except OSError as exc:
-        hint = " (offline? set HF_HUB_OFFLINE=0 and check the network)" if src == teacher and not path.exists() else ""
-        raise TeacherLoadError(f"teacher {teacher}: cannot load ({exc}){hint}") from exc
+        hint = ("; without hub access, download the model where a hub is reachable and pass its directory"
+                if src == teacher and not path.exists() else "")
+        reason = " ".join(str(exc).split())  # transformers' messages span lines; ours is one line
+        raise TeacherLoadError(f"teacher {teacher}: cannot load ({reason}){hint}") from exc
     model = model.to(device).eval()
     identity = {"id": teacher if not path.exists() else str(path.resolve()), "revision": _revision(path, model),
                 "dtype": dtype, "architecture": type(model).__name__}
@@ -145,3 +147,22 @@ class TransformersBackend:
             labels = torch.zeros(0, dtype=torch.long, device=h.device)
         res = extract(hs, self.head, labels, rule, chunk_rows=self.chunk_rows, generator=generator)
         return split(res, [len(p) for p in positions])
+
+    @torch.no_grad()
+    def generate(self, prompt: np.ndarray, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int) -> list[np.ndarray]:
+        """``n`` sampled responses to one prompt (token ids, through the end-of-sequence token if produced)."""
+        torch.manual_seed(seed)  # transformers' sampling draws from the global generator
+        ids = torch.as_tensor(np.asarray(prompt, np.int64))[None].to(self.device)
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
+            else {"do_sample": False}
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  num_return_sequences=n, pad_token_id=pad, **sampling)
+        responses = []
+        for row in out[:, ids.shape[1]:].cpu().numpy():
+            stop = next((i + 1 for i, t in enumerate(row) if int(t) in eos), len(row))
+            responses.append(row[:stop].astype(np.int32))
+        return responses

@@ -1,0 +1,127 @@
+"""Generation mode: the teacher samples N responses per prompt, each then scored and verified.
+
+Prompts come from the same inputs as scoring: a ``prompt`` field (with or without a
+``response``, which is ignored here) or a chat, whose trailing assistant turns are
+dropped and which is rendered with the template's generation prompt. Each prompt is
+sampled with its own seed, derived from the build seed and the record index, so a
+sample does not depend on batching and a resumed build regenerates exactly what it
+skipped. A sampled sequence becomes an ``Example`` whose targets are the response
+tokens (through the end-of-sequence token when one was produced); the driver scores it
+like any other, so the cached distributions are the raw temperature-1 logits whatever
+the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from builders.data import BadRecordError, DataFormatError, Example, Fields, SkipReport, _bad, _Encoder, iter_records
+from builders.verifiers import get_verifier
+from logitstore.errors import InvalidInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    n: int
+    """responses sampled per prompt"""
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    """sampling temperature; 0 means greedy (then n must be 1)"""
+    top_p: float = 1.0
+    verifier: str | None = None
+    """exact, last-number, regex:PATTERN or package.module:function"""
+
+    def __post_init__(self):
+        if not (1 <= self.n <= 65535):
+            raise InvalidInputError(f"--generate {self.n}: must be between 1 and 65535")
+        if self.max_new_tokens < 1:
+            raise InvalidInputError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
+        if self.temperature < 0 or (self.temperature == 0 and self.n > 1):
+            raise InvalidInputError(f"--temperature {self.temperature}: must be > 0, or 0 (greedy) with --generate 1")
+        if not (0 < self.top_p <= 1):
+            raise InvalidInputError(f"--top-p {self.top_p}: must be in (0, 1]")
+
+
+def prompt_seed(seed: int, record: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{record}".encode(), digest_size=4).digest(), "little")
+
+
+def load_prompts(path: str | os.PathLike, tokenizer: Any, *, fields: Fields = Fields(), on_bad: str = "error",
+                 report: SkipReport | None = None) -> Iterator[tuple[int, np.ndarray, str | None]]:
+    """(record, prompt token ids, reference answer) for every record that has a prompt."""
+    enc, report = _Encoder(tokenizer), report if report is not None else SkipReport()
+    n_read = 0
+    for record, loc, raw in iter_records(path):
+        n_read += 1
+        try:
+            if isinstance(raw, BadRecordError):
+                raise raw
+            yield record, np.asarray(_prompt_ids(raw, loc, enc, fields), np.int32), _answer(raw, fields)
+        except BadRecordError as exc:
+            if on_bad == "error":
+                raise
+            report.add(exc.reason, str(exc))
+    if n_read == 0:
+        raise DataFormatError(f"no records in {path}: the input is empty or holds only blank lines")
+
+
+def _answer(raw: dict, fields: Fields) -> str | None:
+    a = raw.get(fields.answer)
+    return a if a is None or isinstance(a, str) else str(a)
+
+
+def _prompt_ids(raw: Any, loc: str, enc: _Encoder, fields: Fields) -> list[int]:
+    if not isinstance(raw, dict):
+        raise _bad(loc, "not_object", f"the record is a {type(raw).__name__}, not an object")
+    if raw.get(fields.messages) is not None:
+        msgs = raw[fields.messages]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in msgs):
+            raise _bad(loc, "wrong_type", "must be a list of {'role', 'content'} string objects", fields.messages)
+        msgs = [{k: v for k, v in m.items() if v is not None} for m in msgs]
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs.pop()
+        if not msgs:
+            raise _bad(loc, "no_prompt", "holds no message before its assistant turns", fields.messages)
+        if not getattr(enc.tok, "chat_template", None):
+            raise DataFormatError(f"{loc}: a chat record needs a tokenizer with a chat template")
+        return enc.encode([enc.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)])[0]
+    prompt = raw.get(fields.prompt)
+    if prompt is None:
+        raise _bad(loc, "no_prompt", f"generation needs a {fields.prompt!r} or {fields.messages!r} field")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _bad(loc, "wrong_type", "must be a non-empty string", fields.prompt)
+    return enc.bos + enc.encode([prompt])[0]
+
+
+def sampled_examples(backend: Any, prompts: Iterator[tuple[int, np.ndarray, str | None]], cfg: GenerationConfig, *,
+                     seed: int, skip: dict[int, int] | None = None, max_length: int | None = None,
+                     ) -> Iterator[tuple[Example, int, bool | None]]:
+    """(example, sample index, verdict) for every response; prompts with all ``cfg.n`` samples in ``skip``
+    (record -> committed samples) are not sampled again."""
+    verify = get_verifier(cfg.verifier) if cfg.verifier else None
+    for record, prompt, answer in prompts:
+        if skip and skip.get(record, 0) >= cfg.n:
+            continue
+        new = cfg.max_new_tokens if max_length is None else min(cfg.max_new_tokens, max_length - len(prompt))
+        if new < 1:
+            continue
+        responses = backend.generate(prompt, n=cfg.n, max_new_tokens=new, temperature=cfg.temperature,
+                                     top_p=cfg.top_p, seed=prompt_seed(seed, record))
+        for j, resp in enumerate(responses):
+            if len(resp) == 0:
+                continue
+            ids = np.concatenate([prompt, resp]).astype(np.int32)
+            mask = np.zeros(len(ids), bool)
+            mask[len(prompt):] = True
+            verdict = None
+            if verify is not None:
+                text = backend.tokenizer.decode(resp, skip_special_tokens=True)
+                verdict = verify(text, answer)
+            yield Example(record=record, input_ids=ids, loss_mask=mask, prompt_len=len(prompt), answer=answer,
+                          kind="generated"), j, verdict
