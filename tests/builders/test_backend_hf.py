@@ -88,3 +88,23 @@ def test_a_gguf_teacher_scores_like_its_safetensors_copy():
     for a, b in zip(gguf.score(seq, pos, TopK(8)), plain.score(seq, pos, TopK(8))):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_bf16_scores_close_to_fp32_and_is_another_identity(tiny_teacher, tmp_path):
+    bf16 = get_backend("transformers")(str(tiny_teacher), dtype="bf16")
+    assert bf16.describe()["dtype"] == "bf16"
+    seq = sequences(bf16.tokenizer)[:2]
+    pos = [np.arange(1, len(s)) for s in seq]
+    for s, p, got in zip(seq, pos, bf16.score(seq, pos, TopK(8))):
+        ref = reference_logprobs(tiny_teacher, s)[p - 1]
+        assert np.isfinite(got.logprobs).all() and got.logprobs.dtype == np.float32
+        # bf16 keeps 8 mantissa bits: errors scale with the logit's size (2^-7 relative, plus a little)
+        np.testing.assert_allclose(got.label_logprob, ref[np.arange(len(p)), s[p]], rtol=2**-7, atol=0.05)
+    from logitstore.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a short text to score twice"}\n')
+    out = tmp_path / "c"
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "-q"]) == 0
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "-q", "--resume",
+                 "--dtype", "bf16"]) == 2
