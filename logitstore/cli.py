@@ -1,6 +1,6 @@
 """The ``logitstore`` command line: the only place in the package that prints.
 
-Subcommands available in this version: ``build``, ``info`` and ``verify``. Each exits 0 on
+Subcommands available in this version: ``build``, ``info``, ``sql`` and ``verify``. Each exits 0 on
 success, 1 when ``verify`` finds problems, and 2 with a one-line reason on bad
 input (missing cache, unreadable manifest, unknown version).
 """
@@ -155,6 +155,51 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sql(args: argparse.Namespace) -> int:
+    import csv
+    import datetime
+    import decimal
+
+    import duckdb
+
+    from logitstore.errors import InvalidInputError
+    from logitstore.query import connect
+
+    con = connect(args.cache)
+    try:
+        rel = con.sql(args.query)
+    except duckdb.Error as exc:
+        raise InvalidInputError(f"query failed: {' '.join(str(exc).split())}") from None
+    if rel is None:  # a statement without a result (SET, CREATE ...)
+        return 0
+    if args.format == "table":
+        rel.show(max_rows=args.max_rows, max_width=10_000)
+        return 0
+    cols, rows = rel.columns, rel.fetchall()
+    if args.format == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(cols)
+        w.writerows(rows)
+        return 0
+
+    def plain(v):
+        if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+            return None
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, decimal.Decimal):
+            return float(v)
+        if isinstance(v, (datetime.date, datetime.datetime, datetime.time)):
+            return v.isoformat()
+        return v
+
+    json.dump([{c: plain(v) for c, v in zip(cols, r)} for r in rows], sys.stdout)
+    print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="logitstore",
@@ -224,6 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positions per Parquet row group: the unit of reading and shuffling (default 65536)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_build)
+    q = sub.add_parser(
+        "sql", help="DuckDB SQL over the views sequences and tokens",
+        description="Run a DuckDB query over the cache. Views: sequences (one row per sequence: seq_id, record, "
+                    "sample, input_ids, n_tokens, n_positions, n_targets, mean_entropy, teacher_nll, token_accuracy, "
+                    "correct) and tokens (one row per cached position: seq_id, pos, label, label_logprob, entropy, "
+                    "tail_mass, loss_mask, topk_ids, topk_logprobs, sample_counts); table manifest (key, value). "
+                    "Macros: support_entropy(lps), top1_margin(lps), sparse_kl/sparse_js/sparse_tvd(ids_p, lps_p, "
+                    "ids_q, lps_q).")
+    q.add_argument("cache", metavar="CACHE")
+    q.add_argument("query", metavar="QUERY", help='e.g. "SELECT seq_id, mean_entropy FROM sequences WHERE correct"')
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="output: a table (default), CSV, or JSON (an array of row objects)")
+    q.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default 40)")
+    q.set_defaults(func=_sql)
     ver = sub.add_parser("verify", help="check every shard against the manifest and the spec",
                          description="Check checksums, sizes, schema, version, counts and every decoded value "
                                      "against the invariants of FORMAT.md. Exit 1 if anything is wrong.")

@@ -1,0 +1,140 @@
+"""SQL over a cache with DuckDB: the views ``sequences`` and ``tokens``, the ``manifest`` table, and macros.
+
+``connect(cache)`` returns a DuckDB connection where
+
+- ``sequences`` has one row per sequence: ``seq_id``, ``record``, ``sample``, ``input_ids``,
+  ``n_tokens``, ``n_positions``, ``n_targets``, ``mean_entropy``, ``teacher_nll``,
+  ``token_accuracy``, ``correct``. It reads only the columns a query names, straight from
+  the shards, so filters on the scalar columns never unpack a list.
+- ``tokens`` has one row per cached position: ``seq_id``, ``pos``, ``label``,
+  ``label_logprob``, ``entropy``, ``tail_mass``, ``loss_mask``, ``topk_ids``,
+  ``topk_logprobs`` (decoded: token ids through the id map, logprobs from the quantised
+  deltas), and ``sample_counts`` for sampled caches (NULL otherwise).
+- ``manifest`` is one row per manifest key (``key``, ``value`` as JSON text), e.g.
+  ``SELECT value FROM manifest WHERE key = 'teacher'``.
+
+Macros over a position's entry lists (nats throughout):
+
+- ``support_entropy(lps)``: entropy of the entries renormalised over the stored support;
+- ``top1_margin(lps)``: ``lps[1] - lps[2]`` (NULL with a single entry);
+- ``sparse_kl(ids_p, lps_p, ids_q, lps_q)``, ``sparse_js(...)``, ``sparse_tvd(...)``: both
+  distributions are coarse-grained onto the ids they share plus one "other" bucket with
+  the rest of each one's mass (``1 - sum(p)`` over the shared ids). These are exact
+  divergences of the coarse-grained pair and lower bounds of the full-vocabulary ones
+  (coarse-graining never increases an f-divergence). A zero bucket against a nonzero one
+  is floored at 1e-12 so KL stays finite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import duckdb
+
+from logitstore import format as F
+from logitstore.reader import Cache
+
+MACROS = [
+    "CREATE OR REPLACE MACRO support_entropy(lps) AS "
+    "  ln(list_sum(list_transform(lps, lambda x: exp(x)))) - "
+    "  list_sum(list_transform(lps, lambda x: exp(x) * x)) / list_sum(list_transform(lps, lambda x: exp(x)))",
+    "CREATE OR REPLACE MACRO top1_margin(lps) AS CASE WHEN len(lps) > 1 THEN lps[1] - lps[2] END",
+    # probabilities of the shared ids, in one order for both sides, and each side's other bucket
+    "CREATE OR REPLACE MACRO _shared(ids_p, ids_q) AS list_sort(list_intersect(ids_p, ids_q))",
+    "CREATE OR REPLACE MACRO _probs(shared, ids, lps) AS "
+    "  list_transform(shared, lambda i: exp(lps[list_position(ids, i)]))",
+    "CREATE OR REPLACE MACRO _with_other(pr) AS list_append(pr, greatest(1.0 - coalesce(list_sum(pr), 0.0), 0.0))",
+    "CREATE OR REPLACE MACRO _kl_lists(pr, qr) AS coalesce(list_sum(list_transform(range(1, len(pr) + 1), "
+    "  lambda j: CASE WHEN pr[j] > 0 THEN pr[j] * ln(pr[j] / greatest(qr[j], 1e-12)) ELSE 0.0 END)), 0.0)",
+    "CREATE OR REPLACE MACRO _coarse(ids_a, lps_a, ids_b, lps_b) AS "
+    "  _with_other(_probs(_shared(ids_a, ids_b), ids_a, lps_a))",
+    "CREATE OR REPLACE MACRO sparse_kl(ids_p, lps_p, ids_q, lps_q) AS "
+    "  _kl_lists(_coarse(ids_p, lps_p, ids_q, lps_q), _coarse(ids_q, lps_q, ids_p, lps_p))",
+    "CREATE OR REPLACE MACRO _mid(pr, qr) AS list_transform(range(1, len(pr) + 1), lambda j: (pr[j] + qr[j]) / 2)",
+    "CREATE OR REPLACE MACRO _js_lists(pr, qr) AS 0.5 * _kl_lists(pr, _mid(pr, qr)) + 0.5 * _kl_lists(qr, _mid(pr, qr))",
+    "CREATE OR REPLACE MACRO sparse_js(ids_p, lps_p, ids_q, lps_q) AS "
+    "  _js_lists(_coarse(ids_p, lps_p, ids_q, lps_q), _coarse(ids_q, lps_q, ids_p, lps_p))",
+    "CREATE OR REPLACE MACRO _tvd_lists(pr, qr) AS "
+    "  0.5 * list_sum(list_transform(range(1, len(pr) + 1), lambda j: abs(pr[j] - qr[j])))",
+    "CREATE OR REPLACE MACRO sparse_tvd(ids_p, lps_p, ids_q, lps_q) AS "
+    "  _tvd_lists(_coarse(ids_p, lps_p, ids_q, lps_q), _coarse(ids_q, lps_q, ids_p, lps_p))",
+]
+
+SEQUENCE_VIEW_COLUMNS = ("seq_id", "record", "sample", "input_ids", "n_tokens", "n_positions", "n_targets",
+                         "mean_entropy", "teacher_nll", "token_accuracy", "correct")
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def connect(cache: Cache | str | os.PathLike, con: duckdb.DuckDBPyConnection | None = None
+            ) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views, the manifest table and the macros of ``cache``."""
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    con = con or duckdb.connect()
+    con.execute("SET lambda_syntax = 'DISABLE_SINGLE_ARROW'") if _has_setting(con, "lambda_syntax") else None
+    for m in MACROS:
+        con.execute(m)
+    files = "[" + ", ".join(_sql_str(str(p)) for p in cache.shard_paths) + "]"
+    src = f"read_parquet({files})" if cache.shard_paths else None
+    if src is None:  # an empty cache: views with the right columns and no rows
+        con.execute("CREATE OR REPLACE VIEW sequences AS SELECT NULL::VARCHAR AS seq_id, NULL::BIGINT AS record, "
+                    "NULL::INTEGER AS sample, NULL::INTEGER[] AS input_ids, NULL::INTEGER AS n_tokens, "
+                    "NULL::INTEGER AS n_positions, NULL::INTEGER AS n_targets, NULL::FLOAT AS mean_entropy, "
+                    "NULL::FLOAT AS teacher_nll, NULL::FLOAT AS token_accuracy, NULL::BOOLEAN AS correct WHERE false")
+        con.execute("CREATE OR REPLACE VIEW tokens AS SELECT NULL::VARCHAR AS seq_id, NULL::INTEGER AS pos, "
+                    "NULL::INTEGER AS label, NULL::FLOAT AS label_logprob, NULL::FLOAT AS entropy, "
+                    "NULL::FLOAT AS tail_mass, NULL::BOOLEAN AS loss_mask, NULL::INTEGER[] AS topk_ids, "
+                    "NULL::FLOAT[] AS topk_logprobs, NULL::INTEGER[] AS sample_counts WHERE false")
+    else:
+        con.execute(f"CREATE OR REPLACE VIEW sequences AS SELECT {', '.join(SEQUENCE_VIEW_COLUMNS)} FROM {src}")
+        con.execute(f"CREATE OR REPLACE VIEW tokens AS {_tokens_sql(cache, src, con)}")
+    m = cache.manifest.to_dict()
+    con.execute("CREATE OR REPLACE TABLE manifest (key VARCHAR, value VARCHAR)")
+    con.executemany("INSERT INTO manifest VALUES (?, ?)", [(k, json.dumps(v)) for k, v in m.items()])
+    return con
+
+
+def _has_setting(con, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_settings() WHERE name = ?", [name]).fetchone()[0])
+
+
+def _tokens_sql(cache: Cache, src: str, con) -> str:
+    codec = cache.codec
+    id_col = F.id_column(codec.ids)
+    inner = [
+        "seq_id",
+        "unnest(pos) AS pos",
+        "unnest(list_transform(pos, lambda p: input_ids[p + 1])) AS label",  # label = input_ids[pos], 1-based lists
+        "unnest(label_logprob)::FLOAT AS label_logprob",
+        "unnest(entropy)::FLOAT AS entropy",
+        "unnest(tail_mass)::FLOAT AS tail_mass",
+        "unnest(loss_mask) AS loss_mask",
+        f"unnest({id_col}) AS _ids",
+    ]
+    vname = F.value_column(codec.values)[0]
+    if vname:
+        inner.append(f"unnest({vname}) AS _vals")
+    if cache.rule.name == "sample":
+        inner.append("unnest(sample_counts) AS _counts")
+    if cache.id_map is not None:
+        # the code -> token id table as a constant list, indexed 1-based
+        con.execute("SET VARIABLE logitstore_id_map = (SELECT list(token_id ORDER BY code) FROM "
+                    f"read_parquet({_sql_str(str(cache.path / cache.manifest.id_map['file']))}))")
+        ids = "list_transform(_ids, lambda c: getvariable('logitstore_id_map')[c + 1]) AS topk_ids"
+    else:
+        ids = "_ids AS topk_ids"
+    if codec.values == "qdelta":
+        step = repr(float(codec.logprob_step))
+        lps = ("list_transform(list_reduce(_vals, lambda acc, x: list_append(acc, coalesce(acc[-1], 0) + x), "
+               f"[]::INTEGER[]), lambda q: (-q * {step})::FLOAT) AS topk_logprobs")
+    elif vname:
+        lps = "list_transform(_vals, lambda x: x::FLOAT) AS topk_logprobs"
+    else:
+        lps = "NULL::FLOAT[] AS topk_logprobs"
+    counts = ("list_transform(_counts, lambda x: x::INTEGER) AS sample_counts" if cache.rule.name == "sample"
+              else "NULL::INTEGER[] AS sample_counts")
+    return (f"SELECT seq_id, pos, label, label_logprob, entropy, tail_mass, loss_mask, {ids}, {lps}, {counts} "
+            f"FROM (SELECT {', '.join(inner)} FROM {src})")
