@@ -1,6 +1,6 @@
 """The ``logitstore`` command line: the only place in the package that prints.
 
-Subcommands available in this version: ``build``, ``info``, ``sql`` and ``verify``. Each exits 0 on
+Subcommands available in this version: ``build``, ``info``, ``select``, ``sql`` and ``verify``. Each exits 0 on
 success, 1 when ``verify`` finds problems, and 2 with a one-line reason on bad
 input (missing cache, unreadable manifest, unknown version).
 """
@@ -12,7 +12,7 @@ import json
 import math
 import sys
 
-from logitstore.errors import LogitstoreError
+from logitstore.errors import InvalidInputError, LogitstoreError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -43,6 +43,10 @@ def _info(args: argparse.Namespace) -> int:
         "duplicates_skipped": m.duplicates_skipped,
         "build": m.build,
     }
+    if cache.selection is not None:
+        d["selection"] = {"file": args.cache, "cache": str(cache.path), "sequences": len(cache),
+                          "positions": cache.num_positions, "query": cache.selection.query,
+                          "weighted": cache.selection.weights is not None}
     if args.json or args.format == "json":
         print(json.dumps(d, indent=1))
         return 0
@@ -60,6 +64,10 @@ def _info(args: argparse.Namespace) -> int:
     print("exactness    " + ", ".join(f"{k}: {v}" for k, v in m.exactness.items()))
     if m.duplicates_skipped:
         print(f"duplicates   {m.duplicates_skipped} duplicate sequences skipped")
+    if cache.selection is not None:
+        sel = d["selection"]
+        print(f"selection    {args.cache}: {sel['sequences']:,} sequences, {sel['positions']:,} positions"
+              f"{', weighted' if sel['weighted'] else ''}; query: {sel['query']}")
     return 0
 
 
@@ -200,6 +208,35 @@ def _sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from logitstore.errors import CacheExistsError
+    from logitstore.selection import make_selection, materialize, save_selection
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise CacheExistsError(f"{out} exists; choose another path or pass --force")
+    sel = make_selection(args.cache, where=args.where, query=args.query, weight=args.weight,
+                         fraction=args.fraction, seed=args.seed, limit=args.limit)
+    if not args.materialize:
+        save_selection(out, sel)
+        print(f"{out}: {len(sel.seq_ids):,} sequences of {args.cache}"
+              + (" with weights" if sel.weights is not None else ""))
+        return 0
+    import tempfile
+
+    if sel.weights is not None:
+        raise InvalidInputError("--materialize writes a plain cache, which has no per-sequence weights; "
+                                "drop --weight or keep the selection file")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_sel = Path(tmp) / "selection.json"
+        save_selection(tmp_sel, sel)
+        m = materialize(tmp_sel, out)
+    print(f"{out}: a standalone cache of {m.sequences:,} sequences, {m.positions:,} positions, {_size(m.bytes)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="logitstore",
@@ -283,6 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output: a table (default), CSV, or JSON (an array of row objects)")
     q.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default 40)")
     q.set_defaults(func=_sql)
+    se = sub.add_parser(
+        "select", help="a named subset of sequences, without copying the shards",
+        description="Write a selection file: the seq ids (and optional weights) a SQL predicate or query picks, "
+                    "with the cache's fingerprint and the query. A selection is accepted wherever a cache is "
+                    "(info, sql, train) and refused against any other cache.")
+    se.add_argument("cache", metavar="CACHE")
+    how = se.add_mutually_exclusive_group(required=True)
+    how.add_argument("--where", metavar="PREDICATE", help='on the sequences view, e.g. "mean_entropy < 1.5 AND correct"')
+    how.add_argument("--query", metavar="SQL", help="a full query returning seq_id (and optionally weight)")
+    se.add_argument("-o", "--output", required=True, metavar="SELECTION", help="selection file to write (JSON)")
+    se.add_argument("--weight", metavar="EXPR", help="per-sequence weight, a SQL expression over sequences")
+    se.add_argument("--fraction", type=float, help="keep this fraction, chosen by a seeded hash of seq_id")
+    se.add_argument("--seed", type=int, default=0, help="seed of --fraction (default 0)")
+    se.add_argument("--limit", type=int, help="keep at most this many (in query order)")
+    se.add_argument("--materialize", action="store_true", help="write a standalone cache at -o instead of a selection")
+    se.add_argument("--force", action="store_true", help="overwrite an existing selection file")
+    se.set_defaults(func=_select)
     ver = sub.add_parser("verify", help="check every shard against the manifest and the spec",
                          description="Check checksums, sizes, schema, version, counts and every decoded value "
                                      "against the invariants of FORMAT.md. Exit 1 if anything is wrong.")

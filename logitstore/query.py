@@ -12,6 +12,8 @@
   deltas), and ``sample_counts`` for sampled caches (NULL otherwise).
 - ``manifest`` is one row per manifest key (``key``, ``value`` as JSON text), e.g.
   ``SELECT value FROM manifest WHERE key = 'teacher'``.
+- opened on a selection file, both views hold only the selected sequences, and the table
+  ``selection`` (``seq_id``, ``weight``) holds the selection itself.
 
 Macros over a position's entry lists (nats throughout):
 
@@ -79,6 +81,16 @@ def connect(cache: Cache | str | os.PathLike, con: duckdb.DuckDBPyConnection | N
         con.execute(m)
     files = "[" + ", ".join(_sql_str(str(p)) for p in cache.shard_paths) + "]"
     src = f"read_parquet({files})" if cache.shard_paths else None
+    if src is not None and cache.selection is not None:
+        sel = cache.selection
+        import pyarrow as pa
+
+        con.register("_logitstore_selection", pa.table({
+            "seq_id": pa.array(sel.seq_ids, pa.string()),
+            "weight": pa.array(sel.weights if sel.weights is not None else [None] * len(sel.seq_ids), pa.float64())}))
+        con.execute("CREATE OR REPLACE TABLE selection AS SELECT * FROM _logitstore_selection")
+        con.unregister("_logitstore_selection")
+        src = f"(SELECT * FROM {src} WHERE seq_id IN (SELECT seq_id FROM selection))"
     if src is None:  # an empty cache: views with the right columns and no rows
         con.execute("CREATE OR REPLACE VIEW sequences AS SELECT NULL::VARCHAR AS seq_id, NULL::BIGINT AS record, "
                     "NULL::INTEGER AS sample, NULL::INTEGER[] AS input_ids, NULL::INTEGER AS n_tokens, "

@@ -115,8 +115,19 @@ class Cache:
     """A cache on disk, read through its last committed manifest."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.manifest = load_manifest(self.path)
+        from logitstore.selection import check_fingerprint, is_selection_file, load_selection
+
+        self.selection = None  # a Selection when opened through a selection file
+        self._subset: frozenset[str] | None = None
+        if is_selection_file(path):
+            self.selection = load_selection(path)
+            self.path = self.selection.cache_path(Path(path))
+            self.manifest = load_manifest(self.path)
+            check_fingerprint(self.selection, self.manifest, Path(path), self.path)
+            self._subset = frozenset(self.selection.seq_ids)
+        else:
+            self.path = Path(path)
+            self.manifest = load_manifest(self.path)
         self.codec = C.Codec.from_dict(self.manifest.codec)
         self.rule = rule_from_dict(self.manifest.rule)
         self.k = self.rule.k
@@ -128,11 +139,26 @@ class Cache:
 
     # ------------------------------------------------------------ summary
     def __len__(self) -> int:
-        return self.manifest.sequences
+        return self.manifest.sequences if self._subset is None else len(self._subset)
 
     @property
     def num_positions(self) -> int:
-        return self.manifest.positions
+        if self._subset is None:
+            return self.manifest.positions
+        return int(sum(self.scalars(["n_positions"]).column(0).to_pylist()))
+
+    @property
+    def weights(self) -> dict[str, float] | None:
+        """Per-sequence weights of a selection that has them (seq_id -> weight), else None."""
+        return None if self.selection is None else self.selection.weight_map()
+
+    def _restrict(self, table: pa.Table) -> pa.Table:
+        """Only the selected sequences' rows (all rows when this is not a selection)."""
+        if self._subset is None:
+            return table
+        import pyarrow.compute as pc
+
+        return table.filter(pc.is_in(table.column("seq_id"), value_set=pa.array(sorted(self._subset))))
 
     @property
     def shard_paths(self) -> list[Path]:
@@ -161,7 +187,8 @@ class Cache:
         bad = [c for c in cols if c not in F.SCALAR_COLUMNS]
         if bad:
             raise InvalidInputError(f"{bad} are not scalar columns; choose from {list(F.SCALAR_COLUMNS)}")
-        tables = [self._read(i, None, cols) for i in range(len(self.shard_paths))]
+        read = cols if self._subset is None or "seq_id" in cols else ["seq_id"] + cols
+        tables = [self._restrict(self._read(i, None, read)).select(cols) for i in range(len(self.shard_paths))]
         return pa.concat_tables(tables) if tables else self.schema.empty_table().select(cols)
 
     # ------------------------------------------------------------ decoded access
@@ -170,7 +197,9 @@ class Cache:
         for s in range(len(self.shard_paths)) if shards is None else shards:
             f = self._file(s)
             for rg in range(f.num_row_groups):
-                yield self.decode(self._read(s, rg))
+                table = self._restrict(self._read(s, rg))
+                if len(table):
+                    yield self.decode(table)
 
     def __iter__(self) -> Iterator[Sequence]:
         return self.iter_sequences()
@@ -182,6 +211,11 @@ class Cache:
                 for i in range(len(block)):
                     yield block.sequence(i)
             return
+        if self._subset is not None:
+            seq_ids = list(seq_ids)
+            outside = [sid for sid in seq_ids if sid not in self._subset]
+            if outside:
+                raise KeyError(f"seq_id {outside[0]!r} is not in the selection")
         wanted = self._locate(seq_ids)
         for (shard, rg), rows in sorted(wanted.items()):
             block = self.decode(self._read(shard, rg).take(pa.array(sorted(rows))))
@@ -192,7 +226,7 @@ class Cache:
         return next(self.iter_sequences([seq_id]))
 
     def __contains__(self, seq_id: str) -> bool:
-        return seq_id in self.index
+        return seq_id in self.index and (self._subset is None or seq_id in self._subset)
 
     @property
     def index(self) -> dict[str, tuple[int, int]]:
@@ -285,5 +319,5 @@ def _flat2(a: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def open(path: str | os.PathLike) -> Cache:  # noqa: A001 - the natural name, as in logitstore.open
-    """Open the cache at ``path`` (a directory with ``manifest.json``)."""
+    """Open the cache at ``path`` (a directory with ``manifest.json``), or a selection file of one."""
     return Cache(path)

@@ -221,6 +221,7 @@ class CacheWriter:
         record: int = 0,
         sample: int = 0,
         correct: bool | None = None,
+        aggregates: dict[str, float | None] | None = None,
     ) -> bool:
         """Append one sequence. Returns False (and counts it) when its ``seq_id`` is already in the cache.
 
@@ -228,7 +229,9 @@ class CacheWriter:
         ``1..T-1``), ``ids``/``logprobs`` ``[N, K]`` sorted by logprob descending with
         ``n_entries [N]`` valid (default K), ``counts [N, K]`` (rule sample), ``label_logprob``,
         ``entropy``, ``tail_mass``, ``loss_mask`` (default all true), ``argmax`` (the teacher's top-1
-        id, default ``ids[:, 0]``; needed for token_accuracy under rule sample).
+        id, default ``ids[:, 0]``; needed for token_accuracy under rule sample). ``logprobs`` may be
+        None only when the codec stores none. ``aggregates`` (mean_entropy, teacher_nll,
+        token_accuracy) replaces the recomputation, to carry values over from another cache.
         """
         tok = _np(input_ids).astype(np.int32, copy=False).ravel()
         T = tok.size
@@ -241,6 +244,10 @@ class CacheWriter:
         pos = np.arange(1, T, dtype=np.int32) if positions is None else _np(positions).astype(np.int32).ravel()
         N = pos.size
         ids = _np(ids)
+        if logprobs is None:
+            if self.codec.values != "none":
+                raise InvalidInputError(f"seq {sid}: logprobs are required unless the codec stores none")
+            logprobs = np.zeros(ids.shape, np.float32)  # placeholders: checked trivially, never stored
         lp = _np(logprobs, np.float32)
         if ids.ndim != 2 or lp.shape != ids.shape or ids.shape[0] != N:
             raise InvalidInputError(
@@ -308,6 +315,11 @@ class CacheWriter:
             "teacher_nll": float(-lab_lp[mask].mean()) if nt else None,
             "token_accuracy": float((top1[mask] == labels[mask]).mean()) if nt and top1 is not None else None,
         }
+        if aggregates is not None:
+            unknown = set(aggregates) - set(agg)
+            if unknown:
+                raise InvalidInputError(f"seq {sid}: aggregates {sorted(unknown)} unknown; allowed {sorted(agg)}")
+            agg.update({k: None if v is None else float(v) for k, v in aggregates.items()})
         self._buf.append(dict(
             # the buffer owns copies: a caller may reuse its arrays (or tensors) for the next sequence
             seq_id=sid, record=int(record), sample=int(sample), correct=correct, input_ids=tok.copy(), pos=pos,
