@@ -1,6 +1,6 @@
 """The ``logitstore`` command line: the only place in the package that prints.
 
-Subcommands available in this version: ``build``, ``info``, ``select``, ``sql`` and ``verify``. Each exits 0 on
+Subcommands available in this version: ``build``, ``diff``, ``info``, ``select``, ``sql`` and ``verify``. Each exits 0 on
 success, 1 when ``verify`` finds problems, and 2 with a one-line reason on bad
 input (missing cache, unreadable manifest, unknown version).
 """
@@ -237,6 +237,15 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diff(args: argparse.Namespace) -> int:
+    from logitstore.diff import diff
+
+    m = diff(args.cache_a, args.cache_b, args.output, progress=not args.quiet)
+    print(f"{args.output}: {m['sequences']:,} sequences, {m['positions']:,} positions compared"
+          f" ({m['only_in_a']} only in A, {m['only_in_b']} only in B)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="logitstore",
@@ -337,6 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--materialize", action="store_true", help="write a standalone cache at -o instead of a selection")
     se.add_argument("--force", action="store_true", help="overwrite an existing selection file")
     se.set_defaults(func=_select)
+    df = sub.add_parser(
+        "diff", help="compare two caches of the same data by different teachers",
+        description="Match sequences by seq_id and write per-position and per-sequence KL (both ways), JS, TVD "
+                    "and top-1 agreement to DIFF/positions.parquet and DIFF/sequences.parquet. Divergences are "
+                    "over the ids both caches store plus one bucket for the rest of each one's mass: exact for "
+                    "that pair, lower bounds of the full-vocabulary ones (as the SQL macros).")
+    df.add_argument("cache_a", metavar="CACHE_A")
+    df.add_argument("cache_b", metavar="CACHE_B")
+    df.add_argument("-o", "--output", required=True, metavar="DIFF", help="directory to write")
+    df.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    df.set_defaults(func=_diff)
     ver = sub.add_parser("verify", help="check every shard against the manifest and the spec",
                          description="Check checksums, sizes, schema, version, counts and every decoded value "
                                      "against the invariants of FORMAT.md. Exit 1 if anything is wrong.")
