@@ -1,6 +1,7 @@
 """The ``logitstore`` command line: the only place in the package that prints.
 
-Subcommands available in this version: ``build``, ``diff``, ``info``, ``select``, ``sql`` and ``verify``. Each exits 0 on
+Subcommands available in this version: ``build``, ``diff``, ``info``, ``report``, ``score``, ``select``,
+``sql`` and ``verify``. Each exits 0 on
 success, 1 when ``verify`` finds problems, and 2 with a one-line reason on bad
 input (missing cache, unreadable manifest, unknown version).
 """
@@ -31,7 +32,10 @@ def _info(args: argparse.Namespace) -> int:
         "codec": m.codec,
         "temperature": m.temperature,
         "exactness": m.exactness,
-        "max_abs_logprob_error": None if m.codec["values"] == "none" else cache.codec.logprob_error_bound(),
+        "max_abs_logprob_error": cache.codec.logprob_error_bound() if m.codec["values"] in ("qdelta", "fp32") else None,
+        "logprob_error": {"qdelta": f"absolute <= {cache.codec.logprob_error_bound():g} nats",
+                          "fp16": "relative <= 2^-11", "fp32": "0 (the teacher's float32 values)",
+                          "none": "logprobs not stored"}[m.codec["values"]],
         "shards": len(m.shards),
         "sequences": m.sequences,
         "positions": m.positions,
@@ -55,7 +59,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"teacher      {m.teacher.get('id', '?')}  revision={m.teacher.get('revision', '?')}  dtype={m.teacher.get('dtype', '?')}")
     print(f"tokenizer    {m.tokenizer.get('name', '?')}  fingerprint={m.tokenizer.get('fingerprint', '?')}  vocab={m.vocab_size}")
     print(f"entries      {rule}; {d['entries_per_position'] or 0:.1f} per position on average")
-    err = "logprobs not stored" if m.codec["values"] == "none" else f"max abs logprob error {d['max_abs_logprob_error']:.4g}"
+    err = f"logprob error {d['logprob_error']}"
     print(f"codec        values={m.codec['values']} ({err}), "
           f"ids={m.codec['ids']}, scalars={m.codec['scalars']}, zstd {m.codec['zstd_level']}")
     print(f"contents     {m.sequences:,} sequences, {m.positions:,} positions ({d['targets']:,} targets), "
@@ -364,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--fast", action="store_true", help="checksums, schema and counts only; skip decoding values")
     ver.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ver.set_defaults(func=_verify)
+    from builders.score import add_subparser as add_score
+    from logitstore.report import add_subparser as add_report
+
+    add_report(sub)
+    add_score(sub)
     return p
 
 

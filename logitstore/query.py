@@ -114,39 +114,31 @@ def _has_setting(con, name: str) -> bool:
 
 
 def _tokens_sql(cache: Cache, src: str, con) -> str:
+    """One row per position: unnest an index and subscript the per-position lists with it, so a query
+    that names only scalar fields neither reads nor unpacks the entry lists (19x faster than unnesting
+    every list at 2M positions; BENCHMARKS.md)."""
     codec = cache.codec
     id_col = F.id_column(codec.ids)
-    inner = [
-        "seq_id",
-        "unnest(pos) AS pos",
-        "unnest(list_transform(pos, lambda p: input_ids[p + 1])) AS label",  # label = input_ids[pos], 1-based lists
-        "unnest(label_logprob)::FLOAT AS label_logprob",
-        "unnest(entropy)::FLOAT AS entropy",
-        "unnest(tail_mass)::FLOAT AS tail_mass",
-        "unnest(loss_mask) AS loss_mask",
-        f"unnest({id_col}) AS _ids",
-    ]
     vname = F.value_column(codec.values)[0]
-    if vname:
-        inner.append(f"unnest({vname}) AS _vals")
-    if cache.rule.name == "sample":
-        inner.append("unnest(sample_counts) AS _counts")
+    from_ = f"(SELECT *, unnest(range(1, len(pos) + 1)) AS _i FROM {src})"
     if cache.id_map is not None:
-        # the code -> token id table as a constant list, indexed 1-based
-        con.execute("SET VARIABLE logitstore_id_map = (SELECT list(token_id ORDER BY code) FROM "
-                    f"read_parquet({_sql_str(str(cache.path / cache.manifest.id_map['file']))}))")
-        ids = "list_transform(_ids, lambda c: getvariable('logitstore_id_map')[c + 1]) AS topk_ids"
+        # the code -> token id table as a one-row constant list (1-based), joined once
+        con.execute("CREATE OR REPLACE TABLE logitstore_id_map AS SELECT list(token_id ORDER BY code) AS _id_map "
+                    f"FROM read_parquet({_sql_str(str(cache.path / cache.manifest.id_map['file']))})")
+        ids = f"list_transform({id_col}[_i], lambda c: _id_map[c + 1]) AS topk_ids"
+        from_ += ", logitstore_id_map"
     else:
-        ids = "_ids AS topk_ids"
-    if codec.values == "qdelta":
+        ids = f"{id_col}[_i] AS topk_ids"
+    if codec.values == "qdelta":  # logprob[j] = -step * (d[1] + ... + d[j])
         step = repr(float(codec.logprob_step))
-        lps = ("list_transform(list_reduce(_vals, lambda acc, x: list_append(acc, coalesce(acc[-1], 0) + x), "
-               f"[]::INTEGER[]), lambda q: (-q * {step})::FLOAT) AS topk_logprobs")
+        lps = (f"list_transform(range(1, len({vname}[_i]) + 1), "
+               f"lambda j: (-{step} * list_sum({vname}[_i][1:j]))::FLOAT) AS topk_logprobs")
     elif vname:
-        lps = "list_transform(_vals, lambda x: x::FLOAT) AS topk_logprobs"
+        lps = f"list_transform({vname}[_i], lambda x: x::FLOAT) AS topk_logprobs"
     else:
         lps = "NULL::FLOAT[] AS topk_logprobs"
-    counts = ("list_transform(_counts, lambda x: x::INTEGER) AS sample_counts" if cache.rule.name == "sample"
-              else "NULL::INTEGER[] AS sample_counts")
-    return (f"SELECT seq_id, pos, label, label_logprob, entropy, tail_mass, loss_mask, {ids}, {lps}, {counts} "
-            f"FROM (SELECT {', '.join(inner)} FROM {src})")
+    counts = ("list_transform(sample_counts[_i], lambda x: x::INTEGER) AS sample_counts"
+              if cache.rule.name == "sample" else "NULL::INTEGER[] AS sample_counts")
+    return (f"SELECT seq_id, pos[_i] AS pos, input_ids[pos[_i] + 1] AS label, "
+            f"label_logprob[_i]::FLOAT AS label_logprob, entropy[_i]::FLOAT AS entropy, "
+            f"tail_mass[_i]::FLOAT AS tail_mass, loss_mask[_i] AS loss_mask, {ids}, {lps}, {counts} FROM {from_}")
