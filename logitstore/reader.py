@@ -167,6 +167,15 @@ class Cache:
     def __repr__(self) -> str:
         return f"Cache({str(self.path)!r}, sequences={len(self)}, positions={self.num_positions}, rule={self.manifest.rule})"
 
+    def sql(self, query: str):
+        """Run DuckDB SQL over this cache's views (``sequences``, ``tokens``, ``manifest``; see
+        ``logitstore.query``) and return the DuckDB relation (``.fetchall()``, ``.df()``, ``.arrow()``)."""
+        from logitstore.query import connect
+
+        if getattr(self, "_con", None) is None:
+            self._con = connect(self)
+        return self._con.sql(query)
+
     # ------------------------------------------------------------ raw access
     def _file(self, shard: int) -> pq.ParquetFile:
         f = self._files.get(shard)

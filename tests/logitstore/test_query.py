@@ -149,3 +149,11 @@ def test_tokens_view_of_an_ids_and_counts_cache(tmp_path):
     for sid, pos, ids, lps, counts in rows:
         assert lps is None and (ids, counts) == want[(sid, pos)]
         assert sum(counts) == 24
+
+
+def test_cache_sql_is_the_same_connection_as_the_views(ranked_cache):
+    cache = logitstore.open(ranked_cache.path)
+    n = cache.sql("SELECT count(*) FROM sequences").fetchall()[0][0]
+    assert n == len(cache)
+    rows = cache.sql("SELECT seq_id, sum(loss_mask::INT) FROM tokens GROUP BY seq_id").fetchall()
+    assert dict(rows) == {s.seq_id: int(s.loss_mask.sum()) for s in cache if s.n_positions}
