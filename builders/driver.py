@@ -147,6 +147,26 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
     if resume and (out / MANIFEST_NAME).is_file():
         _check_resume(out, data_fp, build_args)
     gen = torch.Generator().manual_seed(config.seed)
+    created = not out.exists()  # a failed first build that committed nothing leaves nothing behind
+    try:
+        return _run(backend, data, out, config, build_args, report, gen, resume, progress)
+    except BaseException:
+        if created and out.is_dir() and not _committed_shards(out):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _committed_shards(out: Path) -> int:
+    try:
+        return len(load_manifest(out).shards)
+    except logitstore.LogitstoreError:
+        return 0
+
+
+def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, report: SkipReport, gen,
+         resume: bool, progress: bool):
     bar = _progress_bar(progress)
     t0, done_positions, done_seqs = time.time(), 0, 0
     with logitstore.CacheWriter(
@@ -193,7 +213,7 @@ def _items(backend, data: Path, config: BuildConfig, report: SkipReport, writer,
             done[rec] = done.get(rec, 0) + 1
     prompts = load_prompts(data, backend.tokenizer, fields=config.fields, on_bad=config.on_bad, report=report)
     for ex, j, verdict in sampled_examples(backend, prompts, config.generation, seed=config.seed, skip=done,
-                                           max_length=config.max_length):
+                                           max_length=config.max_length, report=report):
         yield Item(ex, j, verdict)
 
 

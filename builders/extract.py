@@ -33,7 +33,7 @@ class Head:
 
     weight: torch.Tensor  # [V, H]
     bias: torch.Tensor | None = None
-    scale: float | None = None  # logits *= scale (e.g. Cohere's logit_scale)
+    scale: float | None = None  # logits *= scale (Cohere's logit_scale; 1 / logits_scaling for Granite)
     softcap: float | None = None  # logits = softcap * tanh(logits / softcap) (e.g. Gemma 2)
 
     @property
@@ -123,7 +123,7 @@ def _extract_chunk(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, rule:
         # the sampled ids, most likely first: top-k of the logits restricted to the hits
         top = z.masked_fill_(hits == 0, -torch.inf).topk(width, dim=-1)
         counts = hits.gather(1, top.indices)
-        valid = torch.arange(width)[None, :] < n_ent[:, None]
+        valid = torch.arange(width, device=z.device)[None, :] < n_ent[:, None]
         counts = torch.where(valid, counts, 0)
     else:
         k = min(rule.k, z.shape[1])
@@ -133,19 +133,20 @@ def _extract_chunk(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, rule:
             n_ent = ((mass < rule.p).sum(-1) + 1).clamp(max=k)
         else:
             assert isinstance(rule, TopK)
-            n_ent = torch.full((z.shape[0],), k)
-        valid = torch.arange(k)[None, :] < n_ent[:, None]
-    lp = torch.where(valid, top.values - lse, torch.tensor(-torch.inf))
+            n_ent = torch.full((z.shape[0],), k, device=z.device)
+        valid = torch.arange(k, device=z.device)[None, :] < n_ent[:, None]
+    lp = torch.where(valid, top.values - lse, -torch.inf)
     tail = (1.0 - torch.where(valid, torch.exp(lp.double()), 0.0).sum(-1)).clamp(0.0, 1.0)
-    outs["ids"].append(torch.where(valid, top.indices, 0).int().numpy())
-    outs["logprobs"].append(lp.numpy().astype(np.float32))
-    outs["n_entries"].append(n_ent.int().numpy())
-    outs["label_logprob"].append(label_lp.numpy())
-    outs["entropy"].append(entropy.clamp(min=0).numpy())
-    outs["tail_mass"].append(tail.float().numpy())
-    outs["argmax"].append(argmax.int().numpy())
+    host = lambda t: t.cpu().numpy()  # noqa: E731 - results leave the device here, once per chunk
+    outs["ids"].append(host(torch.where(valid, top.indices, 0).int()))
+    outs["logprobs"].append(host(lp).astype(np.float32))
+    outs["n_entries"].append(host(n_ent.int()))
+    outs["label_logprob"].append(host(label_lp))
+    outs["entropy"].append(host(entropy.clamp(min=0)))
+    outs["tail_mass"].append(host(tail.float()))
+    outs["argmax"].append(host(argmax.int()))
     if counts is not None:
-        outs["counts"].append(counts.to(torch.int32).numpy().astype(np.uint16))
+        outs["counts"].append(host(counts.to(torch.int32)).astype(np.uint16))
 
 
 def split(res: dict[str, np.ndarray], lengths: list[int]) -> list[Scored]:

@@ -101,20 +101,25 @@ def _prompt_ids(raw: Any, loc: str, enc: _Encoder, fields: Fields) -> list[int]:
 
 def sampled_examples(backend: Any, prompts: Iterator[tuple[int, np.ndarray, str | None]], cfg: GenerationConfig, *,
                      seed: int, skip: dict[int, int] | None = None, max_length: int | None = None,
-                     ) -> Iterator[tuple[Example, int, bool | None]]:
+                     report: SkipReport | None = None) -> Iterator[tuple[Example, int, bool | None]]:
     """(example, sample index, verdict) for every response; prompts with all ``cfg.n`` samples in ``skip``
-    (record -> committed samples) are not sampled again."""
+    (record -> committed samples) are not sampled again. Prompts that leave no room under
+    ``max_length`` and empty responses are counted in ``report``."""
     verify = get_verifier(cfg.verifier) if cfg.verifier else None
+    report = report if report is not None else SkipReport()
     for record, prompt, answer in prompts:
         if skip and skip.get(record, 0) >= cfg.n:
             continue
         new = cfg.max_new_tokens if max_length is None else min(cfg.max_new_tokens, max_length - len(prompt))
         if new < 1:
+            report.add("too_long", f"record {record}: the prompt's {len(prompt)} tokens leave no room for a "
+                                   f"response under max_length={max_length}; skipped")
             continue
         responses = backend.generate(prompt, n=cfg.n, max_new_tokens=new, temperature=cfg.temperature,
                                      top_p=cfg.top_p, seed=prompt_seed(seed, record))
         for j, resp in enumerate(responses):
             if len(resp) == 0:
+                report.add("empty_response", f"record {record} sample {j}: the teacher produced no token; skipped")
                 continue
             ids = np.concatenate([prompt, resp]).astype(np.int32)
             mask = np.zeros(len(ids), bool)

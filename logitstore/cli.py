@@ -121,7 +121,6 @@ def _build(args: argparse.Namespace) -> int:
     from builders.data import Fields
     from builders.driver import BuildConfig, build
     from logitstore.codec import Codec
-    from logitstore.errors import InvalidInputError
     from logitstore.rules import MassTopK, Sampled, TopK
 
     if args.mass is not None and args.sample is not None:
@@ -174,20 +173,18 @@ def _sql(args: argparse.Namespace) -> int:
 
     import duckdb
 
-    from logitstore.errors import InvalidInputError
     from logitstore.query import connect
 
-    con = connect(args.cache)
     try:
-        rel = con.sql(args.query)
+        rel = connect(args.cache).sql(args.query)
+        if rel is None:  # a statement without a result (SET, CREATE ...)
+            return 0
+        if args.format == "table":
+            rel.show(max_rows=args.max_rows, max_width=10_000)
+            return 0
+        cols, rows = rel.columns, rel.fetchall()
     except duckdb.Error as exc:
         raise InvalidInputError(f"query failed: {' '.join(str(exc).split())}") from None
-    if rel is None:  # a statement without a result (SET, CREATE ...)
-        return 0
-    if args.format == "table":
-        rel.show(max_rows=args.max_rows, max_width=10_000)
-        return 0
-    cols, rows = rel.columns, rel.fetchall()
     if args.format == "csv":
         w = csv.writer(sys.stdout)
         w.writerow(cols)
@@ -207,7 +204,7 @@ def _sql(args: argparse.Namespace) -> int:
             return v.isoformat()
         return v
 
-    json.dump([{c: plain(v) for c, v in zip(cols, r)} for r in rows], sys.stdout)
+    json.dump([{c: plain(v) for c, v in zip(cols, r)} for r in rows], sys.stdout, default=str)
     print()
     return 0
 
@@ -219,8 +216,9 @@ def _select(args: argparse.Namespace) -> int:
     from logitstore.selection import make_selection, materialize, save_selection
 
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise CacheExistsError(f"{out} exists; choose another path or pass --force")
+    if out.exists() and (args.materialize or not args.force):
+        raise CacheExistsError(f"{out} exists; choose another path"
+                               + ("" if args.materialize else " or pass --force to replace the selection file"))
     sel = make_selection(args.cache, where=args.where, query=args.query, weight=args.weight,
                          fraction=args.fraction, seed=args.seed, limit=args.limit)
     if not args.materialize:
@@ -236,7 +234,8 @@ def _select(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_sel = Path(tmp) / "selection.json"
         save_selection(tmp_sel, sel)
-        m = materialize(tmp_sel, out)
+        m = materialize(tmp_sel, out, provenance={"selected_from": str(Path(args.cache).resolve()),
+                                                  "query": sel.query, "sequences": len(sel.seq_ids)})
     print(f"{out}: a standalone cache of {m.sequences:,} sequences, {m.positions:,} positions, {_size(m.bytes)}")
     return 0
 
@@ -348,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--seed", type=int, default=0, help="seed of --fraction (default 0)")
     se.add_argument("--limit", type=int, help="keep at most this many (in query order)")
     se.add_argument("--materialize", action="store_true", help="write a standalone cache at -o instead of a selection")
-    se.add_argument("--force", action="store_true", help="overwrite an existing selection file")
+    se.add_argument("--force", action="store_true", help="replace an existing selection file (not a cache)")
     se.set_defaults(func=_select)
     df = sub.add_parser(
         "diff", help="compare two caches of the same data by different teachers",

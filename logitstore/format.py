@@ -119,7 +119,3 @@ def shard_schema(*, rule: str, value_codec: str, id_codec: str, scalar_dtype: st
             t = _list(_list(pa.uint16()))
         fields.append(pa.field(name, t, nullable=nl))
     return pa.schema(fields)
-
-
-def column_meanings() -> dict[str, str]:
-    return {n: m for n, _, _, m in SEQUENCE_COLUMNS + POSITION_COLUMNS}

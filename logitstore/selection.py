@@ -56,7 +56,7 @@ class Selection:
 
     def cache_path(self, selection_file: Path) -> Path:
         p = Path(self.cache)
-        return p if p.is_absolute() else (selection_file.parent / p)
+        return p if p.is_absolute() else (selection_file.parent / p).resolve()
 
     def weight_map(self) -> dict[str, float] | None:
         return None if self.weights is None else dict(zip(self.seq_ids, self.weights))
@@ -157,7 +157,11 @@ def make_selection(cache_path: str | os.PathLike, *, where: str | None = None, q
     i_id, i_w = cols.index("seq_id"), cols.index("weight") if "weight" in cols else None
     ids, weights, seen = [], [], set()
     for r in rows:
+        if limit is not None and len(ids) >= limit:
+            break
         sid = r[i_id]
+        if not isinstance(sid, str) or sid not in cache.index:
+            raise InvalidInputError(f"the selection query returned seq_id {sid!r}, which is not in {cache_path}")
         if sid in seen or (fraction is not None and not _in_fraction(sid, seed, fraction)):
             continue
         seen.add(sid)
@@ -167,14 +171,12 @@ def make_selection(cache_path: str | os.PathLike, *, where: str | None = None, q
             if w is None or not (w >= 0):
                 raise InvalidInputError(f"weight {w!r} of {sid}: weights must be non-negative numbers")
             weights.append(float(w))
-        if limit is not None and len(ids) >= limit:
-            break
     return Selection(cache=str(cache.path), cache_fingerprint=cache_fingerprint(cache.manifest), seq_ids=ids,
                      weights=weights if i_w is not None else None, query=query, seed=seed if fraction else None,
                      fraction=fraction, limit=limit, created_at=now())
 
 
-def materialize(source: str | os.PathLike, out: str | os.PathLike) -> Manifest:
+def materialize(source: str | os.PathLike, out: str | os.PathLike, *, provenance: dict | None = None) -> Manifest:
     """Write the sequences of a cache or selection ``source`` as a new standalone cache at ``out``.
 
     Values are re-encoded from their decoded form with the same rule and codec, which
@@ -187,8 +189,8 @@ def materialize(source: str | os.PathLike, out: str | os.PathLike) -> Manifest:
 
     src = Cache(source)
     m = src.manifest
-    build = {"materialized_from": str(src.path), "selection": str(source) if src.selection else None,
-             "query": src.selection.query if src.selection else None, "source_build": m.build}
+    build = {"materialized_from": str(src.path.resolve()), "query": src.selection.query if src.selection else None,
+             **(provenance or {}), "source_build": m.build}
     with CacheWriter(out, vocab_size=m.vocab_size, rule=rule_from_dict(m.rule), codec=Codec.from_dict(m.codec),
                      teacher=m.teacher, tokenizer=m.tokenizer, build=build, exactness=m.exactness,
                      temperature=m.temperature) as w:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from logitstore import format as F
 from logitstore.errors import LogitstoreError
 from logitstore.reader import Cache
-from logitstore.writer import file_sha256
+from logitstore.writer import file_sha256, has_repeats
 
 
 @dataclasses.dataclass
@@ -109,8 +109,7 @@ def _invariants(cache: Cache, b) -> list[str]:
     ids = b.ids
     if ids[valid].size and (ids[valid].min() < 0 or ids[valid].max() >= V):
         bad.append(f"entry ids outside [0, {V})")
-    srt = np.sort(np.where(valid, ids, -1 - np.arange(ids.shape[1])[None, :]), axis=1)
-    if ids.shape[1] > 1 and (srt[:, 1:] == srt[:, :-1]).any():
+    if ids.shape[1] > 1 and has_repeats(ids, valid):
         bad.append("a position lists the same token id twice")
     lp = b.logprobs
     if lp is not None:

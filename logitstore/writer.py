@@ -291,6 +291,9 @@ class CacheWriter:
             raise InvalidInputError(f"seq {sid}: entropy must be finite and >= 0")
         if not (tail.min(initial=0) >= -_LP_TOL and tail.max(initial=0) <= 1 + _LP_TOL):
             raise InvalidInputError(f"seq {sid}: tail_mass must be within [0, 1]")
+        if self.codec.values == "qdelta" and lp_v.size and lp_v.min() < -C.QDELTA_MAX * self.codec.logprob_step:
+            raise InvalidInputError(f"seq {sid}: logprobs below {-C.QDELTA_MAX * self.codec.logprob_step:.0f} nats "
+                                    f"do not fit the qdelta codec at step {self.codec.logprob_step}")
         if "fp16" in (self.codec.values, self.codec.scalars):
             floor = -65504.0  # the most negative finite IEEE half
             if (self.codec.values == "fp16" and lp_v.min(initial=0) < floor) or \

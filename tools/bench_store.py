@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import logitstore as ls  # noqa: E402
-from logitstore.rules import Entries, entries_from_draws  # noqa: E402,F401
+from logitstore.rules import Entries  # noqa: E402
 from tools.teacher_dump import load_or_compute  # noqa: E402
 
 V = 49152

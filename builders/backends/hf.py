@@ -12,9 +12,7 @@ attention never looks right).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,7 +57,7 @@ def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trus
     try:
         tok = AutoTokenizer.from_pretrained(src, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError, ImportError, KeyError) as exc:  # missing files, no tokenizer, gguf missing, ...
         hint = ("; without hub access, download the model where a hub is reachable and pass its directory"
                 if src == teacher and not path.exists() else "")
         reason = " ".join(str(exc).split())  # transformers' messages span lines; ours is one line
@@ -103,11 +101,38 @@ class TransformersBackend:
         if lm_head is None or self.body is self.model or not hasattr(lm_head, "weight"):
             raise TeacherLoadError(f"teacher {teacher}: {type(self.model).__name__} exposes no separate LM head")
         cfg = self.model.config
-        self.head = Head(weight=lm_head.weight, bias=getattr(lm_head, "bias", None),
-                         scale=getattr(cfg, "logit_scale", None), softcap=getattr(cfg, "final_logit_softcapping", None))
+        scale = getattr(cfg, "logit_scale", None)
+        if getattr(cfg, "logits_scaling", None):  # Granite divides its logits
+            scale = (scale or 1.0) / cfg.logits_scaling
+        self.head = Head(weight=lm_head.weight, bias=getattr(lm_head, "bias", None), scale=scale,
+                         softcap=getattr(cfg, "final_logit_softcapping", None))
         self.vocab_size = self.head.vocab_size
         self.chunk_rows = chunk_rows_for(self.vocab_size, extract_mb << 20)
+        self._check_head(teacher, dtype)
         self.extract_mb = extract_mb
+
+    @torch.no_grad()
+    def _check_head(self, teacher: str, dtype: str) -> None:
+        """Refuse a model whose logits are not what this backend computes from its hidden states.
+
+        The backend applies the LM head (and the post-head transforms it knows) itself, to keep
+        memory bounded; an architecture with another transform would be stored wrongly while
+        labelled exact. One short probe through the model's own forward catches that.
+        """
+        ids = torch.arange(1, 9, device=self.device)[None] % self.vocab_size
+        want = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), -1)
+        h = self.hidden([ids[0].cpu().numpy()])[0]
+        got = torch.empty((h.shape[0], self.vocab_size), dtype=torch.float32, device=h.device)
+        tmp = None if self.head.weight.dtype == torch.float32 else torch.empty_like(got, dtype=self.head.weight.dtype)
+        self.head.into(h, got, tmp)
+        got = torch.log_softmax(got, -1)
+        tol = 1e-3 if dtype == "fp32" else 0.1
+        err = float((got - want).abs().max())
+        if not err <= tol:
+            raise TeacherLoadError(
+                f"teacher {teacher}: {type(self.model).__name__} transforms its logits in a way this backend does "
+                f"not reproduce (max logprob difference {err:.3g} on a probe); refusing rather than storing "
+                "wrong values")
 
     def describe(self) -> dict[str, Any]:
         return dict(self.identity)

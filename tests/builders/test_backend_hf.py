@@ -108,3 +108,61 @@ def test_bf16_scores_close_to_fp32_and_is_another_identity(tiny_teacher, tmp_pat
     assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "-q"]) == 0
     assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "-q", "--resume",
                  "--dtype", "bf16"]) == 2
+
+
+def test_granite_logits_scaling_is_applied(tmp_path, embedded_tokenizer):
+    """Granite divides its logits by config.logits_scaling; the cached values must be the model's own."""
+    import torch
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(1)
+    cfg = GraniteConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, logits_scaling=8.0, tie_word_embeddings=False)
+    model = GraniteForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    model.save_pretrained(tmp_path / "g")
+    embedded_tokenizer.save_pretrained(tmp_path / "g")
+    backend = get_backend("transformers")(str(tmp_path / "g"))
+    seq = sequences(backend.tokenizer)[:2]
+    pos = [np.arange(1, len(s)) for s in seq]
+    for s, p, got in zip(seq, pos, backend.score(seq, pos, TopK(8))):
+        check_against_reference(got, s, p, reference_logprobs(tmp_path / "g", s), 8)
+
+
+def test_an_unknown_logit_transform_is_refused(tiny_teacher, monkeypatch):
+    """A model whose logits differ from lm_head(hidden) in an unknown way is refused at load, not mis-stored."""
+    from transformers import LlamaForCausalLM
+
+    real = LlamaForCausalLM.forward
+
+    def doubled(self, *a, **kw):
+        out = real(self, *a, **kw)
+        out.logits = out.logits * 2
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", doubled)
+    with pytest.raises(TeacherLoadError, match="does not reproduce"):
+        get_backend("transformers")(str(tiny_teacher))
+
+
+def test_a_model_dir_without_a_tokenizer_is_a_clean_error(tmp_path, tiny_teacher):
+    import shutil
+
+    shutil.copytree(tiny_teacher, tmp_path / "m")
+    for f in (tmp_path / "m").iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            f.unlink()
+    with pytest.raises(TeacherLoadError):
+        get_backend("transformers")(str(tmp_path / "m"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(tiny_teacher):
+    cpu = get_backend("transformers")(str(tiny_teacher))
+    gpu = get_backend("transformers")(str(tiny_teacher), device="cuda")
+    seq = sequences(cpu.tokenizer)
+    pos = [np.arange(1, len(s)) for s in seq]
+    for a, b in zip(cpu.score(seq, pos, MassTopK(0.9, 16)), gpu.score(seq, pos, MassTopK(0.9, 16))):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-3)

@@ -100,3 +100,15 @@ def test_sigkill_then_resume_equals_an_uninterrupted_build(tiny_teacher, tmp_pat
     for k in want:
         assert got[k][:3] == want[k][:3]
         np.testing.assert_allclose(np.array(got[k][4]), np.array(want[k][4]), atol=1e-4)
+
+
+def test_a_failed_first_build_leaves_nothing_behind(tiny_teacher, tmp_path):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, 3)
+    out = tmp_path / "c"
+    base = ["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "-q"]
+    assert main(base + ["--max-length", "1"]) == 2  # refused option
+    assert not out.exists()
+    assert main(base + ["--text-field", "nope"]) == 2  # every record bad
+    assert not out.exists()
+    assert main(base) == 0 and verify(out) == []

@@ -99,3 +99,15 @@ def test_generation_flag_errors(tiny_teacher, tmp_path):
     base = ["build", str(tiny_teacher), str(data), "-o", str(tmp_path / "x"), "--top-k", "4", "-q"]
     assert main(base + ["--verifier", "exact"]) == 2  # a verifier without --generate
     assert main(base + ["--generate", "2", "--temperature", "0"]) == 2  # greedy twice is the same sample
+
+
+def test_generation_counts_prompts_that_do_not_fit(tiny_teacher, tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "one two"}) + "\n" +
+                    json.dumps({"prompt": " ".join(["word"] * 40)}) + "\n")
+    out = tmp_path / "g"
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "-q", "--generate", "2",
+                 "--max-new-tokens", "4", "--max-length", "12"]) == 0
+    cache = logitstore.open(out)
+    assert {s.record for s in cache} == {0}
+    assert cache.manifest.build["skipped"]["counts"] == {"too_long": 1}

@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 
 import logitstore
 from logitstore.verify import verify

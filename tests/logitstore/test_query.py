@@ -157,3 +157,26 @@ def test_cache_sql_is_the_same_connection_as_the_views(ranked_cache):
     assert n == len(cache)
     rows = cache.sql("SELECT seq_id, sum(loss_mask::INT) FROM tokens GROUP BY seq_id").fetchall()
     assert dict(rows) == {s.seq_id: int(s.loss_mask.sum()) for s in cache if s.n_positions}
+
+
+def test_sql_refuses_a_shard_whose_size_differs_and_errors_are_one_line(ranked_cache, tmp_path, capsys):
+    import shutil
+
+    from logitstore.errors import CorruptCacheError
+    from tests.conftest import shard_files
+
+    c = ranked_cache.copy_to(tmp_path / "c")
+    f = shard_files(c.path)[0]
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CorruptCacheError, match="verify"):
+        connect(c.path)
+    assert main(["sql", str(c.path), "SELECT count(*) FROM sequences"]) == 2
+    capsys.readouterr()
+    good = str(ranked_cache.path)
+    assert main(["sql", good, "SELECT seq_id::INTEGER FROM sequences"]) == 2  # a conversion error at fetch time
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "query failed" in err
+    assert main(["sql", good, "SELECT uuid() AS u, INTERVAL 1 DAY AS d, 'x'::BLOB AS b", "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert set(row) == {"u", "d", "b"}
+    shutil.rmtree(tmp_path / "c")

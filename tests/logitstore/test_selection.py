@@ -99,3 +99,24 @@ def test_select_errors(ranked_cache, tmp_path):
     assert main(["select", path, "--where", "true", "--fraction", "1.5", "-o", str(tmp_path / "x.json")]) == 2
     assert main(["select", path, "--where", "true", "-o", str(tmp_path / "ok.json")]) == 0
     assert main(["select", path, "--where", "true", "-o", str(tmp_path / "ok.json")]) == 2  # exists
+
+
+def test_a_selection_names_only_sequences_of_its_cache_and_limit_zero_is_empty(ranked_cache, tmp_path):
+    path = str(ranked_cache.path)
+    assert main(["select", path, "--query", "SELECT 'nope' AS seq_id", "-o", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad.json").exists()
+    assert main(["select", path, "--where", "true", "--limit", "0", "-o", str(tmp_path / "zero.json")]) == 0
+    assert json.loads((tmp_path / "zero.json").read_text())["seq_ids"] == []
+
+
+def test_materialize_never_overwrites_and_records_where_it_came_from(ranked_cache, tmp_path):
+    path = str(ranked_cache.path)
+    out = tmp_path / "m"
+    assert main(["select", path, "--where", "n_positions > 0", "--materialize", "-o", str(out)]) == 0
+    build = logitstore.open(out).manifest.build
+    assert build["selected_from"] == str(ranked_cache.path.resolve()) and "n_positions > 0" in build["query"]
+    from pathlib import Path
+
+    paths = [v for k, v in build.items() if k != "source_build" and isinstance(v, str) and v.startswith("/")]
+    assert paths and all(Path(v).exists() for v in paths)  # no record of a deleted temporary file
+    assert main(["select", path, "--where", "true", "--materialize", "--force", "-o", str(out)]) == 2

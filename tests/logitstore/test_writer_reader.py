@@ -615,3 +615,17 @@ def test_the_writer_owns_its_buffer_when_the_caller_reuses_its_arrays(tmp_path):
         np.testing.assert_array_equal(s.ids, i)
         assert np.abs(s.logprobs - l).max() <= Codec().logprob_step / 2 + 1e-6
         np.testing.assert_allclose(s.entropy, e)
+
+
+def test_a_value_the_codec_cannot_hold_is_refused_at_add_and_loses_nothing(tmp_path):
+    """The qdelta range is checked when a sequence is added, so a later flush never drops accepted sequences."""
+    rule = TopK(2)
+    ok = dict(input_ids=np.array([1, 2, 3, 4]), ids=np.array([[1, 2]] * 3), logprobs=np.array([[-0.1, -3.0]] * 3),
+              label_logprob=np.full(3, -1.0), entropy=np.ones(3), tail_mass=np.full(3, 0.05))
+    bad = dict(ok, input_ids=np.array([5, 6, 7, 8]), logprobs=np.array([[-0.1, -3000.0]] * 3))
+    with logitstore.CacheWriter(tmp_path / "c", vocab_size=10, rule=rule) as w:
+        assert w.add(**ok)
+        with pytest.raises(logitstore.InvalidInputError, match="qdelta"):
+            w.add(**bad)
+    cache = logitstore.open(tmp_path / "c")
+    assert len(cache) == 1 and next(iter(cache)).input_ids.tolist() == [1, 2, 3, 4]
