@@ -50,13 +50,11 @@ def diff(a_path, b_path, out: str | os.PathLike, *, progress: bool = False) -> d
     common = [sid for sid in a.index if sid in b.index and sid in a and sid in b]
     if not common:
         raise InvalidInputError(f"{a_path} and {b_path} share no seq_id: they are not caches of the same data")
-    b_seqs = {s.seq_id: s for s in b.iter_sequences(common)}
     cols: dict[str, list] = {k: [] for k in ("seq_id", "pos", "kl_ab", "kl_ba", "js", "tvd", "top1_agree")}
     per_seq: dict[str, list] = {k: [] for k in ("seq_id", "n_positions", "kl_ab", "kl_ba", "js", "tvd",
                                                  "top1_agreement")}
     bar = _bar(progress, len(common))
-    for sa in a.iter_sequences(common):
-        sb = b_seqs[sa.seq_id]
+    for sa, sb in _pairs(a, b, common):
         if not np.array_equal(sa.input_ids, sb.input_ids):
             raise InvalidInputError(f"seq {sa.seq_id}: the two caches hold different token ids under one seq_id")
         pos, ia, ib = np.intersect1d(sa.pos, sb.pos, return_indices=True)
@@ -94,6 +92,15 @@ def diff(a_path, b_path, out: str | os.PathLike, *, progress: bool = False) -> d
         out.rmdir()
     os.replace(tmp, out)
     return meta
+
+
+def _pairs(a: Cache, b: Cache, common: list[str], chunk: int = 2048):
+    """Matched sequences of both caches, decoding at most ``chunk`` sequences of each at a time."""
+    for i in range(0, len(common), chunk):
+        ids = common[i:i + chunk]
+        b_seqs = {s.seq_id: s for s in b.iter_sequences(ids)}
+        for sa in a.iter_sequences(ids):
+            yield sa, b_seqs[sa.seq_id]
 
 
 def _pad(x: np.ndarray, k: int, fill) -> np.ndarray:
