@@ -68,8 +68,8 @@ MACROS = [
     "  _tvd_lists(_coarse(ids_p, lps_p, ids_q, lps_q), _coarse(ids_q, lps_q, ids_p, lps_p))",
 ]
 
-SEQUENCE_VIEW_COLUMNS = ("seq_id", "record", "sample", "input_ids", "n_tokens", "n_positions", "n_targets",
-                         "mean_entropy", "teacher_nll", "token_accuracy", "correct")
+#: the sequences view: every per-sequence column of the format (logitstore/format.py), in its order
+SEQUENCE_VIEW_COLUMNS = tuple(name for name, *_ in F.SEQUENCE_COLUMNS)
 
 
 def _sql_str(s: str) -> str:
