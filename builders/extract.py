@@ -19,6 +19,7 @@ budget) whatever the sequence length.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -56,6 +57,45 @@ class Head:
             out.div_(self.softcap).tanh_().mul_(self.softcap)
 
 
+class Buffers:
+    """The ``[rows, V]`` float32 work buffers (plus a model-dtype one for non-fp32 heads), allocated once."""
+
+    def __init__(self, head: Head, rows: int, device: torch.device):
+        self.rows = max(1, rows)
+        self.z = torch.empty((self.rows, head.vocab_size), dtype=torch.float32, device=device)
+        self.p = torch.empty_like(self.z)
+        self.tmp = None if head.weight.dtype == torch.float32 else \
+            torch.empty((self.rows, head.vocab_size), dtype=head.weight.dtype, device=device)
+
+
+def logit_chunks(h: torch.Tensor, head: Head, bufs: Buffers) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """For each chunk of the rows of ``h [M, H]``: its slice, its raw float32 logits ``z`` in the first buffer,
+    and the second buffer ``p`` of the same shape for the caller to work in."""
+    for a in range(0, h.shape[0], bufs.rows):
+        c = min(bufs.rows, h.shape[0] - a)
+        z, p = bufs.z[:c], bufs.p[:c]
+        head.into(h[a:a + c], z, None if bufs.tmp is None else bufs.tmp[:c])
+        yield slice(a, a + c), z, p
+
+
+def normalise(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw logits ``z [C, V]`` -> (lse ``[C, 1]``, entropy, label logprob, argmax), leaving the softmax in ``p``.
+
+    ``z`` is shifted by its row max in place: logprobs (``z - lse``) are unchanged, and
+    lse - sum(p * z) no longer cancels two large numbers in float32; the clamp turns masked
+    -inf logits into a finite floor (p = 0 there).
+    """
+    z.sub_(z.max(dim=-1, keepdim=True).values).clamp_(min=torch.finfo(torch.float32).min)
+    torch.exp(z, out=p)
+    total = p.sum(-1, keepdim=True)
+    lse = total.log()
+    p.div_(total)
+    entropy = lse[:, 0] - torch.bmm(p.unsqueeze(1), z.unsqueeze(2))[:, 0, 0]
+    label_lp = z.gather(1, labels[:, None].long())[:, 0] - lse[:, 0]
+    return lse, entropy, label_lp, z.argmax(-1)
+
+
 def chunk_rows_for(vocab_size: int, budget_bytes: int = 96 << 20) -> int:
     """Rows per chunk so that the two float32 ``[rows, V]`` work buffers fit ``budget_bytes``."""
     return max(1, budget_bytes // (2 * 4 * vocab_size))
@@ -71,17 +111,9 @@ def extract(h: torch.Tensor, head: Head, labels: torch.Tensor, rule: Rule, *, ch
     """
     outs: dict[str, list] = {k: [] for k in ("ids", "logprobs", "n_entries", "label_logprob", "entropy",
                                               "tail_mass", "argmax", "counts")}
-    M, V = h.shape[0], head.vocab_size
-    rows = max(1, min(chunk_rows, M))
-    zbuf = torch.empty((rows, V), dtype=torch.float32, device=h.device) if M else None
-    pbuf = torch.empty_like(zbuf) if M else None
-    tmp = None if head.weight.dtype == torch.float32 or not M else \
-        torch.empty((rows, V), dtype=head.weight.dtype, device=h.device)
-    for a in range(0, M, rows):
-        c = min(rows, M - a)
-        z, p = zbuf[:c], pbuf[:c]
-        head.into(h[a:a + c], z, None if tmp is None else tmp[:c])
-        _extract_chunk(z, p, labels[a:a + c], rule, generator, outs)
+    if h.shape[0]:
+        for sl, z, p in logit_chunks(h, head, Buffers(head, min(chunk_rows, h.shape[0]), h.device)):
+            _extract_chunk(z, p, labels[sl], rule, generator, outs)
     if not outs["ids"]:
         k = 1 if isinstance(rule, Sampled) else rule.k
         empty = {"ids": np.zeros((0, k), np.int32), "logprobs": np.zeros((0, k), np.float32),
@@ -104,16 +136,7 @@ def extract(h: torch.Tensor, head: Head, labels: torch.Tensor, rule: Rule, *, ch
 
 def _extract_chunk(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, rule: Rule, generator, outs) -> None:
     """``z``: raw logits [C, V] (overwritten), ``p``: a work buffer of the same shape."""
-    # shift by the row max in place: logprobs are unchanged, and lse - sum(p * z) no longer cancels
-    # two large numbers in float32; clamp turns masked -inf logits into a finite floor (p = 0 there)
-    z.sub_(z.max(dim=-1, keepdim=True).values).clamp_(min=torch.finfo(torch.float32).min)
-    torch.exp(z, out=p)
-    total = p.sum(-1, keepdim=True)
-    lse = total.log()  # [C, 1]
-    p.div_(total)  # softmax
-    entropy = lse[:, 0] - torch.bmm(p.unsqueeze(1), z.unsqueeze(2))[:, 0, 0]
-    label_lp = z.gather(1, labels[:, None].long())[:, 0] - lse[:, 0]
-    argmax = z.argmax(-1)
+    lse, entropy, label_lp, argmax = normalise(z, p, labels)
     counts = None
     if isinstance(rule, Sampled):
         draws = torch.multinomial(p, rule.draws, replacement=True, generator=generator)

@@ -68,6 +68,7 @@ if TYPE_CHECKING:  # torch and the backend load when a run starts, so building t
     import torch
 
     from builders.backends.hf import TransformersBackend
+    from builders.extract import Buffers
 
 logger = logging.getLogger(__name__)
 
@@ -95,20 +96,6 @@ class _Job:
     index: int  # its row in the block, to write results back in storage order
 
 
-class _Buffers:
-    """The ``[rows, V]`` float32 work buffers (plus a model-dtype one for non-fp32 heads), allocated once."""
-
-    def __init__(self, head, rows: int, device: "torch.device"):
-        import torch
-
-        V = head.vocab_size
-        self.rows = max(1, rows)
-        self.z = torch.empty((self.rows, V), dtype=torch.float32, device=device)
-        self.p = torch.empty_like(self.z)
-        self.tmp = None if head.weight.dtype == torch.float32 else \
-            torch.empty((self.rows, V), dtype=head.weight.dtype, device=device)
-
-
 def _log_floor(x: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(x, FLOOR))
 
@@ -131,17 +118,9 @@ def divergences(p_s: np.ndarray, p_other: np.ndarray, q_s: np.ndarray, q_other: 
 def _score_chunk(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> dict[str, np.ndarray]:
     """``z``: raw student logits ``[C, V]`` (overwritten), ``p``: a work buffer of the same shape;
     ``ids [C, K]``: the teacher's support, every row's invalid slots filled with a valid id of the row."""
-    import torch
+    from builders.extract import normalise
 
-    # as in builders.extract: shift by the row max (logprobs unchanged, entropy without cancellation)
-    z.sub_(z.max(dim=-1, keepdim=True).values).clamp_(min=torch.finfo(torch.float32).min)
-    torch.exp(z, out=p)
-    total = p.sum(-1, keepdim=True)
-    lse = total.log()  # [C, 1]
-    p.div_(total)  # q, the student's softmax
-    entropy = lse[:, 0] - torch.bmm(p.unsqueeze(1), z.unsqueeze(2))[:, 0, 0]
-    label_lp = z.gather(1, labels[:, None])[:, 0] - lse[:, 0]
-    top1 = z.argmax(-1)
+    lse, entropy, label_lp, top1 = normalise(z, p, labels)  # p: q, the student's softmax
     support_lp = z.gather(1, ids) - lse  # [C, K]
     # q_other: the student's mass outside S, summed directly (repeated ids in a row zero the same slot)
     q_other = p.scatter_(1, ids, 0.0).sum(-1)
@@ -150,28 +129,21 @@ def _score_chunk(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, ids: to
             "q_other": q_other.clamp(0.0, 1.0).cpu().numpy()}
 
 
-def _score_batch(backend: TransformersBackend, bufs: _Buffers, seqs: list, stored: bool) -> list[dict[str, np.ndarray]]:
+def _score_batch(backend: TransformersBackend, bufs: Buffers, seqs: list, stored: bool) -> list[dict[str, np.ndarray]]:
     """Per-position score arrays for each sequence of a batch (called under ``torch.no_grad``)."""
     import torch
 
-    h = backend.hidden([s.input_ids for s in seqs])  # [B, T, H]
-    dev = h.device
-    rows = np.concatenate([np.full(len(s.pos), i) for i, s in enumerate(seqs)]).astype(np.int64)
-    cols = np.concatenate([s.pos.astype(np.int64) for s in seqs]) - 1  # the state at t - 1 predicts token t
-    hs = h[torch.as_tensor(rows, device=dev), torch.as_tensor(cols, device=dev)]  # [M, H]
+    from builders.extract import logit_chunks
+
+    hs, labels = backend.hidden_at([s.input_ids for s in seqs], [s.pos for s in seqs])  # [M, H], [M]
+    dev = hs.device
     K = max(s.ids.shape[1] for s in seqs)
     n_ent = np.concatenate([s.n_entries for s in seqs])
     valid = np.arange(K)[None, :] < n_ent[:, None]
     ids = np.concatenate([np.pad(s.ids, ((0, 0), (0, K - s.ids.shape[1])), constant_values=-1) for s in seqs])
     ids_g = np.where(valid, ids, ids[:, :1]).astype(np.int64)  # slot 0 is always valid (n_entries >= 1)
-    labels = torch.as_tensor(np.concatenate([s.labels for s in seqs]).astype(np.int64), device=dev)
     ids_t = torch.as_tensor(ids_g, device=dev)
-    M, parts = hs.shape[0], []
-    for a in range(0, M, bufs.rows):
-        c = min(bufs.rows, M - a)
-        z, p = bufs.z[:c], bufs.p[:c]
-        backend.head.into(hs[a:a + c], z, None if bufs.tmp is None else bufs.tmp[:c])
-        parts.append(_score_chunk(z, p, labels[a:a + c], ids_t[a:a + c]))
+    parts = [_score_chunk(z, p, labels[sl], ids_t[sl]) for sl, z, p in logit_chunks(hs, backend.head, bufs)]
     res = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
     q_s = np.exp(res.pop("support_lp").astype(np.float64))
     q_other = res.pop("q_other").astype(np.float64)
@@ -236,7 +208,9 @@ def score_cache(cache_path: str | os.PathLike, student: str, out: str | os.PathL
     stored = m.codec.get("values") != "none"
     if not m.complete:
         logger.warning("cache %s is an unfinished build: scoring its %d committed positions", cache.path, m.positions)
-    bufs = _Buffers(backend.head, min(backend.chunk_rows, max(1, m.positions)), backend.device)
+    from builders.extract import Buffers
+
+    bufs = Buffers(backend.head, min(backend.chunk_rows, max(1, m.positions)), backend.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -284,7 +258,7 @@ def score_cache(cache_path: str | os.PathLike, student: str, out: str | os.PathL
     return out
 
 
-def _score_blocks(cache, backend: TransformersBackend, bufs: _Buffers, writer: pq.ParquetWriter, token_budget: int,
+def _score_blocks(cache, backend: TransformersBackend, bufs: Buffers, writer: pq.ParquetWriter, token_budget: int,
                   stored: bool, bar, sums: dict) -> tuple[int, int]:
     """Score the cache row group by row group, writing each one's rows in storage order; (rows, sequences)."""
     n_rows = n_seqs = 0

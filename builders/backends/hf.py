@@ -157,19 +157,24 @@ class TransformersBackend:
         return out.last_hidden_state
 
     @torch.no_grad()
-    def score(self, input_ids: Sequence[np.ndarray], positions: Sequence[np.ndarray], rule: Rule,
-              generator: torch.Generator | None = None) -> list[Scored]:
+    def hidden_at(self, input_ids: Sequence[np.ndarray], positions: Sequence[np.ndarray]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states ``[M, H]`` that predict the tokens at ``positions`` (the state at t - 1 predicts
+        token t) over all sequences of a batch, and those tokens ``[M]``."""
         h = self.hidden(input_ids)
         rows = np.concatenate([np.full(len(p), i) for i, p in enumerate(positions)]).astype(np.int64)
         cols = np.concatenate([np.asarray(p, np.int64) for p in positions])
-        if rows.size:
-            # the hidden state at t - 1 predicts token t
-            hs = h[torch.as_tensor(rows, device=h.device), torch.as_tensor(cols - 1, device=h.device)]
-            labels = torch.as_tensor(np.concatenate([np.asarray(x)[np.asarray(p, np.int64)]
-                                                     for x, p in zip(input_ids, positions)]), device=h.device)
-        else:
-            hs = h.new_zeros((0, h.shape[-1]))
-            labels = torch.zeros(0, dtype=torch.long, device=h.device)
+        if not rows.size:
+            return h.new_zeros((0, h.shape[-1])), torch.zeros(0, dtype=torch.long, device=h.device)
+        hs = h[torch.as_tensor(rows, device=h.device), torch.as_tensor(cols - 1, device=h.device)]
+        labels = torch.as_tensor(np.concatenate([np.asarray(x, np.int64)[np.asarray(p, np.int64)]
+                                                 for x, p in zip(input_ids, positions)]), device=h.device)
+        return hs, labels
+
+    @torch.no_grad()
+    def score(self, input_ids: Sequence[np.ndarray], positions: Sequence[np.ndarray], rule: Rule,
+              generator: torch.Generator | None = None) -> list[Scored]:
+        hs, labels = self.hidden_at(input_ids, positions)
         res = extract(hs, self.head, labels, rule, chunk_rows=self.chunk_rows, generator=generator)
         return split(res, [len(p) for p in positions])
 
