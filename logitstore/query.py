@@ -89,9 +89,12 @@ def connect(cache: Cache | str | os.PathLike, con: duckdb.DuckDBPyConnection | N
     con.execute("SET lambda_syntax = 'DISABLE_SINGLE_ARROW'") if _has_setting(con, "lambda_syntax") else None
     for m in MACROS:
         con.execute(m)
-    files = "[" + ", ".join(_sql_str(str(p)) for p in cache.shard_paths) + "]"
-    src = f"read_parquet({files})" if cache.shard_paths else None
-    if src is not None and cache.selection is not None:
+    if cache.shard_paths:
+        src = "read_parquet([" + ", ".join(_sql_str(str(p)) for p in cache.shard_paths) + "])"
+    else:  # a cache with no committed shard: the same views, over an empty table of its shard schema
+        con.register("logitstore_empty_shard", cache.schema.empty_table())
+        src = "logitstore_empty_shard"
+    if cache.selection is not None:
         sel = cache.selection
         import pyarrow as pa
 
@@ -101,18 +104,8 @@ def connect(cache: Cache | str | os.PathLike, con: duckdb.DuckDBPyConnection | N
         con.execute("CREATE OR REPLACE TABLE selection AS SELECT * FROM _logitstore_selection")
         con.unregister("_logitstore_selection")
         src = f"(SELECT * FROM {src} WHERE seq_id IN (SELECT seq_id FROM selection))"
-    if src is None:  # an empty cache: views with the right columns and no rows
-        con.execute("CREATE OR REPLACE VIEW sequences AS SELECT NULL::VARCHAR AS seq_id, NULL::BIGINT AS record, "
-                    "NULL::INTEGER AS sample, NULL::INTEGER[] AS input_ids, NULL::INTEGER AS n_tokens, "
-                    "NULL::INTEGER AS n_positions, NULL::INTEGER AS n_targets, NULL::FLOAT AS mean_entropy, "
-                    "NULL::FLOAT AS teacher_nll, NULL::FLOAT AS token_accuracy, NULL::BOOLEAN AS correct WHERE false")
-        con.execute("CREATE OR REPLACE VIEW tokens AS SELECT NULL::VARCHAR AS seq_id, NULL::INTEGER AS pos, "
-                    "NULL::INTEGER AS label, NULL::FLOAT AS label_logprob, NULL::FLOAT AS entropy, "
-                    "NULL::FLOAT AS tail_mass, NULL::BOOLEAN AS loss_mask, NULL::INTEGER[] AS topk_ids, "
-                    "NULL::FLOAT[] AS topk_logprobs, NULL::INTEGER[] AS sample_counts WHERE false")
-    else:
-        con.execute(f"CREATE OR REPLACE VIEW sequences AS SELECT {', '.join(SEQUENCE_VIEW_COLUMNS)} FROM {src}")
-        con.execute(f"CREATE OR REPLACE VIEW tokens AS {_tokens_sql(cache, src, con)}")
+    con.execute(f"CREATE OR REPLACE VIEW sequences AS SELECT {', '.join(SEQUENCE_VIEW_COLUMNS)} FROM {src}")
+    con.execute(f"CREATE OR REPLACE VIEW tokens AS {_tokens_sql(cache, src, con)}")
     m = cache.manifest.to_dict()
     con.execute("CREATE OR REPLACE TABLE manifest (key VARCHAR, value VARCHAR)")
     con.executemany("INSERT INTO manifest VALUES (?, ?)", [(k, json.dumps(v)) for k, v in m.items()])

@@ -125,6 +125,7 @@ class Cache:
             self.manifest = load_manifest(self.path)
             check_fingerprint(self.selection, self.manifest, Path(path), self.path)
             self._subset = frozenset(self.selection.seq_ids)
+            self._subset_values = pa.array(sorted(self._subset), pa.string())  # for filtering, built once
         else:
             self.path = Path(path)
             self.manifest = load_manifest(self.path)
@@ -158,7 +159,7 @@ class Cache:
             return table
         import pyarrow.compute as pc
 
-        return table.filter(pc.is_in(table.column("seq_id"), value_set=pa.array(sorted(self._subset))))
+        return table.filter(pc.is_in(table.column("seq_id"), value_set=self._subset_values))
 
     @property
     def shard_paths(self) -> list[Path]:

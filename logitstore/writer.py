@@ -408,12 +408,13 @@ class CacheWriter:
         schema = self.schema.with_metadata({F.PARQUET_META_KEY: json.dumps(meta).encode()})
         enc = {}
         for f in self.schema:
-            leaf = f.name + ".list.element" * _depth(f.type)
+            leaf_type, depth = _leaf(f.type)
+            leaf = f.name + ".list.element" * depth
             if f.name in ("pos", "record"):
                 enc[leaf] = "DELTA_BINARY_PACKED"
             elif f.name in ("input_ids", "label_logprob", "entropy", "tail_mass", "topk_ids", "topk_codes",
                             "topk_logprobs", "topk_logprob_deltas", "sample_counts") \
-                    and not pa.types.is_float16(_leaf_type(f.type)):  # DuckDB reads no BYTE_STREAM_SPLIT half floats
+                    and not pa.types.is_float16(leaf_type):  # DuckDB reads no BYTE_STREAM_SPLIT half floats
                 enc[leaf] = "BYTE_STREAM_SPLIT"
         self._pq = pq.ParquetWriter(
             self._shard_tmp, schema, compression="zstd", compression_level=self.codec.zstd_level,
@@ -470,17 +471,12 @@ def _offsets(lengths: np.ndarray) -> pa.Array:
     return pa.array(off)
 
 
-def _leaf_type(t: pa.DataType) -> pa.DataType:
-    while pa.types.is_list(t):
-        t = t.value_type
-    return t
-
-
-def _depth(t: pa.DataType) -> int:
+def _leaf(t: pa.DataType) -> tuple[pa.DataType, int]:
+    """The element type under a (nested) list type, and the nesting depth."""
     d = 0
     while pa.types.is_list(t):
         t, d = t.value_type, d + 1
-    return d
+    return t, d
 
 
 def _version() -> str:
