@@ -28,7 +28,6 @@ from builders.data import Example, Fields, SkipReport, data_fingerprint, load_ex
 from builders.generate import GenerationConfig, load_prompts, sampled_examples
 from logitstore.codec import Codec
 from logitstore.errors import InvalidInputError
-from logitstore.format import MANIFEST_NAME
 from logitstore.manifest import load_manifest
 from logitstore.rules import Rule
 from logitstore.writer import default_seq_id
@@ -112,17 +111,8 @@ def positions_of(ex: Example, cache_prompt: bool) -> tuple[np.ndarray, np.ndarra
     return pos, ex.loss_mask[pos]
 
 
-def _check_resume(out: Path, data_fp: str, build: dict[str, Any]) -> None:
-    old = load_manifest(out).build
-    diffs = []
-    if old.get("data_fingerprint") != data_fp:
-        diffs.append(f"data: the cache was built from {old.get('data')!r} (fingerprint "
-                     f"{old.get('data_fingerprint')}), this input has fingerprint {data_fp}")
-    for key in ("fields", "max_length", "on_long", "cache_prompt", "generation", "seed"):
-        if old.get(key) != build.get(key):
-            diffs.append(f"{key}: cache has {old.get(key)!r}, this build has {build.get(key)!r}")
-    if diffs:
-        raise InvalidInputError(f"cannot resume {out}: " + "; ".join(diffs))
+#: build arguments a resume must match (the writer also checks teacher, tokenizer, rule and codec)
+RESUME_BUILD_KEYS = ("data_fingerprint", "fields", "max_length", "on_long", "cache_prompt", "generation", "seed")
 
 
 def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config: BuildConfig, *,
@@ -144,8 +134,6 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
         "cache_prompt": config.cache_prompt, "seed": config.seed, "argv": argv, "skipped": None,
         "generation": dataclasses.asdict(config.generation) if config.generation else None,
     }
-    if resume and (out / MANIFEST_NAME).is_file():
-        _check_resume(out, data_fp, build_args)
     gen = torch.Generator().manual_seed(config.seed)
     created = not out.exists()  # a failed first build that committed nothing leaves nothing behind
     try:
@@ -173,7 +161,7 @@ def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, 
         out, vocab_size=backend.vocab_size, rule=config.rule, codec=config.codec, teacher=backend.describe(),
         tokenizer=backend.tokenizer_record(), build=build_args, exactness=backend.exactness,
         shard_bytes=max(1, int(config.shard_mb * 2**20)), row_group_positions=config.row_group_positions,
-        resume=resume,
+        resume=resume, resume_build_keys=RESUME_BUILD_KEYS,
     ) as writer:
         items = _items(backend, data, config, report, writer, out if resume else None)
         for window in _windows(items, config.window):

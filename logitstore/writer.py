@@ -81,6 +81,7 @@ class CacheWriter:
         shard_bytes: int = 256 << 20,
         row_group_positions: int = 65536,
         resume: bool = False,
+        resume_build_keys: tuple[str, ...] = (),
     ):
         if not (1 <= vocab_size <= 2**31 - 1):
             raise InvalidInputError(f"vocab_size={vocab_size} must be in [1, 2**31)")
@@ -110,6 +111,7 @@ class CacheWriter:
             tokenizer=dict(tokenizer or {}), temperature=float(temperature), exactness=ex, build=dict(build or {}),
         )
         self.resume = resume
+        self.resume_build_keys = tuple(resume_build_keys)  # build arguments a resume must match, besides identity
         self.schema = F.shard_schema(rule=rule.name, value_codec=codec.values, id_codec=codec.ids,
                                      scalar_dtype=codec.scalars)
         self.manifest: Manifest | None = None
@@ -192,6 +194,9 @@ class CacheWriter:
             f"{name}: cache has {getattr(old, name)!r}, this build has {getattr(new, name)!r}"
             for name in ("vocab_size", "rule", "codec", "teacher", "tokenizer", "temperature")
             if getattr(old, name) != getattr(new, name)
+        ] + [
+            f"build {key}: cache has {old.build.get(key)!r}, this build has {new.build.get(key)!r}"
+            for key in self.resume_build_keys if old.build.get(key) != new.build.get(key)
         ]
         if diffs:
             raise InvalidInputError(f"cannot resume {self.path}: " + "; ".join(diffs))
