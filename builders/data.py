@@ -325,9 +325,7 @@ def _example(record: int, loc: str, raw: Any, enc: _Encoder, fields: Fields) -> 
         raise _bad(loc, "not_object", f"the record is a {type(raw).__name__} ({raw!r:.60}), not an object with a "
                    f"{fields.text!r}, {fields.messages!r} or {fields.prompt!r}+{fields.response!r} field")
     has = {name: raw.get(name) is not None for name in dataclasses.asdict(fields).values()}
-    answer = raw.get(fields.answer)
-    if answer is not None and not isinstance(answer, str):
-        answer = json.dumps(answer, ensure_ascii=False, default=str)
+    answer = answer_of(raw, fields)
     if has[fields.messages]:
         kind = "messages"
         ids, mask = _chat(raw[fields.messages], loc, enc, fields.messages)
@@ -359,8 +357,15 @@ def _example(record: int, loc: str, raw: Any, enc: _Encoder, fields: Fields) -> 
                    prompt_len=0 if kind == "text" else int(np.argmax(mask)), answer=answer, kind=kind)
 
 
-def _chat(messages: Any, loc: str, enc: _Encoder, field: str) -> tuple[list[int], np.ndarray]:
-    """Token ids of the rendered chat and the mask of its assistant turns (see the module docstring)."""
+def answer_of(raw: dict, fields: Fields) -> str | None:
+    """The record's reference answer as text (other JSON values JSON-encoded: 42 -> "42", true -> "true")."""
+    answer = raw.get(fields.answer)
+    return answer if answer is None or isinstance(answer, str) else json.dumps(answer, ensure_ascii=False, default=str)
+
+
+def clean_messages(messages: Any, loc: str, field: str) -> list[dict]:
+    """A chat field checked: a list of objects with string role (one of ROLES) and content; keys whose value is
+    None are dropped (Parquet structs fill absent keys with None)."""
     if not isinstance(messages, list):
         raise _bad(loc, "wrong_type", f"must be a list of {{'role', 'content'}} objects, got "
                    f"{type(messages).__name__} ({messages!r:.60})", field)
@@ -371,7 +376,19 @@ def _chat(messages: Any, loc: str, enc: _Encoder, field: str) -> tuple[list[int]
                        f"{m!r:.60}", field)
         if m["role"] not in ROLES:
             raise _bad(loc, "unknown_role", f"message {j} has role {m['role']!r}; allowed roles: {ROLES}", field)
-        clean.append({k: v for k, v in m.items() if v is not None})  # Parquet structs fill absent keys with None
+        clean.append({k: v for k, v in m.items() if v is not None})
+    return clean
+
+
+def require_chat_template(enc: _Encoder, loc: str, field: str) -> None:
+    if not getattr(enc.tok, "chat_template", None):
+        raise DataFormatError(f"{loc}: a {field!r} record needs a tokenizer with a chat template, and "
+                              f"{getattr(enc.tok, 'name_or_path', '') or type(enc.tok).__name__} has none")
+
+
+def _chat(messages: Any, loc: str, enc: _Encoder, field: str) -> tuple[list[int], np.ndarray]:
+    """Token ids of the rendered chat and the mask of its assistant turns (see the module docstring)."""
+    clean = clean_messages(messages, loc, field)
     turns = [j for j, m in enumerate(clean) if m["role"] == "assistant"]
     if not turns:
         raise _bad(loc, "no_assistant", "the chat has no assistant turn, so nothing to train on", field)
@@ -379,9 +396,7 @@ def _chat(messages: Any, loc: str, enc: _Encoder, field: str) -> tuple[list[int]
         raise _bad(loc, "assistant_first", "message 0 is an assistant turn: with nothing before it, the chat "
                    "template cannot render the prompt that locates its tokens; begin with a system or user "
                    "message", field)
-    if not getattr(enc.tok, "chat_template", None):
-        raise DataFormatError(f"{loc}: a {field!r} record needs a tokenizer with a chat template, and "
-                              f"{getattr(enc.tok, 'name_or_path', '') or type(enc.tok).__name__} has none")
+    require_chat_template(enc, loc, field)
     try:  # the whole chat; then per assistant turn j: the chat before j with the generation prompt, and through j
         renders = [(clean, False)] + [r for j in turns for r in ((clean[:j], True), (clean[:j + 1], False))]
         texts = [enc.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g) for m, g in renders]

@@ -20,7 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from builders.data import BadRecordError, DataFormatError, Example, Fields, SkipReport, _bad, _Encoder, iter_records
+from builders.data import (BadRecordError, DataFormatError, Example, Fields, SkipReport, _bad, _Encoder, answer_of,
+                           clean_messages, iter_records, require_chat_template)
 from builders.verifiers import get_verifier
 from logitstore.errors import InvalidInputError
 
@@ -61,7 +62,7 @@ def load_prompts(path: str | os.PathLike, tokenizer: Any, *, fields: Fields = Fi
         try:
             if isinstance(raw, BadRecordError):
                 raise raw
-            yield record, np.asarray(_prompt_ids(raw, loc, enc, fields), np.int32), _answer(raw, fields)
+            yield record, np.asarray(_prompt_ids(raw, loc, enc, fields), np.int32), answer_of(raw, fields)
         except BadRecordError as exc:
             if on_bad == "error":
                 raise
@@ -70,26 +71,16 @@ def load_prompts(path: str | os.PathLike, tokenizer: Any, *, fields: Fields = Fi
         raise DataFormatError(f"no records in {path}: the input is empty or holds only blank lines")
 
 
-def _answer(raw: dict, fields: Fields) -> str | None:
-    a = raw.get(fields.answer)
-    return a if a is None or isinstance(a, str) else str(a)
-
-
 def _prompt_ids(raw: Any, loc: str, enc: _Encoder, fields: Fields) -> list[int]:
     if not isinstance(raw, dict):
         raise _bad(loc, "not_object", f"the record is a {type(raw).__name__}, not an object")
     if raw.get(fields.messages) is not None:
-        msgs = raw[fields.messages]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                 and isinstance(m.get("content"), str) for m in msgs):
-            raise _bad(loc, "wrong_type", "must be a list of {'role', 'content'} string objects", fields.messages)
-        msgs = [{k: v for k, v in m.items() if v is not None} for m in msgs]
+        msgs = clean_messages(raw[fields.messages], loc, fields.messages)
         while msgs and msgs[-1]["role"] == "assistant":
             msgs.pop()
         if not msgs:
             raise _bad(loc, "no_prompt", "holds no message before its assistant turns", fields.messages)
-        if not getattr(enc.tok, "chat_template", None):
-            raise DataFormatError(f"{loc}: a chat record needs a tokenizer with a chat template")
+        require_chat_template(enc, loc, fields.messages)
         return enc.encode([enc.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)])[0]
     prompt = raw.get(fields.prompt)
     if prompt is None:

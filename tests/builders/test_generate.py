@@ -111,3 +111,24 @@ def test_generation_counts_prompts_that_do_not_fit(tiny_teacher, tmp_path):
     cache = logitstore.open(out)
     assert {s.record for s in cache} == {0}
     assert cache.manifest.build["skipped"]["counts"] == {"too_long": 1}
+
+
+def test_generation_checks_chats_and_answers_like_scoring(tmp_path):
+    """Prompts go through the same chat validation and answer encoding as scored records."""
+    from builders.data import BadRecordError, Fields, answer_of
+    from builders.generate import load_prompts
+
+    class Tok:  # enough of a tokenizer for the validation path
+        bos_token_id = None
+        chat_template = "x"
+        all_special_ids = []
+        added_tokens_decoder = {}
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [[1]] * len(text) if isinstance(text, list) else [1]}
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n")
+    with pytest.raises(BadRecordError, match="robot"):
+        list(load_prompts(data, Tok()))
+    assert answer_of({"answer": True}, Fields()) == "true" and answer_of({"answer": 42}, Fields()) == "42"
