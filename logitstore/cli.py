@@ -226,16 +226,11 @@ def _select(args: argparse.Namespace) -> int:
         print(f"{out}: {len(sel.seq_ids):,} sequences of {args.cache}"
               + (" with weights" if sel.weights is not None else ""))
         return 0
-    import tempfile
-
     if sel.weights is not None:
         raise InvalidInputError("--materialize writes a plain cache, which has no per-sequence weights; "
                                 "drop --weight or keep the selection file")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_sel = Path(tmp) / "selection.json"
-        save_selection(tmp_sel, sel)
-        m = materialize(tmp_sel, out, provenance={"selected_from": str(Path(args.cache).resolve()),
-                                                  "query": sel.query, "sequences": len(sel.seq_ids)})
+    m = materialize(sel, out, provenance={"selected_from": str(Path(args.cache).resolve()), "query": sel.query,
+                                          "sequences": len(sel.seq_ids)})
     print(f"{out}: a standalone cache of {m.sequences:,} sequences, {m.positions:,} positions, {_size(m.bytes)}")
     return 0
 

@@ -114,16 +114,18 @@ class Sequence:
 class Cache:
     """A cache on disk, read through its last committed manifest."""
 
-    def __init__(self, path: str | os.PathLike):
-        from logitstore.selection import check_fingerprint, is_selection_file, load_selection
+    def __init__(self, path):
+        """``path``: a cache directory, a selection file, or a ``Selection`` (opened on its cache)."""
+        from logitstore.selection import Selection, check_fingerprint, is_selection_file, load_selection
 
-        self.selection = None  # a Selection when opened through a selection file
+        self.selection = None  # a Selection when opened through one
         self._subset: frozenset[str] | None = None
-        if is_selection_file(path):
-            self.selection = load_selection(path)
-            self.path = self.selection.cache_path(Path(path))
+        if isinstance(path, Selection) or is_selection_file(path):
+            self.selection = path if isinstance(path, Selection) else load_selection(path)
+            self.path = Path(path.cache) if isinstance(path, Selection) else self.selection.cache_path(Path(path))
             self.manifest = load_manifest(self.path)
-            check_fingerprint(self.selection, self.manifest, Path(path), self.path)
+            check_fingerprint(self.selection, self.manifest, "the selection" if isinstance(path, Selection)
+                              else Path(path), self.path)
             self._subset = frozenset(self.selection.seq_ids)
             self._subset_values = pa.array(sorted(self._subset), pa.string())  # for filtering, built once
         else:

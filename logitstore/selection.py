@@ -107,7 +107,7 @@ def save_selection(path: str | os.PathLike, sel: Selection) -> None:
     atomic_write_bytes(p, json.dumps(d).encode("utf-8"))
 
 
-def check_fingerprint(sel: Selection, manifest: Manifest, selection_file: Path, cache_dir: Path) -> None:
+def check_fingerprint(sel: Selection, manifest: Manifest, selection_file: Path | str, cache_dir: Path) -> None:
     got = cache_fingerprint(manifest)
     if got != sel.cache_fingerprint:
         raise SelectionMismatchError(
@@ -176,8 +176,9 @@ def make_selection(cache_path: str | os.PathLike, *, where: str | None = None, q
                      fraction=fraction, limit=limit, created_at=now())
 
 
-def materialize(source: str | os.PathLike, out: str | os.PathLike, *, provenance: dict | None = None) -> Manifest:
-    """Write the sequences of a cache or selection ``source`` as a new standalone cache at ``out``.
+def materialize(source, out: str | os.PathLike, *, provenance: dict | None = None) -> Manifest:
+    """Write the sequences of ``source`` (a cache, a selection file or a ``Selection``) as a new standalone
+    cache at ``out``.
 
     Values are re-encoded from their decoded form with the same rule and codec, which
     reproduces them exactly (qdelta values decode to exact multiples of the step).
