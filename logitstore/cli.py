@@ -33,9 +33,7 @@ def _info(args: argparse.Namespace) -> int:
         "temperature": m.temperature,
         "exactness": m.exactness,
         "max_abs_logprob_error": cache.codec.logprob_error_bound() if m.codec["values"] in ("qdelta", "fp32") else None,
-        "logprob_error": {"qdelta": f"absolute <= {cache.codec.logprob_error_bound():g} nats",
-                          "fp16": "relative <= 2^-11", "fp32": "0 (the teacher's float32 values)",
-                          "none": "logprobs not stored"}[m.codec["values"]],
+        "logprob_error": cache.codec.logprob_error_text(),
         "shards": len(m.shards),
         "sequences": m.sequences,
         "positions": m.positions,
@@ -59,7 +57,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"teacher      {m.teacher.get('id', '?')}  revision={m.teacher.get('revision', '?')}  dtype={m.teacher.get('dtype', '?')}")
     print(f"tokenizer    {m.tokenizer.get('name', '?')}  fingerprint={m.tokenizer.get('fingerprint', '?')}  vocab={m.vocab_size}")
     print(f"entries      {rule}; {d['entries_per_position'] or 0:.1f} per position on average")
-    err = f"logprob error {d['logprob_error']}"
+    err = f"max abs logprob error {d['logprob_error']}"
     print(f"codec        values={m.codec['values']} ({err}), "
           f"ids={m.codec['ids']}, scalars={m.codec['scalars']}, zstd {m.codec['zstd_level']}")
     print(f"contents     {m.sequences:,} sequences, {m.positions:,} positions ({d['targets']:,} targets), "

@@ -60,6 +60,13 @@ class Codec:
     def from_dict(cls, d: dict[str, Any]) -> "Codec":
         return cls(**d)
 
+    def logprob_error_text(self) -> str:
+        """The decoding error of entry logprobs, in words (FORMAT.md, "Codecs and decoding error")."""
+        if self.values == "qdelta":
+            return f"{self.logprob_error_bound():.4g} nats (step {self.logprob_step:.4g} / 2)"
+        return {"fp32": "0 (lossless)", "fp16": "2^-11 relative (fp16 rounding)",
+                "none": "logprobs not stored"}[self.values]
+
     def logprob_error_bound(self) -> float:
         """Max abs error of a decoded entry logprob (0 for fp32; fp16 is relative, see FORMAT.md)."""
         return self.logprob_step / 2 if self.values == "qdelta" else 0.0

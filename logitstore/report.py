@@ -137,11 +137,7 @@ def _totals(con) -> tuple[dict[str, Any], list[tuple]]:
 
 
 def _error_bound(codec: dict[str, Any]) -> str:
-    c = Codec.from_dict(codec)
-    if c.values == "qdelta":
-        return f"{c.logprob_error_bound():.4g} nats (step {c.logprob_step:.4g} / 2)"
-    return {"fp32": "0 (lossless)", "fp16": "2^-11 relative (fp16 rounding)",
-            "none": "logprobs not stored"}.get(c.values, "?")
+    return Codec.from_dict(codec).logprob_error_text()
 
 
 def _summary(m: dict[str, Any], t: dict[str, Any]) -> str:
