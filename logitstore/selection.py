@@ -116,7 +116,7 @@ def check_fingerprint(sel: Selection, manifest: Manifest, selection_file: Path |
             "make the selection again")
 
 
-def _in_fraction(seq_id: str, seed: int, fraction: float) -> bool:
+def in_fraction(seq_id: str, seed: int, fraction: float) -> bool:
     """A deterministic coin per (seed, seq_id): the same sequences for the same seed, in any order."""
     h = hashlib.blake2b(f"{seed}/{seq_id}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") < fraction * 2**64
@@ -162,7 +162,7 @@ def make_selection(cache_path: str | os.PathLike, *, where: str | None = None, q
         sid = r[i_id]
         if not isinstance(sid, str) or sid not in cache.index:
             raise InvalidInputError(f"the selection query returned seq_id {sid!r}, which is not in {cache_path}")
-        if sid in seen or (fraction is not None and not _in_fraction(sid, seed, fraction)):
+        if sid in seen or (fraction is not None and not in_fraction(sid, seed, fraction)):
             continue
         seen.add(sid)
         ids.append(sid)

@@ -438,3 +438,34 @@ def sampled_cache(tmp_path_factory) -> BuiltCache:
     path = tmp_path_factory.mktemp("sampled") / "cache"
     write_cache(path, refs, vocab=vocab, rule=rule, codec=codec, shard_bytes=5_000, row_group_positions=50)
     return BuiltCache(path, refs, vocab, rule, codec)
+
+
+# ---------------------------------------------------------------- a tiny teacher with the real tokenizer
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    from transformers import AutoTokenizer
+
+    from builders.embedded import prepare_embedded_teacher
+
+    return AutoTokenizer.from_pretrained(prepare_embedded_teacher())
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, embedded_tokenizer):
+    """A 2-layer random Llama with the embedded teacher's tokenizer (vocab 49152), saved as a model dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a sharper head than the default init, so distributions are not near-uniform
+        model.lm_head.weight.mul_(40)
+    path = tmp_path_factory.mktemp("tiny") / "teacher"
+    model.save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    return path

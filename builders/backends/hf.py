@@ -96,16 +96,11 @@ class TransformersBackend:
         self.model, self.tokenizer, self.identity = load_teacher(teacher, dtype=dtype, device=device,
                                                                  trust_remote_code=trust_remote_code)
         self.device = torch.device(device)
-        lm_head = self.model.get_output_embeddings()
         self.body = self.model.base_model
-        if lm_head is None or self.body is self.model or not hasattr(lm_head, "weight"):
+        head = Head.of(self.model)
+        if head is None:
             raise TeacherLoadError(f"teacher {teacher}: {type(self.model).__name__} exposes no separate LM head")
-        cfg = self.model.config
-        scale = getattr(cfg, "logit_scale", None)
-        if getattr(cfg, "logits_scaling", None):  # Granite divides its logits
-            scale = (scale or 1.0) / cfg.logits_scaling
-        self.head = Head(weight=lm_head.weight, bias=getattr(lm_head, "bias", None), scale=scale,
-                         softcap=getattr(cfg, "final_logit_softcapping", None))
+        self.head = head
         self.vocab_size = self.head.vocab_size
         self.chunk_rows = chunk_rows_for(self.vocab_size, extract_mb << 20)
         self._check_head(teacher, dtype)

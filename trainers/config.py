@@ -1,0 +1,181 @@
+"""The training configuration: one typed dataclass, whose field help becomes ``logitstore train --help``.
+
+Every option of a training run lives in ``TrainConfig``; the command line, the sweep
+file (``trainers.sweep``) and the Python API all fill the same dataclass, and
+``validate()`` checks it once with messages that name the command-line flag. A run
+writes its config into ``OUT/train_config.json``, so a checkpoint says how it was made,
+and resume refuses a config that changed anything that shapes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from logitstore.errors import InvalidInputError
+
+# The names of trainers.losses (LOSSES, TAILS), repeated so that building the command line does not import
+# torch; a test keeps them equal.
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "taid", "ce")
+TAILS = ("other", "renormalize", "sampled")
+
+KEEP_BY = ("teacher_entropy", "student_entropy")  # or "score:<column>" of a `logitstore score` directory
+ROUTES = ("none", "correctness")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - the argparse word
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    cache: str = _f("", "CACHE or SELECTION to train from", positional=True)
+    student: str = _f("", "a local HF model directory, or a config.json from which a fresh student is initialised "
+                          "(seeded by --seed)")
+    output: str = _f("", "OUT directory: the final model (save_pretrained), checkpoints, metrics.jsonl")
+    loss: str = _f("forward_kl", f"distillation loss: {', '.join(LOSSES)}")
+    tail: str = _f("auto", "teacher tail handling: 'other' (an exact bucket for the mass outside the stored "
+                           "entries), 'renormalize' (both sides restricted to the stored entries), 'sampled' "
+                           "(the unbiased estimator of a sampled cache); auto: sampled for sampled caches with "
+                           "forward_kl, else other")
+    temperature: float = _f(1.0, "distillation temperature tau: teacher and student re-tempered, KD term scaled "
+                                 "by tau^2 (the cache holds temperature-1 logprobs)")
+    ce_weight: float = _f(0.0, "weight lambda of the label cross-entropy: loss = (1-lambda) KD + lambda CE")
+    beta: float = _f(0.5, "jsd: the mixture weight beta of the generalized JSD")
+    alpha: float = _f(0.1, "skew_kl / skew_rkl: the skew alpha")
+    taid_start: float = _f(0.4, "taid: the interpolation weight t at step 0")
+    taid_end: float = _f(1.0, "taid: the final t")
+    max_steps: int = _f(1000, "optimiser steps to train")
+    epochs: float = _f(0.0, "stop after this many epochs of the data as well (0: only --max-steps)")
+    batch_size: int = _f(8, "sequences (or packed rows with --pack) per micro-batch and rank")
+    grad_accum: int = _f(1, "micro-batches per optimiser step")
+    max_length: int = _f(2048, "longer sequences are truncated to this many tokens")
+    pack: bool = _f(False, "pack short sequences into rows of --max-length tokens (attention kept per sequence)")
+    lr: float = _f(3e-4, "peak learning rate of AdamW")
+    min_lr_ratio: float = _f(0.1, "the cosine decays to lr * this")
+    warmup_steps: int = _f(0, "linear warm-up steps (default: 5%% of --max-steps)")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
+    seed: int = _f(0, "seed of initialisation, data order and dropout")
+    dtype: str = _f("auto", "fp32, bf16 (autocast), or auto: bf16 where the hardware has it (CUDA), else fp32")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    holdout: float = _f(0.0, "hold out this fraction of the training sequences (by a seeded hash of seq_id) "
+                             "for evaluation when no --eval is given")
+    eval: str = _f("", "a CACHE or SELECTION to evaluate on (held-out CE and KL to the teacher)")
+    eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
+    eval_sequences: int = _f(0, "evaluate on at most this many sequences (0: all)")
+    save_every: int = _f(0, "write a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
+    resume: bool = _f(False, "continue from the last checkpoint in OUT (exactly: model, optimiser, schedule, "
+                             "data order, random state)")
+    keep_fraction: float = _f(1.0, "train on this fraction of each batch's target tokens, chosen by --keep-by")
+    keep_by: str = _f("teacher_entropy", "rank tokens by teacher_entropy, student_entropy or score:COLUMN "
+                                         "(a column of --scores)")
+    keep_lowest: bool = _f(False, "keep the lowest-ranked tokens instead of the highest")
+    scores: str = _f("", "a directory written by `logitstore score` (for --keep-by score:COLUMN)")
+    route: str = _f("none", "'correctness': KD on sequences the verifier marked incorrect, CE on correct ones")
+    chunk_size: int = _f(1024, "positions per chunk of the student's head and log-softmax (bounds memory at "
+                               "large vocabularies)")
+    head_memory_mb: int = _f(1024, "keep the student's logits of a micro-batch for the backward pass when they "
+                                   "fit in this many MB (fastest); beyond it, each chunk is recomputed in the "
+                                   "backward pass (one more head matmul) so memory stays at one [chunk, V]")
+    num_workers: int = _f(0, "DataLoader worker processes per rank")
+    shuffle_buffer: int = _f(1024, "sequences shuffled together inside each rank's part of the data")
+    log_every: int = _f(10, "write metrics every N steps")
+    tokenizer: str = _f("", "tokenizer directory for a config.json student without one beside it (default: the "
+                            "student's directory, else the cache's tokenizer when it is a local directory)")
+    trace_data: bool = _f(False, "write OUT/data-rank<R>.jsonl: the seq ids each rank trained on, per step (audit)")
+    quiet: bool = _f(False, "no progress bar")
+
+    def resolved_tail(self, rule: str) -> str:
+        if self.tail != "auto":
+            return self.tail
+        return "sampled" if rule == "sample" and self.loss == "forward_kl" else "other"
+
+    def resolved_warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps > 0 else max(0, self.max_steps // 20)
+
+    def validate(self) -> "TrainConfig":
+        def bad(flag: str, value: Any, allowed: str) -> InvalidInputError:
+            return InvalidInputError(f"--{flag.replace('_', '-')} {value!r}: {allowed}")
+
+        for name in ("cache", "student", "output"):
+            if not getattr(self, name):
+                raise InvalidInputError(f"{'CACHE' if name == 'cache' else '--' + name} is required")
+        if self.loss not in LOSSES:
+            raise bad("loss", self.loss, f"choose from {', '.join(LOSSES)}")
+        if self.tail != "auto" and self.tail not in TAILS:
+            raise bad("tail", self.tail, f"choose from auto, {', '.join(TAILS)}")
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "chunk_size", "log_every",
+                     "shuffle_buffer", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise bad(name, getattr(self, name), "must be >= 1")
+        for name in ("head_memory_mb", "eval_every", "save_every", "warmup_steps", "num_workers", "eval_sequences"):
+            if getattr(self, name) < 0:
+                raise bad(name, getattr(self, name), "must be >= 0")
+        if not self.temperature > 0:
+            raise bad("temperature", self.temperature, "must be > 0")
+        if not 0 <= self.ce_weight <= 1:
+            raise bad("ce_weight", self.ce_weight, "must be in [0, 1]")
+        if not 0 < self.keep_fraction <= 1:
+            raise bad("keep_fraction", self.keep_fraction, "must be in (0, 1]")
+        if not 0 <= self.holdout < 1:
+            raise bad("holdout", self.holdout, "must be in [0, 1)")
+        if self.epochs < 0:
+            raise bad("epochs", self.epochs, "must be >= 0")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise InvalidInputError(f"--lr {self.lr} must be > 0 and --min-lr-ratio {self.min_lr_ratio} in [0, 1]")
+        if self.keep_by not in KEEP_BY and not self.keep_by.startswith("score:"):
+            raise bad("keep_by", self.keep_by, f"choose from {', '.join(KEEP_BY)} or score:COLUMN")
+        if self.keep_by.startswith("score:") and self.keep_fraction < 1 and not self.scores:
+            raise InvalidInputError(f"--keep-by {self.keep_by} needs --scores SCORES (from `logitstore score`)")
+        if self.route not in ROUTES:
+            raise bad("route", self.route, f"choose from {', '.join(ROUTES)}")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", self.dtype, f"choose from {', '.join(DTYPES)}")
+        if self.eval and self.holdout:
+            raise InvalidInputError("give --eval or --holdout, not both")
+        return self
+
+    # ------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, where: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InvalidInputError(f"{where}: unknown option(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+#: Options that may differ between a run and its resumption (they do not shape the trajectory).
+RESUMABLE_CHANGES = ("output", "max_steps", "resume", "quiet", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                     "eval", "eval_sequences", "num_workers", "epochs", "device", "trace_data")
+
+
+def add_arguments(p: argparse.ArgumentParser, *, positional_optional: bool = False) -> None:
+    """One flag per ``TrainConfig`` field, its help from the field's metadata."""
+    for f in dataclasses.fields(TrainConfig):
+        help_ = f.metadata["help"]
+        if f.metadata.get("positional"):
+            p.add_argument(f.name, metavar="CACHE", nargs="?" if positional_optional else None, default="", help=help_)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        names, metavar = ([flag, "-o"], "OUT") if f.name == "output" else ([flag], f.name.upper())
+        if f.type in ("bool", bool):
+            p.add_argument(*names, dest=f.name, action="store_true", help=help_)
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            shown = "" if f.default in ("", None) else f" (default {f.default})"
+            p.add_argument(*names, dest=f.name, type=typ, default=f.default, metavar=metavar, help=help_ + shown)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
