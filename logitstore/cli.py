@@ -1,6 +1,6 @@
 """The ``logitstore`` command line: the only place in the package that prints.
 
-Subcommands available in this version: ``build``, ``diff``, ``info``, ``report``, ``score``, ``select``,
+Subcommands available in this version: ``build``, ``demo``, ``diff``, ``info``, ``report``, ``score``, ``select``,
 ``sql``, ``train`` and ``verify``. Each exits 0 on
 success, 1 when ``verify`` finds problems, and 2 with a one-line reason on bad
 input (missing cache, unreadable manifest, unknown version).
@@ -362,8 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=_verify)
     from builders.score import add_subparser as add_score
     from logitstore.report import add_subparser as add_report
+    from logitstore.demo import add_subparser as add_demo
     from trainers.sweep import add_subparser as add_train
 
+    add_demo(sub)
     add_report(sub)
     add_score(sub)
     add_train(sub)

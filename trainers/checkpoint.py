@@ -46,6 +46,15 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_partial(out: Path) -> None:
+    """Delete checkpoint directories a crash left half-written (``step-N.tmp``)."""
+    d = checkpoint_dir(out)
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.endswith(".tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(out: Path, step: int, model, state: dict[str, Any], *, keep: int) -> Path:
     final = checkpoint_dir(out) / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")

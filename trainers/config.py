@@ -86,6 +86,10 @@ class TrainConfig:
     log_every: int = _f(10, "write metrics every N steps")
     tokenizer: str = _f("", "tokenizer directory for a config.json student without one beside it (default: the "
                             "student's directory, else the cache's tokenizer when it is a local directory)")
+    skip_verify: bool = _f(False, "do not check the cache's shard checksums, schema and counts before training "
+                                  "(pages are still checked by their CRCs while reading)")
+    skip_bad_shards: bool = _f(False, "train on the sound shards of a damaged cache, leaving out (and naming) the "
+                                      "damaged ones; without it a damaged cache is refused")
     trace_data: bool = _f(False, "write OUT/data-rank<R>.jsonl: the seq ids each rank trained on, per step (audit)")
     quiet: bool = _f(False, "no progress bar")
 
@@ -157,7 +161,7 @@ class TrainConfig:
 
 #: Options that may differ between a run and its resumption (they do not shape the trajectory).
 RESUMABLE_CHANGES = ("output", "max_steps", "resume", "quiet", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "eval", "eval_sequences", "num_workers", "epochs", "device", "trace_data")
+                     "eval", "eval_sequences", "num_workers", "epochs", "device", "trace_data", "skip_verify")
 
 
 def add_arguments(p: argparse.ArgumentParser, *, positional_optional: bool = False) -> None:

@@ -71,14 +71,47 @@ def _setup_device(cfg: TrainConfig) -> tuple[torch.device, int, int]:
     return device, rank, world
 
 
-def _sources(cfg: TrainConfig, cache):
-    """(train source, eval source or None): the cache/selection itself, or a seeded hash split of it."""
+def check_cache(cache, *, skip_bad: bool, what: str = "CACHE") -> list[str] | None:
+    """Refuse a damaged cache before training (``verify`` without decoding: checksums, schema, counts).
+
+    Returns None when it is sound, else (with ``skip_bad``) the seq ids of its sound shards, after
+    logging which shards are left out and why. Files the manifest does not list (a stray or
+    temporary file) are ignored: readers never look at them."""
+    from logitstore.errors import CorruptCacheError
+    from logitstore.verify import verify
+
+    listed = {s.file: i for i, s in enumerate(cache.manifest.shards)}
+    problems = [p for p in verify(cache.path, deep=False) if "not listed in the manifest" not in p.message]
+    if not problems:
+        return None
+    bad = {listed[p.file] for p in problems if p.file in listed}
+    fatal = [p for p in problems if p.file not in listed]
+    text = "; ".join(str(p) for p in problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    if fatal or not skip_bad or len(bad) == len(listed):
+        hint = "" if fatal else " (or pass --skip-bad-shards to train on the sound shards)"
+        raise CorruptCacheError(f"{what} {cache.path} is damaged, refusing to train: {text}; run `logitstore verify "
+                                f"{cache.path}` for the full list, and rebuild with `logitstore build --resume`{hint}")
+    logger.warning("skipping %d damaged shard(s) of %s: %s", len(bad), cache.path, text)
+    keep = set()
+    for i in range(len(listed)):
+        if i not in bad:
+            keep.update(cache._read(i, None, ["seq_id"]).column(0).to_pylist())
+    return [sid for sid in cache.scalars(["seq_id"]).column(0).to_pylist() if sid in keep] if cache.selection \
+        else sorted(keep)
+
+
+def _sources(cfg: TrainConfig, cache, only: list[str] | None = None):
+    """(train source, eval source or None): the cache/selection itself, or a seeded hash split of it,
+    restricted to the seq ids ``only`` when given (the sound shards of a damaged cache)."""
     from logitstore.selection import Selection, cache_fingerprint, in_fraction
 
-    if not cfg.holdout:
+    if not cfg.holdout and only is None:
         return cfg.cache, (cfg.eval or None)
-    ids = cache.scalars(["seq_id"]).column(0).to_pylist()
+    ids = only if only is not None else cache.scalars(["seq_id"]).column(0).to_pylist()
     w = cache.weights
+    if not cfg.holdout:
+        return Selection(cache=str(cache.path), cache_fingerprint=cache_fingerprint(cache.manifest), seq_ids=ids,
+                         weights=[w[x] for x in ids] if w else None, query="sound shards"), (cfg.eval or None)
     parts: dict[bool, list[str]] = {True: [], False: []}
     for sid in ids:
         parts[in_fraction(sid, HOLDOUT_SEED, cfg.holdout)].append(sid)
@@ -183,7 +216,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.output)
     cache = logitstore.open(cfg.cache)
     manifest = cache.manifest
-    train_src, eval_src = _sources(cfg, cache)
+    only = None if cfg.skip_verify else check_cache(cache, skip_bad=cfg.skip_bad_shards)
+    if cfg.eval and not cfg.skip_verify:
+        check_cache(logitstore.open(cfg.eval), skip_bad=False, what="--eval")
+    train_src, eval_src = _sources(cfg, cache, only)
+    if only is not None:
+        logger.warning("training on %d of %d sequences (damaged shards left out)", len(only), len(cache))
     state = _check_output(out, cfg)
     student = load_student(cfg.student, manifest=manifest, tokenizer=cfg.tokenizer, seed=cfg.seed)
     check_student(student, cache)
@@ -224,6 +262,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     main = rank == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial(out)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         _trim(out / METRICS_FILE, lambda row: row.get("step", 0) <= start)
     if cfg.trace_data:

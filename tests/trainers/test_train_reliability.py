@@ -1,0 +1,98 @@
+"""The trainer under failure: a damaged cache is refused (or its bad shards skipped when asked, and said so),
+and a training process killed with SIGKILL resumes from its checkpoint to the same weights, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import logitstore
+from logitstore.errors import CorruptCacheError
+from trainers.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(cache, student, out, **kw) -> TrainConfig:
+    base = dict(cache=str(cache), student=str(student), output=str(out), max_steps=3, batch_size=4, max_length=48,
+                quiet=True, trace_data=True)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def damaged(text_cache, tmp_path):
+    """A copy of the text cache with one byte flipped in the middle of its second shard."""
+    path = tmp_path / "damaged"
+    shutil.copytree(text_cache, path)
+    m = logitstore.open(path).manifest
+    assert len(m.shards) >= 3
+    shard = path / m.shards[1].file
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    return path, m.shards[1].file
+
+
+def test_a_damaged_cache_is_refused_naming_the_shard(damaged, student_config, tmp_path):
+    from trainers.loop import train
+
+    path, bad = damaged
+    with pytest.raises(CorruptCacheError, match=bad) as exc:
+        train(_cfg(path, student_config, tmp_path / "o"))
+    assert "--skip-bad-shards" in str(exc.value)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_skip_bad_shards_trains_on_the_rest_and_says_so(damaged, text_cache, student_config, tmp_path, caplog):
+    import pyarrow.parquet as pq
+
+    from trainers.loop import train
+
+    path, bad = damaged
+    in_bad = set(pq.read_table(Path(text_cache) / bad, columns=["seq_id"]).column(0).to_pylist())
+    out = tmp_path / "o"
+    with caplog.at_level(logging.WARNING, logger="trainers.loop"):
+        train(_cfg(path, student_config, out, skip_bad_shards=True, max_steps=12))
+    assert any(bad in r.getMessage() and "skipping" in r.getMessage() for r in caplog.records)
+    seen = {s for row in (out / "data-rank0.jsonl").read_text().splitlines() for s in json.loads(row)["seq_ids"]}
+    total = len(logitstore.open(text_cache))
+    assert seen and not seen & in_bad
+    assert len(seen) == total - len(in_bad)  # 12 steps x 4 cover one epoch of the sound shards exactly once
+
+
+def test_a_training_run_killed_with_sigkill_resumes_to_the_same_weights(text_cache, student_config, tmp_path):
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "logitstore.cli", "train", str(text_cache), "--student", str(student_config),
+            "--loss", "reverse_kl", "--max-steps", "10", "--save-every", "2", "--keep-checkpoints", "10",
+            "--batch-size", "4", "--max-length", "48", "--quiet"]
+    ref = tmp_path / "uninterrupted"
+    subprocess.run(args + ["-o", str(ref)], check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["-o", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step-0000004").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists()  # killed before the end
+    r = subprocess.run(args + ["-o", str(out), "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
