@@ -159,6 +159,10 @@ def _jsonl_records(p: Path, fmt: str) -> Iterator[tuple[int, str, Any]]:
                     yield i, loc, BadRecordError(f"{loc}: the line is not valid JSON ({exc.msg} at column "
                                                  f"{exc.colno}); jsonl input holds one JSON object per line",
                                                  location=loc, reason="invalid_json")
+                except (RecursionError, ValueError) as exc:  # nested too deeply; an integer of > 4300 digits
+                    yield i, loc, BadRecordError(f"{loc}: the line cannot be decoded as JSON ({_json_limit(exc)}); "
+                                                 "jsonl input holds one JSON object per line",
+                                                 location=loc, reason="invalid_json")
     except (OSError, EOFError, zstandard.ZstdError) as exc:
         raise DataFormatError(f"{p}: cannot read the {fmt} stream after line {i + 1}: {exc}") from exc
 
@@ -172,12 +176,21 @@ def _json_records(p: Path) -> Iterator[tuple[int, str, Any]]:
     except json.JSONDecodeError as exc:
         raise DataFormatError(f"{p.name}:{exc.lineno}:{exc.colno}: the file is not valid JSON ({exc.msg}); a .json "
                               "input is one JSON document (name a file with one record per line .jsonl)") from exc
+    except (RecursionError, ValueError) as exc:
+        raise DataFormatError(f"{p.name}: the file cannot be decoded as JSON ({_json_limit(exc)})") from exc
     records = doc.get("data") if isinstance(doc, dict) else doc
     if not isinstance(records, list):
         what = "an object without a 'data' list" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
         raise DataFormatError(f'{p} holds {what}; a .json input must be a list of records or {{"data": [...]}}')
     for i, rec in enumerate(records):
         yield i, f"{p.name}[{i}]", rec
+
+
+def _json_limit(exc: BaseException) -> str:
+    """A JSON document past one of the decoder's limits, in words."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(exc).split()).split(";")[0]
 
 
 def _parquet_records(p: Path) -> Iterator[tuple[int, str, Any]]:
@@ -317,7 +330,18 @@ def _string(raw: dict, name: str, loc: str, kind: str) -> str:
     if not isinstance(raw[name], str):
         raise _bad(loc, "wrong_type", f"must be a string, got {type(raw[name]).__name__} ({raw[name]!r:.60}); "
                    f"a {kind} record is tokenised from text", name)
-    return raw[name]
+    return _unicode(raw[name], loc, name)
+
+
+def _unicode(text: str, loc: str, field: str, what: str = "") -> str:
+    """``text`` if it is valid Unicode; a lone surrogate (JSON ``"\\ud800"``), which no tokenizer takes, is a bad
+    record (reason ``invalid_utf8``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad(loc, "invalid_utf8", f"{what}holds {text[exc.start]!r} at character {exc.start + 1}, a lone "
+                   "surrogate that is not valid Unicode text", field) from None
+    return text
 
 
 def _example(record: int, loc: str, raw: Any, enc: _Encoder, fields: Fields) -> Example:
@@ -376,6 +400,7 @@ def clean_messages(messages: Any, loc: str, field: str) -> list[dict]:
                        f"{m!r:.60}", field)
         if m["role"] not in ROLES:
             raise _bad(loc, "unknown_role", f"message {j} has role {m['role']!r}; allowed roles: {ROLES}", field)
+        _unicode(m["content"], loc, field, f"message {j} ")
         clean.append({k: v for k, v in m.items() if v is not None})
     return clean
 

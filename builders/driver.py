@@ -28,7 +28,7 @@ from builders.data import Example, Fields, SkipReport, data_fingerprint, load_ex
 from builders.generate import GenerationConfig, load_prompts, sampled_examples
 from logitstore.codec import Codec
 from logitstore.errors import InvalidInputError
-from logitstore.manifest import load_manifest
+from logitstore.lock import check_unlocked
 from logitstore.rules import Rule
 from logitstore.writer import default_seq_id
 
@@ -124,6 +124,7 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
     if config.token_budget < 2:
         raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
     data_fp = data_fingerprint(data)  # also: a missing data path fails here, before the teacher loads
+    check_unlocked(out)  # a build already writing ``out`` is named now, not after loading the teacher
     backend = get_backend(config.backend)(teacher, **config.backend_options)
     report = SkipReport()
     build_args = {
@@ -135,22 +136,9 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
         "generation": dataclasses.asdict(config.generation) if config.generation else None,
     }
     gen = torch.Generator().manual_seed(config.seed)
-    created = not out.exists()  # a failed first build that committed nothing leaves nothing behind
-    try:
-        return _run(backend, data, out, config, build_args, report, gen, resume, progress)
-    except BaseException:
-        if created and out.is_dir() and not _committed_shards(out):
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def _committed_shards(out: Path) -> int:
-    try:
-        return len(load_manifest(out).shards)
-    except logitstore.LogitstoreError:
-        return 0
+    # a failed first build that committed nothing leaves nothing behind: the writer removes the directory it
+    # created, under its lock (so never the directory of another build that started meanwhile)
+    return _run(backend, data, out, config, build_args, report, gen, resume, progress)
 
 
 def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, report: SkipReport, gen,
@@ -164,8 +152,23 @@ def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, 
         resume=resume, resume_build_keys=RESUME_BUILD_KEYS,
     ) as writer:
         items = _items(backend, data, config, report, writer, out if resume else None)
+        # Duplicates (records with the same tokens: the same seq_id) are counted over the whole pass over the
+        # data, and never scored twice; a resume passes over all of it again, so the count does not depend on
+        # where a crash happened. (In generation mode a resume does not resample prompts whose samples are all
+        # committed, so duplicates among those are not recounted; samples carry their index in the seq_id, so
+        # such duplicates need two records with the same prompt and the same sampled answer.)
+        seen: set[str] = set()
+        duplicates = 0
         for window in _windows(items, config.window):
-            todo = [it for it in window if it.seq_id not in writer.committed_ids]
+            todo = []
+            for it in window:
+                sid = it.seq_id
+                if sid in seen:
+                    duplicates += 1
+                    continue
+                seen.add(sid)
+                if sid not in writer.committed_ids:
+                    todo.append(it)
             for batch in batches(todo, config.token_budget):
                 pos_mask = [positions_of(it.ex, config.cache_prompt) for it in batch]
                 scored = backend.score([it.ex.input_ids for it in batch], [p for p, _ in pos_mask], config.rule, gen)
@@ -179,6 +182,7 @@ def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, 
                 if bar is not None:
                     bar.update(sum(len(p) for p, _ in pos_mask))
                     bar.set_postfix(seqs=done_seqs, refresh=False)
+        writer.manifest.duplicates_skipped = duplicates
         writer.manifest.build["skipped"] = report.to_dict()
         writer.manifest.build["elapsed_s"] = round(time.time() - t0, 1)
     if bar is not None:

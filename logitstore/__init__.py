@@ -11,7 +11,9 @@ __version__ = "0.1.0"
 from logitstore.codec import Codec  # noqa: E402
 from logitstore.errors import (  # noqa: E402
     CacheExistsError,
+    CacheLockedError,
     CacheNotFoundError,
+    CacheWriteError,
     CorruptCacheError,
     FormatVersionError,
     InvalidInputError,
@@ -23,7 +25,8 @@ from logitstore.rules import MassTopK, Sampled, TopK, sparsify  # noqa: E402
 from logitstore.writer import CacheWriter, sequence_id  # noqa: E402
 
 __all__ = [
-    "FORMAT_VERSION", "Block", "Cache", "CacheExistsError", "CacheNotFoundError", "CacheWriter", "Codec",
+    "FORMAT_VERSION", "Block", "Cache", "CacheExistsError", "CacheLockedError", "CacheNotFoundError",
+    "CacheWriteError", "CacheWriter", "Codec",
     "CorruptCacheError", "FormatVersionError", "InvalidInputError", "LogitstoreError", "MassTopK", "Sampled",
     "Sequence", "TopK", "open", "sequence_id", "sparsify",
 ]

@@ -28,3 +28,11 @@ class InvalidInputError(LogitstoreError, ValueError):
 
 class CacheExistsError(LogitstoreError, FileExistsError):
     """A writer was pointed at a directory that already holds a cache."""
+
+
+class CacheLockedError(LogitstoreError, RuntimeError):
+    """Another writer holds the cache's build lock (a live process, or a process on another host)."""
+
+
+class CacheWriteError(LogitstoreError, OSError):
+    """Writing the cache failed (disk full, I/O error); the cache stays at its last committed manifest."""

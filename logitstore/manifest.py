@@ -71,6 +71,15 @@ class Manifest:
     def bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    def totals_problem(self) -> str | None:
+        """What is wrong with the stored ``totals`` (derived from the shard list, so a shard entry dropped or
+        edited alone shows here), or None."""
+        stored = getattr(self, "stored_totals", None)
+        derived = {k: v for k, v in self.to_dict()["totals"].items() if k != "bytes"}  # sizes: checked per shard
+        if stored is None or (isinstance(stored, dict) and {k: stored.get(k) for k in derived} == derived):
+            return None
+        return f"'totals' {stored!r:.200} disagree with the shard list (the manifest was edited or damaged)"
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["totals"] = {
@@ -93,11 +102,11 @@ class Manifest:
                 f"(reads {', '.join(map(str, READABLE_VERSIONS))}); "
                 + ("upgrade logitstore" if isinstance(version, int) and version > FORMAT_VERSION else "rebuild the cache")
             )
+        totals = d.get("totals")
         d = {k: v for k, v in d.items() if k != "totals"}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
-        missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING} - set(d)
+        missing = names - set(d)  # the writer writes every key: a missing one (say "shards") is damage
         if unknown or missing:
             raise CorruptCacheError(f"{where}: unknown keys {sorted(unknown)} / missing keys {sorted(missing)}")
         try:
@@ -105,11 +114,64 @@ class Manifest:
             m = cls(**d)
         except TypeError as exc:
             raise CorruptCacheError(f"{where}: malformed shard entry: {exc}") from exc
-        for s in m.shards:
-            p = PurePosixPath(s.file)
-            if p.is_absolute() or ".." in p.parts:
-                raise CorruptCacheError(f"{where}: shard path {s.file!r} points outside the cache directory")
+        _check_types(m, where)
+        m.stored_totals = totals  # checked by readers (``totals_problem``); verify reports it with the rest
+        paths = [("shard", s.file) for s in m.shards] + ([("id_map", m.id_map["file"])] if m.id_map else [])
+        for what, file in paths:
+            if not _inside(file):
+                raise CorruptCacheError(f"{where}: {what} path {file!r} points outside the cache directory")
         return m
+
+
+def _is_int(x: object, lo: int = 0, hi: int = 2**63 - 1) -> bool:
+    return type(x) is int and lo <= x <= hi
+
+
+def _check_types(m: "Manifest", where: str) -> None:
+    """Every value a reader computes with has its type and range (an edited manifest fails here, by name)."""
+    from logitstore.codec import Codec
+    from logitstore.errors import LogitstoreError
+    from logitstore.rules import rule_from_dict
+
+    def bad(key: str, value: object, want: str) -> CorruptCacheError:
+        return CorruptCacheError(f"{where}: {key} is {value!r:.80}, expected {want}")
+
+    if not _is_int(m.vocab_size, 1, 2**31 - 1):
+        raise bad("vocab_size", m.vocab_size, "an integer in [1, 2**31)")
+    for key in ("rule", "codec", "teacher", "tokenizer", "exactness", "build"):
+        if not isinstance(getattr(m, key), dict):
+            raise bad(key, getattr(m, key), "a JSON object")
+    try:
+        rule_from_dict(m.rule)
+        Codec.from_dict(m.codec)
+    except (LogitstoreError, TypeError, ValueError, KeyError) as exc:
+        raise CorruptCacheError(f"{where}: rule {m.rule!r:.80} / codec {m.codec!r:.120} is malformed ({exc})") from exc
+    if type(m.complete) is not bool:
+        raise bad("complete", m.complete, "true or false")
+    if not _is_int(m.duplicates_skipped):
+        raise bad("duplicates_skipped", m.duplicates_skipped, "a non-negative integer")
+    if type(m.temperature) not in (int, float):
+        raise bad("temperature", m.temperature, "a number")
+    if m.id_map is not None and not (isinstance(m.id_map, dict) and isinstance(m.id_map.get("file"), str)
+                                     and isinstance(m.id_map.get("sha256"), str)):
+        raise bad("id_map", m.id_map, 'null or {"file", "sha256", "size"}')
+    for i, s in enumerate(m.shards):
+        for key in ("sequences", "positions", "targets", "entries", "bytes"):
+            if not _is_int(getattr(s, key)):
+                raise bad(f"shards[{i}].{key}", getattr(s, key), "a non-negative integer")
+        if not isinstance(s.sha256, str) or len(s.sha256) != 64:
+            raise bad(f"shards[{i}].sha256", s.sha256, "64 hex digits")
+        if not isinstance(s.file, str):
+            raise bad(f"shards[{i}].file", s.file, "a relative path")
+
+
+def _inside(file: object) -> bool:
+    """A relative POSIX path that stays inside the cache directory (no absolute path, no '..', no backslash
+    or drive that another platform would read as one)."""
+    if not isinstance(file, str) or not file or "\\" in file or "\x00" in file:
+        return False
+    p = PurePosixPath(file)
+    return not p.is_absolute() and ".." not in p.parts and ":" not in p.parts[0]
 
 
 def now() -> str:
@@ -132,11 +194,15 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a fsynced temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, I/O error: the old file stays, and no temporary file is left
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence as Seq
@@ -114,8 +115,10 @@ class Sequence:
 class Cache:
     """A cache on disk, read through its last committed manifest."""
 
-    def __init__(self, path):
-        """``path``: a cache directory, a selection file, or a ``Selection`` (opened on its cache)."""
+    def __init__(self, path, *, check_totals: bool = True):
+        """``path``: a cache directory, a selection file, or a ``Selection`` (opened on its cache).
+        ``check_totals=False`` (for ``verify``, which reports it) accepts a manifest whose totals disagree with
+        its shard list; a reader refuses it, since a dropped shard entry would make sequences vanish."""
         from logitstore.selection import Selection, check_fingerprint, is_selection_file, load_selection
 
         self.selection = None  # a Selection when opened through one
@@ -131,6 +134,8 @@ class Cache:
         else:
             self.path = Path(path)
             self.manifest = load_manifest(self.path)
+        if check_totals and self.manifest.totals_problem():
+            raise CorruptCacheError(f"{self.path / F.MANIFEST_NAME}: {self.manifest.totals_problem()}")
         self.codec = C.Codec.from_dict(self.manifest.codec)
         self.rule = rule_from_dict(self.manifest.rule)
         self.k = self.rule.k
@@ -183,13 +188,27 @@ class Cache:
     def _file(self, shard: int) -> pq.ParquetFile:
         f = self._files.get(shard)
         if f is None:
-            path = self.shard_paths[shard]
+            path, info = self.shard_paths[shard], self.manifest.shards[shard]
             try:
+                size = path.stat().st_size
                 f = pq.ParquetFile(path, page_checksum_verification=True)
-            except _READ_ERRORS as exc:
-                raise CorruptCacheError(f"{path}: cannot open shard ({exc})") from exc
+                meta = json.loads(f.schema_arrow.metadata[F.PARQUET_META_KEY])
+            except _READ_ERRORS + (KeyError, TypeError) as exc:  # no logitstore metadata: not our shard
+                raise CorruptCacheError(f"{path}: cannot open shard ({type(exc).__name__}: {exc})") from exc
+            if size != info.bytes:  # the footer has no checksum: a truncated or rewritten file is refused
+                raise CorruptCacheError(f"{path}: {size} bytes, the manifest says {info.bytes} (truncated or "
+                                        "rewritten)")
             if f.schema_arrow.remove_metadata() != self.schema:
                 raise CorruptCacheError(f"{path}: schema does not match the manifest's rule and codec")
+            if f.metadata.num_rows != info.sequences:
+                raise CorruptCacheError(f"{path}: {f.metadata.num_rows} sequences, the manifest says {info.sequences}")
+            _check_layout(path, f.metadata, size)
+            want = {"format_version": self.manifest.format_version, "shard": shard,
+                    "vocab_size": self.manifest.vocab_size, "rule": self.manifest.rule, "codec": self.manifest.codec,
+                    "id_map_sha256": (self.manifest.id_map or {}).get("sha256")}
+            got = {k: meta.get(k) for k in want} if isinstance(meta, dict) else None
+            if got != want:  # an edited manifest (codec step, rule) or a shard of another cache: never misread
+                raise CorruptCacheError(f"{path}: its self-description {got} disagrees with the manifest ({want})")
             self._files[shard] = f
         return f
 
@@ -268,11 +287,15 @@ class Cache:
     def _read(self, shard: int, rg: int | None, columns: list[str] | None = None) -> pa.Table:
         """Row group ``rg`` of a shard (``None``: the whole shard), optionally only ``columns``."""
         f = self._file(shard)
+        where = "" if rg is None else f" row group {rg}"
         try:
-            return f.read(columns=columns) if rg is None else f.read_row_group(rg, columns=columns)
+            table = f.read(columns=columns) if rg is None else f.read_row_group(rg, columns=columns)
         except _READ_ERRORS as exc:
-            where = "" if rg is None else f" row group {rg}"
             raise CorruptCacheError(f"{self.shard_paths[shard]}:{where} cannot be read ({exc})") from exc
+        rows = f.metadata.num_rows if rg is None else f.metadata.row_group(rg).num_rows
+        if table.num_rows != rows:  # a damaged value count in the footer makes pyarrow return fewer rows
+            raise CorruptCacheError(f"{self.shard_paths[shard]}:{where} read {table.num_rows} rows of {rows}")
+        return table
 
     def decode(self, table: pa.Table) -> Block:
         """A shard table (or a slice of one) -> a ``Block`` of decoded numpy arrays."""
@@ -313,6 +336,31 @@ class Cache:
             loss_mask=_flat(col("loss_mask"))[1], label_logprob=f32("label_logprob"), entropy=f32("entropy"),
             tail_mass=f32("tail_mass"), ids=ids, logprobs=lps, n_entries=n_ent, counts=counts,
         )
+
+
+def _check_layout(path: Path, md: pq.FileMetaData, size: int) -> None:
+    """The footer carries no checksum: refuse one whose row group sizes disagree with its total, or whose column
+    chunks overlap or leave the data area, which a damaged size or offset does (a row group counted empty
+    would be skipped, a chunk pointing at another chunk's pages would decode, CRCs and all, as the wrong rows)."""
+    if sum(md.row_group(r).num_rows for r in range(md.num_row_groups)) != md.num_rows:
+        raise CorruptCacheError(f"{path}: the footer's row group sizes do not add up to its {md.num_rows} rows")
+    spans = []
+    for r in range(md.num_row_groups):
+        rg = md.row_group(r)
+        for c in range(rg.num_columns):
+            cc = rg.column(c)
+            start = cc.data_page_offset
+            if cc.has_dictionary_page and cc.dictionary_page_offset is not None:
+                start = min(start, cc.dictionary_page_offset)
+            spans.append((start, start + cc.total_compressed_size))
+    spans.sort()
+    footer = size - 8 - md.serialized_size
+    prev = 4  # after the leading magic "PAR1"
+    for a, z in spans:
+        if a < prev or z > footer or z <= a:
+            raise CorruptCacheError(f"{path}: the footer's column chunk offsets are damaged (a chunk at bytes "
+                                    f"{a}..{z} overlaps another or leaves the data area)")
+        prev = z
 
 
 def _flat(a: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
 """``verify``: check every shard of a cache against its manifest and the spec.
 
-Checks, naming the file and the problem for each failure: the manifest parses
-and has a readable version; no stray or temporary files; the id map (ranked
+Checks, naming the file and the problem for each failure: the manifest parses,
+has a readable version, and totals that add up over its shard list; no stray or
+temporary files in ``shards/`` (the build lock outside it is not part of the cache); the id map (ranked
 ids) matches its checksum and is a permutation; every listed shard exists with
 the recorded size and sha256, has the schema and self-description the manifest
 implies, and the recorded sequence/position/entry counts; and every decoded
@@ -41,11 +42,13 @@ def verify(path: str | Path, *, deep: bool = True, progress: Callable[[int, int]
     """Return the problems found (an empty list means the cache is sound)."""
     path = Path(path)
     try:
-        cache = Cache(path)
+        cache = Cache(path, check_totals=False)
     except LogitstoreError as exc:
         return [Problem(F.MANIFEST_NAME, str(exc))]
     m = cache.manifest
     problems: list[Problem] = []
+    if m.totals_problem():
+        problems.append(Problem(F.MANIFEST_NAME, m.totals_problem()))
     listed = {s.file for s in m.shards}
     shard_dir = path / F.SHARD_DIR
     if shard_dir.is_dir():

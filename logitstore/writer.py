@@ -7,6 +7,13 @@ rewritten atomically to list it. A crash therefore loses at most the shard in
 progress and never exposes a half-written one; ``resume=True`` reopens a cache,
 drops anything the manifest does not list, and continues after the last
 committed shard (``committed_ids`` tells a builder what to skip).
+
+A writer holds the cache's build lock (``logitstore.lock``) from ``open`` to
+``close``/``abort``, so a second writer is refused with ``CacheLockedError``
+naming the holder, and the lock of a killed writer is taken over. An I/O error
+(disk full) raises ``CacheWriteError`` and leaves the last committed manifest in
+place: the cache stays readable and resumable. A writer that created the
+directory and fails before its first commit removes it again.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import pyarrow.parquet as pq
 
 from logitstore import codec as C
 from logitstore import format as F
-from logitstore.errors import CacheExistsError, InvalidInputError
+from logitstore.errors import CacheExistsError, CacheWriteError, InvalidInputError, LogitstoreError
+from logitstore.lock import LOCK_NAME, BuildLock
 from logitstore.manifest import EXACTNESS_WORDS, Manifest, ShardInfo, atomic_write_bytes, fsync_dir, load_manifest, now, save_manifest
 from logitstore.rules import Rule, Sampled
 
@@ -123,6 +131,8 @@ class CacheWriter:
         self._shard_tmp: Path | None = None
         self._shard_stats = [0, 0, 0, 0]  # sequences, positions, targets, entries
         self._code_of: np.ndarray | None = None  # token id -> code (ranked ids)
+        self._lock: BuildLock | None = None
+        self._created = False  # this writer created the directory (removed again if nothing gets committed)
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> "CacheWriter":
@@ -136,12 +146,32 @@ class CacheWriter:
             self.abort()
 
     def open(self) -> None:
+        if not (self.path / F.MANIFEST_NAME).is_file() and self.path.exists() and \
+                any(p.name not in (F.SHARD_DIR, LOCK_NAME) for p in self.path.iterdir()):
+            raise CacheExistsError(f"{self.path} exists, is not empty and is not a cache; choose a new output path")
+        self._created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = BuildLock(self.path)
+        try:
+            self._lock.acquire()  # before looking at the manifest: a build in progress is reported as such
+        except BaseException:
+            self._lock = None
+            if self._created:
+                _rmdir_quietly(self.path)
+            raise
+        try:
+            self._open_locked()
+        except BaseException as exc:
+            self._release(remove_created=True)
+            if _is_io_error(exc):
+                raise self._write_error(exc, "opening the cache") from exc
+            raise
+
+    def _open_locked(self) -> None:
         shard_dir = self.path / F.SHARD_DIR
         has_manifest = (self.path / F.MANIFEST_NAME).is_file()
         if has_manifest and not self.resume:
             raise CacheExistsError(f"{self.path} already holds a cache; pass resume=True (--resume) to continue it")
-        if not has_manifest and self.path.exists() and any(p.name != F.SHARD_DIR for p in self.path.iterdir()):
-            raise CacheExistsError(f"{self.path} exists, is not empty and is not a cache; choose a new output path")
         shard_dir.mkdir(parents=True, exist_ok=True)
         if has_manifest:
             self.manifest = load_manifest(self.path)
@@ -169,24 +199,64 @@ class CacheWriter:
         save_manifest(self.path, self.manifest)
 
     def close(self) -> Manifest:
-        """Write what is buffered, commit the last shard and mark the cache complete."""
-        self._flush()
-        self._commit_shard()
-        self.manifest.complete = True
-        save_manifest(self.path, self.manifest)
+        """Write what is buffered, commit the last shard, mark the cache complete and release the lock."""
+        try:
+            self._flush()
+            self._commit_shard()
+            self.manifest.complete = True
+            save_manifest(self.path, self.manifest)
+        except BaseException as exc:
+            self.abort()
+            if _is_io_error(exc):
+                raise self._write_error(exc, "closing the cache") from exc
+            raise
+        self._release(remove_created=False)
         return self.manifest
 
     def abort(self) -> None:
-        """Drop the shard in progress; the cache stays at its last commit (resumable)."""
+        """Drop the shard in progress and release the lock; the cache stays at its last commit (resumable).
+        A cache directory this writer created and committed nothing to is removed."""
         if self._pq is not None:
             try:
                 self._pq.close()
+            except (OSError, pa.ArrowException) as exc:  # the shard is dropped anyway; the first error is raised
+                logger.warning("closing the interrupted shard %s failed: %s", self._shard_tmp, exc)
             finally:
                 self._pq = None
         if self._shard_tmp is not None:
             self._shard_tmp.unlink(missing_ok=True)
             self._shard_tmp = None
         self._buf, self._buf_positions = [], 0
+        self._release(remove_created=True)
+
+    def _release(self, *, remove_created: bool) -> None:
+        """Release the build lock; first remove the directory if this writer created it and committed nothing."""
+        if self._lock is None:
+            return
+        empty = self._created and not (self.manifest and self.manifest.shards)
+        if remove_created and empty:
+            for name in (F.MANIFEST_NAME, f".{F.MANIFEST_NAME}.tmp", F.ID_MAP_NAME, f".{F.ID_MAP_NAME}.tmp"):
+                (self.path / name).unlink(missing_ok=True)
+            shard_dir = self.path / F.SHARD_DIR
+            if shard_dir.is_dir():
+                for p in shard_dir.iterdir():
+                    p.unlink(missing_ok=True)
+                _rmdir_quietly(shard_dir)
+        self._lock.release()
+        self._lock = None
+        if remove_created and empty:
+            _rmdir_quietly(self.path)
+
+    def _write_error(self, exc: OSError, doing: str) -> CacheWriteError:
+        what = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename else ""
+        m = self.manifest
+        state = (f"the cache is at its last commit ({len(m.shards)} shards, {m.sequences} sequences) and resumable: "
+                 "fix the cause (e.g. free disk space) and rerun with resume=True (--resume)") \
+            if m is not None and m.shards else "nothing was committed"
+        err = CacheWriteError(f"{self.path}: {doing} failed: {what}{where}; {state}")
+        err.errno = exc.errno
+        return err
 
     def _check_resume_compatible(self, old: Manifest) -> None:
         new = self._new_manifest
@@ -338,7 +408,12 @@ class CacheWriter:
         self._seen.add(sid)
         self._buf_positions += N
         if self._buf_positions >= self.row_group_positions:
-            self._flush()
+            try:
+                self._flush()
+            except OSError as exc:
+                if _is_io_error(exc):
+                    raise self._write_error(exc, "writing a shard") from exc
+                raise
         return True
 
     # ------------------------------------------------------------ writing
@@ -433,7 +508,7 @@ class CacheWriter:
             return
         self._pq.close()
         self._pq = None
-        tmp, self._shard_tmp = self._shard_tmp, None
+        tmp = self._shard_tmp  # until renamed, a failure leaves it to abort() to delete
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         final = tmp.with_name(tmp.name[1:-len(".tmp")])
@@ -441,12 +516,29 @@ class CacheWriter:
                          positions=self._shard_stats[1], targets=self._shard_stats[2], entries=self._shard_stats[3],
                          bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
         os.replace(tmp, final)
-        fsync_dir(final.parent)
+        self._shard_tmp = None
         self.manifest.shards.append(info)
-        save_manifest(self.path, self.manifest)
+        try:
+            fsync_dir(final.parent)
+            save_manifest(self.path, self.manifest)
+        except BaseException:
+            self._uncommit(info, final)
+            raise
         self._shard_stats = [0, 0, 0, 0]
         logger.info("committed %s (%d sequences, %d positions, %d bytes)", info.file, info.sequences,
                     info.positions, info.bytes)
+
+    def _uncommit(self, info: ShardInfo, final: Path) -> None:
+        """After a failed manifest write: forget the shard, and delete its file unless the manifest on disk
+        lists it (the rename can have happened before the failure), so no unlisted shard is left behind."""
+        try:
+            listed = info.file in {s.file for s in load_manifest(self.path).shards}
+        except (OSError, LogitstoreError):
+            listed = False
+        if listed:
+            return
+        self.manifest.shards.pop()
+        final.unlink(missing_ok=True)
 
     def _write_id_map(self, sample_ids: np.ndarray) -> None:
         id_map = C.build_id_map(sample_ids, self.vocab_size)
@@ -482,6 +574,18 @@ def _leaf(t: pa.DataType) -> tuple[pa.DataType, int]:
     while pa.types.is_list(t):
         t, d = t.value_type, d + 1
     return t, d
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    """An OS-level failure (disk full, I/O error), not one of logitstore's own errors that subclass OSError."""
+    return isinstance(exc, OSError) and not isinstance(exc, LogitstoreError)
+
+
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:  # not empty (another writer's lock appeared meanwhile) or already gone: leave it
+        pass
 
 
 def _version() -> str:

@@ -128,11 +128,17 @@ def test_edited_manifest_counts(cache, key, word):
     info[key] = "0" * 64 if key == "sha256" else info[key] + 1
     write_manifest(cache.path, m)
     problems = verify(cache.path)
-    assert _files(problems) == {SHARD1}
-    assert word in problems[0].message
+    in_totals = key not in ("sha256", "bytes")  # the manifest's derived counts no longer add up either
+    assert _files(problems) == ({SHARD1, "manifest.json"} if in_totals else {SHARD1})
+    shard_problems = [p for p in problems if p.file == SHARD1]
+    assert len(shard_problems) == 1 and word in shard_problems[0].message
     if key in ("positions", "entries", "targets"):
         assert "manifest says " + "/".join(str(info[k]) for k in ("positions", "entries", "targets")) \
-            in problems[0].message
+            in shard_problems[0].message
+    if in_totals:  # the reader refuses the edited manifest outright
+        assert any("totals" in p.message for p in problems if p.file == "manifest.json")
+        with pytest.raises(CorruptCacheError, match="totals"):
+            logitstore.open(cache.path)
 
 
 def test_truncated_manifest(cache):
@@ -160,8 +166,24 @@ def test_unknown_format_version_is_refused(cache, version, advice):
 @pytest.mark.parametrize("edit,word", [
     (lambda m: m.update(format="parquet"), "format"),
     (lambda m: m["shards"][0].update(file="../elsewhere.parquet"), "outside"),
+    # paths that leave the cache directory, however spelled, and for the id map too
+    (lambda m: m["shards"][0].update(file="/etc/passwd"), "outside"),
+    (lambda m: m["shards"][1].update(file="shards/../../elsewhere.parquet"), "outside"),
+    (lambda m: m["shards"][1].update(file="shards\\..\\..\\elsewhere.parquet"), "outside"),
+    (lambda m: m["shards"][1].update(file="C:/elsewhere.parquet"), "outside"),
+    (lambda m: m["id_map"].update(file="/etc/passwd"), "outside"),
+    (lambda m: m["id_map"].update(file="../id_map.parquet"), "outside"),
     (lambda m: m.update(surprise=1), "unknown keys"),
     (lambda m: m.pop("vocab_size"), "missing keys"),
+    (lambda m: m.pop("shards"), "missing keys"),  # would otherwise read as an empty cache
+    # values of the wrong type or out of range, by name
+    (lambda m: m.update(vocab_size=-1), "vocab_size"),
+    (lambda m: m["shards"][0].update(sequences="3"), "sequences"),
+    (lambda m: m["shards"][0].update(sha256=None), "sha256"),
+    (lambda m: m["codec"].update(values="zip"), "codec"),
+    (lambda m: m["rule"].update(k="many"), "rule"),
+    (lambda m: m.update(shards={"a": 1}), "shard"),
+    (lambda m: m.update(complete="yes"), "complete"),
 ])
 def test_malformed_manifest(cache, edit, word):
     m = read_manifest(cache.path)
@@ -170,6 +192,42 @@ def test_malformed_manifest(cache, edit, word):
     with pytest.raises(CorruptCacheError, match=word):
         logitstore.open(cache.path)
     assert [p.file for p in verify(cache.path)] == ["manifest.json"]
+
+
+def test_a_shard_entry_dropped_from_the_manifest(cache):
+    """Without its entry a shard would silently vanish from the cache: the totals, derived from the shard list,
+    no longer add up, so the reader refuses the manifest and verify names it (and the unlisted file)."""
+    m = read_manifest(cache.path)
+    del m["shards"][1]
+    write_manifest(cache.path, m)
+    with pytest.raises(CorruptCacheError, match="totals"):
+        logitstore.open(cache.path)
+    problems = verify(cache.path)
+    # and the next shard, now listed at index 1, says it is shard 2
+    assert _files(problems) == {"manifest.json", SHARD1, "shards/shard-000002.parquet"}
+    assert any("totals" in p.message for p in problems) and any("stray" in p.message for p in problems)
+
+
+def test_an_edited_codec_is_never_decoded_with_the_wrong_step(cache):
+    """Each shard describes its own codec: a manifest whose logprob_step (consistently everywhere in it) was
+    edited would decode every logprob wrongly; the reader compares and refuses."""
+    m = read_manifest(cache.path)
+    m["codec"]["logprob_step"] = 0.05
+    write_manifest(cache.path, m)
+    c = logitstore.open(cache.path)
+    with pytest.raises(CorruptCacheError, match="self-description"):
+        list(c)
+    assert _files(verify(cache.path)) == {f"shards/shard-{i:06d}.parquet" for i in range(len(m["shards"]))}
+
+
+def test_a_shard_of_the_right_size_in_the_wrong_place(cache):
+    """Two shard entries swapped in the manifest (every count, size and checksum still right): each shard knows
+    its index, so the manifest's order, the order of reading, is checked."""
+    m = read_manifest(cache.path)
+    m["shards"][0], m["shards"][1] = m["shards"][1], m["shards"][0]
+    write_manifest(cache.path, m)
+    with pytest.raises(CorruptCacheError, match="self-description"):
+        list(logitstore.open(cache.path))
 
 
 def test_id_map_damage(cache):
