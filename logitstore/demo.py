@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     _say(f"    logitstore select {problems} --where \"correct\" -o correct.selection.json   # verified SFT data")
     _say(f"    logitstore train {out / 'train.selection.json'} --student {out / 'students' / 'small.json'} "
          "--loss reverse_kl --max-steps 300 -o my-student")
-    _say(f"    logitstore score {text} --student {out / 'students' / 'student-small-fkl'} -o scores   "
+    _say(f"    logitstore score {text} {out / 'students' / 'student-small-fkl'} -o scores   "
          "# per-token student entropy, KL: TIP-style token selection")
     _say(f"\ndone in {time.perf_counter() - t0:.0f} s")
     return 0

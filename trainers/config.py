@@ -161,7 +161,7 @@ class TrainConfig:
 
 #: Options that may differ between a run and its resumption (they do not shape the trajectory).
 RESUMABLE_CHANGES = ("output", "max_steps", "resume", "quiet", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "eval", "eval_sequences", "num_workers", "epochs", "device", "trace_data", "skip_verify")
+                     "eval", "eval_sequences", "device", "trace_data", "skip_verify")
 
 
 def add_arguments(p: argparse.ArgumentParser, *, positional_optional: bool = False) -> None:

@@ -90,7 +90,8 @@ def check_cache(cache, *, skip_bad: bool, what: str = "CACHE") -> list[str] | No
     if fatal or not skip_bad or len(bad) == len(listed):
         hint = "" if fatal else " (or pass --skip-bad-shards to train on the sound shards)"
         raise CorruptCacheError(f"{what} {cache.path} is damaged, refusing to train: {text}; run `logitstore verify "
-                                f"{cache.path}` for the full list, and rebuild with `logitstore build --resume`{hint}")
+                                f"{cache.path}` for the full list; restore the damaged shards from a copy or rebuild the cache "
+                                f"into a new directory{hint}")
     logger.warning("skipping %d damaged shard(s) of %s: %s", len(bad), cache.path, text)
     keep = set()
     for i in range(len(listed)):
@@ -216,9 +217,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.output)
     cache = logitstore.open(cfg.cache)
     manifest = cache.manifest
-    only = None if cfg.skip_verify else check_cache(cache, skip_bad=cfg.skip_bad_shards)
-    if cfg.eval and not cfg.skip_verify:
-        check_cache(logitstore.open(cfg.eval), skip_bad=False, what="--eval")
+    rule = manifest.rule["rule"]
+    if cfg.resolved_tail(rule) == "sampled" and rule != "sample":
+        raise InvalidInputError(f"--tail sampled needs a sampled cache (built with --sample N); {cfg.cache} has "
+                                f"rule {rule!r}: use --tail other or renormalize")
+    only = None
+    if not cfg.skip_verify:  # rank 0 reads every shard once; the others take its answer
+        if rank == 0:
+            only = check_cache(cache, skip_bad=cfg.skip_bad_shards)
+            if cfg.eval:
+                check_cache(logitstore.open(cfg.eval), skip_bad=False, what="--eval")
+        if world > 1:
+            box = [only]
+            dist.broadcast_object_list(box, src=0)
+            only = box[0]
     train_src, eval_src = _sources(cfg, cache, only)
     if only is not None:
         logger.warning("training on %d of %d sequences (damaged shards left out)", len(only), len(cache))
@@ -237,12 +249,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if world > 1:
         body = torch.nn.parallel.DistributedDataParallel(body, device_ids=[device.index] if device.type == "cuda"
                                                          else None)
-    rule = manifest.rule["rule"]
-    objective = Objective(cfg.loss, tail=cfg.resolved_tail(rule), temperature=cfg.temperature,
-                          ce_weight=cfg.ce_weight, beta=cfg.beta, alpha=cfg.alpha, taid_start=cfg.taid_start,
-                          taid_end=cfg.taid_end, total_steps=cfg.max_steps)
-    opt = _optimizer(student.model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     score_cols = [cfg.keep_by.split(":", 1)[1]] if cfg.keep_by.startswith("score:") and cfg.keep_fraction < 1 else []
     loader = StreamingLoader(train_src, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed,
                              buffer_size=cfg.shuffle_buffer, num_workers=cfg.num_workers, pack=cfg.pack,
@@ -251,6 +257,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.epochs:
         per_epoch = sum(len(loader.epoch_plan(0, worker=w)) for w in range(max(1, cfg.num_workers)))
         max_steps = min(max_steps, max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)))
+    # the schedule and TAID's t run over the steps this run will take
+    objective = Objective(cfg.loss, tail=cfg.resolved_tail(rule), temperature=cfg.temperature,
+                          ce_weight=cfg.ce_weight, beta=cfg.beta, alpha=cfg.alpha, taid_start=cfg.taid_start,
+                          taid_end=cfg.taid_end, total_steps=max_steps)
+    opt = _optimizer(student.model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.replace(max_steps=max_steps)))
     start = 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])

@@ -4,9 +4,11 @@ A student is a local transformers model directory, or a ``config.json`` from whi
 fresh model is initialised (seeded). Before any training the student is checked
 against the cache it will learn from:
 
-- tokenizer: the student's tokenizer (its own directory's, else ``--tokenizer``, else
-  the cache's tokenizer where that is a local directory) must have the fingerprint the
-  cache's manifest records; otherwise cached token ids would mean other tokens;
+- tokenizer: the student's tokenizer (``--tokenizer`` when given, else its own
+  directory's; for a fresh ``config.json`` student without one, the cache's tokenizer
+  where that is a local directory) must have the fingerprint the cache's manifest
+  records, otherwise cached token ids would mean other tokens; a model directory with no
+  tokenizer files and no ``--tokenizer`` is refused;
 - vocabulary: every token id in the cache (inputs and teacher entries) must fit the
   student's embedding and LM head. A student whose matrices are padded differently
   from the teacher's (Qwen2.5's 151,936 rows against 152,064) is accepted when the ids
@@ -110,7 +112,7 @@ def load_student(spec: str, *, manifest, tokenizer: str = "", seed: int = 0) -> 
     candidates = [Path(tokenizer)] if tokenizer else []
     candidates.append(path.parent if fresh else path)
     cache_tok = (manifest.tokenizer or {}).get("name", "")
-    if cache_tok and Path(cache_tok).is_dir():
+    if fresh and cache_tok and Path(cache_tok).is_dir():  # a fresh student has no tokenizer of its own
         candidates.append(Path(cache_tok))
     tok, tok_dir = None, None
     for d in candidates:

@@ -47,8 +47,11 @@ def load_sweep(path: str | Path, base: TrainConfig) -> list[tuple[str, TrainConf
         if p.suffix == ".json":
             d = json.loads(text)
         else:
-            import tomllib
-
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise InvalidInputError(f"--sweep {p}: TOML sweep files need Python 3.11 or later; write it as "
+                                        ".json instead") from None
             d = tomllib.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InvalidInputError(f"--sweep {p}: cannot read ({exc})") from exc
