@@ -312,3 +312,15 @@ def test_loss_names_of_the_command_line_are_the_losses_module_s():
     from trainers import config, losses
 
     assert config.LOSSES == losses.LOSSES and config.TAILS == losses.TAILS
+
+
+def test_bf16_autocast_and_epochs_limit(text_cache, student_config, tmp_path):
+    """--dtype bf16 trains with finite losses; --epochs 1 stops after one epoch of this rank's batches."""
+    from trainers.loop import train
+
+    n = len(logitstore.open(text_cache))
+    out = tmp_path / "bf16"
+    s = train(cfg(text_cache, student_config, out, dtype="bf16", epochs=1, max_steps=1000, batch_size=8))
+    assert s["steps"] == -(-n // 8)  # ceil: one epoch of batches of 8
+    losses = [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines() if "loss" in r]
+    assert len(losses) == s["steps"] and all(np.isfinite(losses))
