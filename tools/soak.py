@@ -316,9 +316,9 @@ def read_everything(path) -> dict:
         cache = logitstore.open(path)
     except logitstore.LogitstoreError as exc:
         return {"open": exc}
-    for name, fn in (("iter", lambda: {s.seq_id: _values(s) for s in cache}),
+    for name, fn in (("iter", lambda: {s.seq_id: sequence_values(s) for s in cache}),
                      ("scalars", lambda: cache.scalars().to_pylist()),
-                     ("lookup", lambda: {sid: _values(cache[sid]) for sid in sorted(cache.index)[::7]})):
+                     ("lookup", lambda: {sid: sequence_values(cache[sid]) for sid in sorted(cache.index)[::7]})):
         try:
             out[name] = fn()
         except logitstore.LogitstoreError as exc:
@@ -326,7 +326,7 @@ def read_everything(path) -> dict:
     return out
 
 
-def _values(s) -> tuple:
+def sequence_values(s) -> tuple:
     arrays = (s.input_ids, s.pos, s.loss_mask, s.ids, s.logprobs, s.label_logprob, s.entropy, s.tail_mass,
               s.n_entries)
     return tuple(a.tolist() for a in arrays) + (s.record, s.n_tokens, s.mean_entropy, s.teacher_nll,

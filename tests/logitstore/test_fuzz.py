@@ -28,6 +28,7 @@ from logitstore import Codec, MassTopK
 from logitstore.errors import LogitstoreError
 from logitstore.verify import verify
 from tests.conftest import make_sequences, write_cache
+from tools.soak import sequence_values  # the one "every decoded value of a sequence" of the soak and the fuzz tests
 
 EXAMPLE_LIMIT_S = 20  # per example; a sound read of this cache takes ~20 ms
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -60,7 +61,7 @@ def read_everything(path) -> dict:
     except LogitstoreError as exc:
         return {"open": exc}
     try:
-        out["iter"] = {s.seq_id: _values(s) for s in cache}
+        out["iter"] = {s.seq_id: sequence_values(s) for s in cache}
     except LogitstoreError as exc:
         out["iter"] = exc
     try:
@@ -68,17 +69,10 @@ def read_everything(path) -> dict:
     except LogitstoreError as exc:
         out["scalars"] = exc
     try:
-        out["lookup"] = {sid: _values(cache[sid]) for sid in sorted(cache.index)[::3]}
+        out["lookup"] = {sid: sequence_values(cache[sid]) for sid in sorted(cache.index)[::3]}
     except LogitstoreError as exc:
         out["lookup"] = exc
     return out
-
-
-def _values(s) -> tuple:
-    arrays = (s.input_ids, s.pos, s.loss_mask, s.ids, s.logprobs, s.label_logprob, s.entropy, s.tail_mass,
-              s.n_entries)
-    return tuple(a.tolist() for a in arrays) + (s.record, s.n_tokens, s.mean_entropy, s.teacher_nll,
-                                                s.token_accuracy, s.correct)
 
 
 class Fuzzed:
