@@ -194,7 +194,7 @@ def _check_output(out: Path, cfg: TrainConfig) -> dict | None:
     if cfg.resume:
         step, path = ckpt.latest(out)
         state = ckpt.load_state(path)
-        saved = state["config"]
+        saved = {**TrainConfig().to_dict(), **state["config"]}  # options added since then: at their defaults
         changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
         if changed:
             diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
