@@ -151,7 +151,7 @@ def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, 
         shard_bytes=max(1, int(config.shard_mb * 2**20)), row_group_positions=config.row_group_positions,
         resume=resume, resume_build_keys=RESUME_BUILD_KEYS,
     ) as writer:
-        items = _items(backend, data, config, report, writer, out if resume else None)
+        items = _items(backend, data, config, report, writer, out if resume else None, progress)
         # Duplicates (records with the same tokens: the same seq_id) are counted over the whole pass over the
         # data, and never scored twice; a resume passes over all of it again, so the count does not depend on
         # where a crash happened. (In generation mode a resume does not resample prompts whose samples are all
@@ -191,8 +191,8 @@ def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, 
     return writer.manifest
 
 
-def _items(backend, data: Path, config: BuildConfig, report: SkipReport, writer, resumed: Path | None
-           ) -> Iterator[Item]:
+def _items(backend, data: Path, config: BuildConfig, report: SkipReport, writer, resumed: Path | None,
+           progress: bool = False) -> Iterator[Item]:
     """The sequences to score: the records themselves, or (generation mode) the teacher's samples."""
     if config.generation is None:
         for ex in load_examples(data, backend.tokenizer, fields=config.fields, max_length=config.max_length,
@@ -204,15 +204,22 @@ def _items(backend, data: Path, config: BuildConfig, report: SkipReport, writer,
         for rec in logitstore.open(resumed).scalars(["record"]).column(0).to_pylist():
             done[rec] = done.get(rec, 0) + 1
     prompts = load_prompts(data, backend.tokenizer, fields=config.fields, on_bad=config.on_bad, report=report)
+    bar = _progress_bar(progress, unit="prompt", desc="generating")  # sampling comes before any scoring
+    last = None
     for ex, j, verdict in sampled_examples(backend, prompts, config.generation, seed=config.seed, skip=done,
                                            max_length=config.max_length, report=report):
+        if bar is not None and ex.record != last:
+            bar.update(1)
+            last = ex.record
         yield Item(ex, j, verdict)
+    if bar is not None:
+        bar.close()
 
 
-def _progress_bar(enabled: bool):
+def _progress_bar(enabled: bool, unit: str = "pos", desc: str = "scoring"):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(unit="pos", unit_scale=True, desc="scoring", file=sys.stderr, dynamic_ncols=True,
+    return tqdm(unit=unit, unit_scale=unit == "pos", desc=desc, file=sys.stderr, dynamic_ncols=True,
                 disable=None)  # None: off when stderr is not a terminal
