@@ -213,11 +213,11 @@ def run(args: argparse.Namespace) -> int:
 
 def add_subparser(sub) -> None:
     p = sub.add_parser("demo", help="the whole loop on the embedded teacher, offline (build, inspect, train)",
-                       description="Build caches from the shipped dataset with the embedded SmolLM2-135M teacher, inspect "
-                       "them with SQL, select subsets and train students from one cache; about 10 minutes on 2 "
-                       "CPU cores, --quick about 3.")
+                       description="Build caches from the shipped dataset with the embedded SmolLM2-135M "
+                                   "teacher, inspect them with SQL, select subsets and train students from one "
+                                   "cache; about 9 minutes on 2 CPU cores, --quick about 2.")
     p.add_argument("-o", "--output", default="logitstore-demo", help="directory for everything (default "
                                                                        "./logitstore-demo); caches are reused")
-    p.add_argument("--quick", action="store_true", help="less data and fewer steps (about 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="less data and fewer steps (about 2 minutes)")
     p.set_defaults(func=run)
 
