@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     _say(f"  reports     {out / 'report-problems.html'}  {out / 'report-text.html'}")
     _say(f"  selections  {out / 'train.selection.json'}  {out / 'eval.selection.json'}")
     _say(f"  students    {out / 'students'}/<run> (AutoModelForCausalLM.from_pretrained), metrics.jsonl each")
+    _say(f"  results     {out / 'results.json'} (the table above, with each run's summary)")
     _say("  go further:")
     _say(f"    logitstore info {text}")
     _say(f"    logitstore sql {problems} \"SELECT correct, avg(teacher_nll) FROM sequences GROUP BY correct\"")
