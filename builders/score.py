@@ -61,6 +61,7 @@ import pyarrow.parquet as pq
 
 import logitstore
 from builders.driver import batches
+from builders.tokenizers import check_tokenizer
 from logitstore.errors import CacheExistsError, InvalidInputError
 from logitstore.manifest import atomic_write_bytes, fsync_dir, now
 
@@ -168,10 +169,7 @@ def _check_student(backend: TransformersBackend, student: str, cache) -> None:
     if not want:
         raise InvalidInputError(f"cache {cache.path} records no tokenizer fingerprint, so student {student}'s "
                                 f"tokenizer (fingerprint {got}) cannot be checked against the cached token ids")
-    if got != want:
-        raise InvalidInputError(f"student {student} has tokenizer fingerprint {got}, the cache {cache.path} has "
-                                f"{want}: its token ids would mean other tokens; use a student with the teacher's "
-                                "tokenizer")
+    check_tokenizer(backend.tokenizer, f"student {student}", cache)
     if backend.vocab_size < m.vocab_size:
         raise InvalidInputError(f"student {student} has an LM head of {backend.vocab_size} tokens, smaller than the "
                                 f"cache's vocab_size {m.vocab_size}: cached token ids would fall outside it")

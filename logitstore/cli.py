@@ -16,6 +16,16 @@ import sys
 from logitstore.errors import InvalidInputError, LogitstoreError
 
 
+def format_table(columns, rows, *, digits: int = 4, indent: str = "") -> str:
+    """Rows of values as aligned text columns (floats to ``digits`` places, None as NULL)."""
+    def cell(v) -> str:
+        return "NULL" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    return "\n".join(indent + "  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in [list(columns), *cells])
+
+
 def _info(args: argparse.Namespace) -> int:
     from logitstore.reader import Cache
 

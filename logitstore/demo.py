@@ -76,12 +76,9 @@ def _build(teacher: Path, data: Path, out: Path, **cfg) -> None:
 
 
 def _table(rel, limit: int = 8) -> str:
-    cols, rows = rel.columns, rel.fetchall()[:limit]
-    cells = [[("NULL" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)]
-    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
+    from logitstore.cli import format_table
+
+    return format_table(rel.columns, rel.fetchall()[:limit], digits=3, indent="  ")
 
 
 def _inspect(problems: Path, text: Path, tokenizer, out: Path) -> None:

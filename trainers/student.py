@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from builders.extract import Head
-from logitstore.errors import InvalidInputError, LogitstoreError
+from builders.tokenizers import TokenizerMismatchError, check_tokenizer
+from logitstore.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
 
 
-class StudentMismatchError(LogitstoreError, ValueError):
+class StudentMismatchError(TokenizerMismatchError):
     """The student's tokenizer or vocabulary does not match the cache's."""
 
 
@@ -129,10 +130,7 @@ def load_student(spec: str, *, manifest, tokenizer: str = "", seed: int = 0) -> 
 
 def check_student(student: Student, cache) -> None:
     """Refuse a student whose tokenizer or vocabulary does not fit ``cache`` (see the module docstring)."""
-    from builders.tokenizers import tokenizer_fingerprint
-
     m = cache.manifest
-    want = (m.tokenizer or {}).get("fingerprint")
     if student.tokenizer is None:
         if not student.fresh:
             raise StudentMismatchError(f"student {student.source} has no tokenizer files, so it cannot be checked "
@@ -140,13 +138,7 @@ def check_student(student: Student, cache) -> None:
         logger.warning("student %s: no tokenizer found; trusting that it uses the cache's tokenizer (%s)",
                        student.source, (m.tokenizer or {}).get("name", "?"))
     else:
-        got = tokenizer_fingerprint(student.tokenizer)
-        if want and got != want:
-            raise StudentMismatchError(
-                f"student {student.source} has tokenizer fingerprint {got} "
-                f"({getattr(student.tokenizer, 'name_or_path', '?')}), the cache {cache.path} has {want} "
-                f"({(m.tokenizer or {}).get('name', '?')}): cached token ids would mean other tokens to the "
-                "student; use a student with the teacher's tokenizer")
+        check_tokenizer(student.tokenizer, f"student {student.source}", cache, error=StudentMismatchError)
     v = student.vocab_size
     if v >= m.vocab_size:
         return
@@ -173,10 +165,13 @@ def max_token_id(cache) -> int:
             if not len(t):
                 continue
             m_in = pc.max(pc.list_flatten(t.column("input_ids"))).as_py()
-            m_ent = pc.max(pc.list_flatten(pc.list_flatten(t.column(id_col)))).as_py()
-            if m_ent is not None and cache.id_map is not None:
-                codes = pc.list_flatten(pc.list_flatten(t.column(id_col))).to_numpy()
-                m_ent = int(np.take(cache.id_map, np.unique(codes)).max())
+            entries = pc.list_flatten(pc.list_flatten(t.column(id_col)))
+            if not len(entries):
+                m_ent = None
+            elif cache.id_map is None:
+                m_ent = pc.max(entries).as_py()
+            else:  # entries are codes: map the distinct ones to token ids
+                m_ent = int(np.take(cache.id_map, np.unique(entries.to_numpy())).max())
             top = max(top, m_in if m_in is not None else -1, m_ent if m_ent is not None else -1)
     return top
 

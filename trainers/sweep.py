@@ -89,13 +89,10 @@ def add_subparser(sub) -> None:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
+    from logitstore.cli import format_table
+
     cols = ["run", "student", "loss", "cache", "steps", "eval_ce", "eval_kl", "seconds"]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    table = [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for t in table:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    print(format_table(cols, [[r.get(c, "") for c in cols] for r in rows]))
 
 
 def run(args: argparse.Namespace) -> int:
