@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -111,6 +111,85 @@ def positions_of(ex: Example, cache_prompt: bool) -> tuple[np.ndarray, np.ndarra
     return pos, ex.loss_mask[pos]
 
 
+class Plan:
+    """The item stream cut into windows, without duplicates and without already committed sequences.
+
+    Duplicates (records with the same tokens: the same seq_id) are counted over the whole pass over
+    the data, and never scored twice; a resume passes over all of it again, so the count does not
+    depend on where a crash happened. (In generation mode a resume does not resample prompts whose
+    samples are all committed, so duplicates among those are not recounted; samples carry their index
+    in the seq_id, so such duplicates need two records with the same prompt and the same sampled answer.)
+    Window ``i`` is the same for every backend and for one process or many (``builders.ray_build``).
+    """
+
+    def __init__(self, committed: set[str]):
+        self.committed = committed
+        self.seen: set[str] = set()
+        self.duplicates = 0
+
+    def windows(self, items: Iterable[Item], size: int) -> Iterator[tuple[int, list[Item], list[Item]]]:
+        """(window index, the window's items, those still to score), for every window."""
+        for index, window in enumerate(_windows(items, size)):
+            todo = []
+            for it in window:
+                sid = it.seq_id
+                if sid in self.seen:
+                    self.duplicates += 1
+                    continue
+                self.seen.add(sid)
+                if sid not in self.committed:
+                    todo.append(it)
+            yield index, window, todo
+
+
+def window_seed(seed: int, index: int) -> int:
+    """The seed of window ``index``'s draws (rule sample): one process or many draw the same."""
+    return (seed * 1_000_003 + index) % (2**63)
+
+
+def score_items(backend, writer, todo: list[Item], config: BuildConfig, gen,
+                on_batch: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    """Score ``todo`` in token-budget batches and add each sequence to ``writer``; (sequences, positions).
+    ``on_batch(sequences, positions)`` follows each batch (progress)."""
+    n_seqs = n_pos = 0
+    for batch in batches(todo, config.token_budget):
+        pos_mask = [positions_of(it.ex, config.cache_prompt) for it in batch]
+        scored = backend.score([it.ex.input_ids for it in batch], [p for p, _ in pos_mask], config.rule, gen)
+        for it, (pos, mask), s in zip(batch, pos_mask, scored):
+            writer.add(input_ids=it.ex.input_ids, positions=pos, loss_mask=mask, ids=s.ids,
+                       logprobs=s.logprobs, n_entries=s.n_entries, counts=s.counts,
+                       label_logprob=s.label_logprob, entropy=s.entropy, tail_mass=s.tail_mass,
+                       argmax=s.argmax, record=it.ex.record, sample=it.sample, correct=it.correct)
+        positions = sum(len(p) for p, _ in pos_mask)
+        n_seqs, n_pos = n_seqs + len(batch), n_pos + positions
+        if on_batch is not None:
+            on_batch(len(batch), positions)
+    return n_seqs, n_pos
+
+
+def make_build_args(teacher: str, data: Path, data_fp: str, config: BuildConfig, backend_options: dict,
+                    argv: list[str] | None) -> dict[str, Any]:
+    """The manifest's ``build`` record: everything needed to reproduce the build."""
+    return {
+        "teacher": teacher, "data": str(data), "data_fingerprint": data_fp, "backend": config.backend,
+        "backend_options": backend_options,
+        "fields": dataclasses.asdict(config.fields), "max_length": config.max_length, "on_long": config.on_long,
+        "on_bad": config.on_bad, "token_budget": config.token_budget, "window": config.window,
+        "cache_prompt": config.cache_prompt, "seed": config.seed, "argv": argv, "skipped": None,
+        "generation": dataclasses.asdict(config.generation) if config.generation else None,
+    }
+
+
+def open_writer(backend, out: Path, config: BuildConfig, build_args: dict, resume: bool,
+                **kwargs) -> logitstore.CacheWriter:
+    """The cache writer of a build (not yet opened): ``out``, with the backend's identity and exactness."""
+    return logitstore.CacheWriter(
+        out, vocab_size=backend.vocab_size, rule=config.rule, codec=config.codec, teacher=backend.describe(),
+        tokenizer=backend.tokenizer_record(), build=build_args, exactness=backend.exactness,
+        shard_bytes=max(1, int(config.shard_mb * 2**20)), row_group_positions=config.row_group_positions,
+        resume=resume, resume_build_keys=RESUME_BUILD_KEYS, **kwargs)
+
+
 #: build arguments a resume must match (the writer also checks teacher, tokenizer, rule and codec)
 RESUME_BUILD_KEYS = ("data_fingerprint", "fields", "max_length", "on_long", "cache_prompt", "generation", "seed")
 
@@ -125,16 +204,13 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
         raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
     data_fp = data_fingerprint(data)  # also: a missing data path fails here, before the teacher loads
     check_unlocked(out)  # a build already writing ``out`` is named now, not after loading the teacher
+    if (out / "parts").exists():
+        raise InvalidInputError(f"{out} holds the parts of a distributed build (--ray); continue it with --ray "
+                                "--resume, or choose a new output path")
     backend = get_backend(config.backend)(teacher, **config.backend_options)
     report = SkipReport()
-    build_args = {
-        "teacher": teacher, "data": str(data), "data_fingerprint": data_fp, "backend": config.backend,
-        "backend_options": {**config.backend_options, **backend.options()},
-        "fields": dataclasses.asdict(config.fields), "max_length": config.max_length, "on_long": config.on_long,
-        "on_bad": config.on_bad, "token_budget": config.token_budget, "window": config.window,
-        "cache_prompt": config.cache_prompt, "seed": config.seed, "argv": argv, "skipped": None,
-        "generation": dataclasses.asdict(config.generation) if config.generation else None,
-    }
+    build_args = make_build_args(teacher, data, data_fp, config, {**config.backend_options, **backend.options()},
+                                 argv)
     gen = torch.Generator().manual_seed(config.seed)
     # a failed first build that committed nothing leaves nothing behind: the writer removes the directory it
     # created, under its lock (so never the directory of another build that started meanwhile)
@@ -145,44 +221,21 @@ def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, 
          resume: bool, progress: bool):
     bar = _progress_bar(progress)
     t0, done_positions, done_seqs = time.time(), 0, 0
-    with logitstore.CacheWriter(
-        out, vocab_size=backend.vocab_size, rule=config.rule, codec=config.codec, teacher=backend.describe(),
-        tokenizer=backend.tokenizer_record(), build=build_args, exactness=backend.exactness,
-        shard_bytes=max(1, int(config.shard_mb * 2**20)), row_group_positions=config.row_group_positions,
-        resume=resume, resume_build_keys=RESUME_BUILD_KEYS,
-    ) as writer:
+
+    def on_batch(seqs: int, positions: int) -> None:
+        nonlocal done_seqs, done_positions
+        done_seqs, done_positions = done_seqs + seqs, done_positions + positions
+        if bar is not None:
+            bar.update(positions)
+            bar.set_postfix(seqs=done_seqs, refresh=False)
+
+    with open_writer(backend, out, config, build_args, resume) as writer:
         items = _items(backend, data, config, report, writer, out if resume else None, progress)
-        # Duplicates (records with the same tokens: the same seq_id) are counted over the whole pass over the
-        # data, and never scored twice; a resume passes over all of it again, so the count does not depend on
-        # where a crash happened. (In generation mode a resume does not resample prompts whose samples are all
-        # committed, so duplicates among those are not recounted; samples carry their index in the seq_id, so
-        # such duplicates need two records with the same prompt and the same sampled answer.)
-        seen: set[str] = set()
-        duplicates = 0
-        for window in _windows(items, config.window):
-            todo = []
-            for it in window:
-                sid = it.seq_id
-                if sid in seen:
-                    duplicates += 1
-                    continue
-                seen.add(sid)
-                if sid not in writer.committed_ids:
-                    todo.append(it)
-            for batch in batches(todo, config.token_budget):
-                pos_mask = [positions_of(it.ex, config.cache_prompt) for it in batch]
-                scored = backend.score([it.ex.input_ids for it in batch], [p for p, _ in pos_mask], config.rule, gen)
-                for it, (pos, mask), s in zip(batch, pos_mask, scored):
-                    writer.add(input_ids=it.ex.input_ids, positions=pos, loss_mask=mask, ids=s.ids,
-                               logprobs=s.logprobs, n_entries=s.n_entries, counts=s.counts,
-                               label_logprob=s.label_logprob, entropy=s.entropy, tail_mass=s.tail_mass,
-                               argmax=s.argmax, record=it.ex.record, sample=it.sample, correct=it.correct)
-                    done_positions += len(pos)
-                done_seqs += len(batch)
-                if bar is not None:
-                    bar.update(sum(len(p) for p, _ in pos_mask))
-                    bar.set_postfix(seqs=done_seqs, refresh=False)
-        writer.manifest.duplicates_skipped = duplicates
+        plan = Plan(writer.committed_ids)
+        for index, _, todo in plan.windows(items, config.window):
+            gen.manual_seed(window_seed(config.seed, index))
+            score_items(backend, writer, todo, config, gen, on_batch)
+        writer.manifest.duplicates_skipped = plan.duplicates
         writer.manifest.build["skipped"] = report.to_dict()
         writer.manifest.build["elapsed_s"] = round(time.time() - t0, 1)
     if bar is not None:

@@ -123,6 +123,18 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backend_options(args: argparse.Namespace, rule) -> dict:
+    """The chosen backend's options from the command line."""
+    opts = {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
+    if args.backend == "vllm":
+        return {**opts, "dtype": "bf16" if args.dtype is None else args.dtype,
+                "device": "cuda" if args.device is None else args.device, "max_logprobs": args.max_logprobs or rule.k,
+                "tensor_parallel_size": args.tensor_parallel_size,
+                "gpu_memory_utilization": args.gpu_memory_utilization, "max_model_len": args.max_model_len}
+    return {**opts, "dtype": "fp32" if args.dtype is None else args.dtype,
+            "device": "cpu" if args.device is None else args.device, "extract_mb": args.extract_mb}
+
+
 def _build(args: argparse.Namespace) -> int:
     import logging
 
@@ -153,17 +165,25 @@ def _build(args: argparse.Namespace) -> int:
         raise InvalidInputError("--verifier judges generated responses: it needs --generate N")
     config = BuildConfig(
         rule=rule, codec=codec, backend=args.backend, generation=generation,
-        backend_options={"dtype": args.dtype, "device": args.device, "extract_mb": args.extract_mb,
-                         "trust_remote_code": args.trust_remote_code},
+        backend_options=_backend_options(args, rule),
         fields=Fields(text=args.text_field, messages=args.messages_field, prompt=args.prompt_field,
                       response=args.response_field, answer=args.answer_field),
         max_length=args.max_length, on_long=args.on_long, on_bad=args.on_bad, token_budget=args.token_budget,
+        window=args.window,
         cache_prompt=args.cache_prompt, shard_mb=args.shard_mb, row_group_positions=args.row_group_positions,
         seed=args.seed,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    m = build(args.teacher, args.data, args.output, config, resume=args.resume, progress=not args.quiet,
-              argv=sys.argv[1:])
+    if args.ray is not None:
+        from builders.ray_build import RayOptions, build_ray
+
+        opts = RayOptions(address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
+                          gpus_per_actor=args.ray_gpus_per_actor, cpus_per_actor=args.ray_cpus_per_actor)
+        m = build_ray(args.teacher, args.data, args.output, config, opts, resume=args.resume,
+                      progress=not args.quiet, argv=sys.argv[1:])
+    else:
+        m = build(args.teacher, args.data, args.output, config, resume=args.resume, progress=not args.quiet,
+                  argv=sys.argv[1:])
     skipped = (m.build.get("skipped") or {}).get("counts") or {}
     print(f"{args.output}: {m.sequences:,} sequences, {m.positions:,} positions, {_size(m.bytes)}"
           + (f", {m.bytes / m.positions:.1f} bytes/position" if m.positions else ""))
@@ -285,13 +305,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bad records: stop with an error naming file, line and field (default), or skip and count")
     b.add_argument("--cache-prompt", action="store_true", help="also cache non-target positions (loss_mask false)")
     t = b.add_argument_group("teacher")
-    t.add_argument("--backend", default="transformers", help="teacher backend (default: transformers)")
-    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model dtype (default fp32)")
-    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    t.add_argument("--backend", default="transformers",
+                   help="teacher backend: transformers (CPU or GPU, every field exact) or vllm (CUDA GPUs; the "
+                        "entropy is stored as an upper bound, see FORMAT.md); default transformers")
+    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="model dtype (default fp32; bf16 with --backend vllm)")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu; cuda with --backend vllm)")
     t.add_argument("--token-budget", type=int, default=8192, help="padded tokens per teacher batch (default 8192)")
+    t.add_argument("--window", type=int, default=4096, metavar="N",
+                   help="records sorted by length together before batching (default 4096); with --ray, the records "
+                        "of one block, the unit of work of an actor")
     t.add_argument("--extract-mb", type=int, default=96, help="memory for the LM head/softmax chunks, MiB (default 96)")
     t.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own Python code to run")
     t.add_argument("--seed", type=int, default=0, help="seed of --sample draws")
+    v = b.add_argument_group("vLLM backend (--backend vllm; pip install 'logitstore[vllm]')")
+    v.add_argument("--max-logprobs", type=int, metavar="K",
+                   help="the engine's max_logprobs (default: the rule's k)")
+    v.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="GPUs per model (default 1)")
+    v.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                   help="share of GPU memory vLLM may take (default 0.9)")
+    v.add_argument("--max-model-len", type=int, metavar="N", help="context length (default: the model's)")
+    d = b.add_argument_group("distributed builds (Ray Data; pip install 'logitstore[ray]')")
+    d.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="score with a pool of Ray actors, each with its own teacher, writing its own part of CACHE; "
+                        "ADDRESS: omitted = a local Ray instance (or $RAY_ADDRESS), auto = the running cluster, "
+                        "ray://HOST:10001 (write --ray=ADDRESS, or put --ray after TEACHER DATA). CACHE must be on a "
+                        "filesystem every node sees at the same path; docs/scale.md")
+    d.add_argument("--ray-actors", type=int, default=1, metavar="N", help="teacher replicas (default 1)")
+    d.add_argument("--ray-gpus-per-actor", type=float, default=0, metavar="G",
+                   help="GPUs per actor (default 0; with --backend vllm: its tensor-parallel size)")
+    d.add_argument("--ray-cpus-per-actor", type=float, default=1, metavar="C", help="CPUs per actor (default 1)")
     g = b.add_argument_group("generation mode (sequence-level KD, correctness)")
     g.add_argument("--generate", type=int, metavar="N",
                    help="sample N responses per prompt (prompt field or chat) and cache them instead of the records")
@@ -326,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a DuckDB query over the cache. Views: sequences (one row per sequence: seq_id, record, "
                     "sample, input_ids, n_tokens, n_positions, n_targets, mean_entropy, teacher_nll, token_accuracy, "
                     "correct) and tokens (one row per cached position: seq_id, pos, label, label_logprob, entropy, "
-                    "tail_mass, loss_mask, topk_ids, topk_logprobs, sample_counts); table manifest (key, value). "
+                    "tail_mass, loss_mask, topk_ids, topk_logprobs, sample_counts); tables manifest (key, value) and "
+                    "exactness (field, exactness, meaning). "
                     "Macros: support_entropy(lps), top1_margin(lps), sparse_kl/sparse_js/sparse_tvd(ids_p, lps_p, "
                     "ids_q, lps_q).")
     q.add_argument("cache", metavar="CACHE")

@@ -117,7 +117,13 @@ def dequantise_flat(deltas: np.ndarray, starts: np.ndarray, step: float) -> np.n
 
 
 def build_id_map(sample_ids: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Code -> token id table from the entry ids in ``sample_ids``.
+    """Code -> token id table from the entry ids in ``sample_ids`` (see ``id_map_from_counts``)."""
+    return id_map_from_counts(np.bincount(sample_ids.astype(np.int64).ravel(), minlength=vocab_size), vocab_size)
+
+
+def id_map_from_counts(counts: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Code -> token id table from per-token frequencies ``counts`` (ids past ``vocab_size`` are ignored,
+    missing ones count 0).
 
     Tokens are ranked by descending frequency (ties and unseen ids by ascending id), and
     rank r gets the r-th code in low-byte-major order (low byte 0 for every high byte, then
@@ -125,7 +131,7 @@ def build_id_map(sample_ids: np.ndarray, vocab_size: int) -> np.ndarray:
     byte: with ``BYTE_STREAM_SPLIT`` neither byte stream is dominated by one symbol, which
     zstd's Huffman literal coder handles better (FORMAT.md; measured in BENCHMARKS.md).
     """
-    counts = np.bincount(sample_ids.astype(np.int64).ravel(), minlength=vocab_size)[:vocab_size]
+    counts = np.pad(np.asarray(counts, np.int64)[:vocab_size], (0, max(0, vocab_size - len(counts))))
     by_rank = np.argsort(-counts, kind="stable")  # token ids, most frequent first
     codes = np.arange(vocab_size)
     code_of_rank = np.lexsort((codes >> 8, codes & 255))

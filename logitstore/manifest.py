@@ -71,6 +71,18 @@ class Manifest:
     def bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    def shard_numbers(self) -> list[int]:
+        """The number each shard was written under (its self-description's ``shard``): its index among the
+        listed shards of its own directory. One directory (``shards/``) gives 0, 1, 2, ...; a cache gathered
+        from parts (``logitstore.parts``) numbers each part's shards from 0."""
+        seen: dict[str, int] = {}
+        out = []
+        for s in self.shards:
+            d = str(PurePosixPath(s.file).parent)
+            out.append(seen.get(d, 0))
+            seen[d] = out[-1] + 1
+        return out
+
     def totals_problem(self) -> str | None:
         """What is wrong with the stored ``totals`` (derived from the shard list, so a shard entry dropped or
         edited alone shows here), or None."""

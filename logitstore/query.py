@@ -12,6 +12,9 @@
   deltas), and ``sample_counts`` for sampled caches (NULL otherwise).
 - ``manifest`` is one row per manifest key (``key``, ``value`` as JSON text), e.g.
   ``SELECT value FROM manifest WHERE key = 'teacher'``.
+- ``exactness`` is one row per stored field (``field``, ``exactness``: exact, quantised,
+  estimate, bound or absent, ``meaning``): a cache built with vLLM stores an entropy *bound*,
+  and a query can check ``SELECT exactness FROM exactness WHERE field = 'entropy'``.
 - opened on a selection file, both views hold only the selected sequences, and the table
   ``selection`` (``seq_id``, ``weight``) holds the selection itself.
 
@@ -72,6 +75,17 @@ MACROS = [
 SEQUENCE_VIEW_COLUMNS = tuple(name for name, *_ in F.SEQUENCE_COLUMNS)
 
 
+#: what each exactness word says about a field's numbers (FORMAT.md, "Exactness")
+EXACTNESS_MEANING = {
+    "exact": "the teacher's own number, stored in float32",
+    "quantised": "exact up to the codec's stated error bound",
+    "estimate": "an estimate, not the teacher's number",
+    "bound": "an upper bound (entropy: the known top entries plus the rest of the mass spread uniformly over the "
+             "other ids); the sequences view's mean_entropy inherits it",
+    "absent": "not stored",
+}
+
+
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
@@ -109,6 +123,9 @@ def connect(cache: Cache | str | os.PathLike, con: duckdb.DuckDBPyConnection | N
     m = cache.manifest.to_dict()
     con.execute("CREATE OR REPLACE TABLE manifest (key VARCHAR, value VARCHAR)")
     con.executemany("INSERT INTO manifest VALUES (?, ?)", [(k, json.dumps(v)) for k, v in m.items()])
+    con.execute("CREATE OR REPLACE TABLE exactness (field VARCHAR, exactness VARCHAR, meaning VARCHAR)")
+    con.executemany("INSERT INTO exactness VALUES (?, ?, ?)",
+                    [(k, v, EXACTNESS_MEANING.get(v, "")) for k, v in cache.manifest.exactness.items()])
     return con
 
 

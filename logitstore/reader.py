@@ -144,6 +144,7 @@ class Cache:
         self.id_map = read_id_map(self.path, self.manifest) if self.manifest.id_map else None
         self._index: dict[str, tuple[int, int]] | None = None  # seq_id -> (shard, row)
         self._files: dict[int, pq.ParquetFile] = {}
+        self._shard_numbers: list[int] | None = None
 
     # ------------------------------------------------------------ summary
     def __len__(self) -> int:
@@ -203,7 +204,9 @@ class Cache:
             if f.metadata.num_rows != info.sequences:
                 raise CorruptCacheError(f"{path}: {f.metadata.num_rows} sequences, the manifest says {info.sequences}")
             _check_layout(path, f.metadata, size)
-            want = {"format_version": self.manifest.format_version, "shard": shard,
+            if self._shard_numbers is None:
+                self._shard_numbers = self.manifest.shard_numbers()
+            want = {"format_version": self.manifest.format_version, "shard": self._shard_numbers[shard],
                     "vocab_size": self.manifest.vocab_size, "rule": self.manifest.rule, "codec": self.manifest.codec,
                     "id_map_sha256": (self.manifest.id_map or {}).get("sha256")}
             got = {k: meta.get(k) for k in want} if isinstance(meta, dict) else None

@@ -112,13 +112,24 @@ def sparsify(logprobs: np.ndarray, rule: Rule, rng: np.random.Generator | None =
                          dtype=np.int64).reshape(n, rule.draws).clip(0, v - 1)
         return entries_from_draws(lp, draws, rule.k)
     k = min(rule.k, v)
-    ids = order[:, :k]
-    vals = np.take_along_axis(lp, ids, axis=1)
+    return cut(order[:, :k], np.take_along_axis(lp, order[:, :k], axis=1), rule)
+
+
+def cut(ids: np.ndarray, logprobs: np.ndarray, rule: Rule) -> Entries:
+    """The entries ``rule`` (top-k or mass) keeps of candidates ``[N, C]`` already sorted by logprob, most
+    likely first (-inf pads missing ones): the first k, or the smallest prefix with mass >= p capped at k.
+    ``sparsify`` passes the whole vocabulary's top k; a backend that only sees the top C passes those."""
+    if isinstance(rule, Sampled):
+        raise InvalidInputError("rule sample draws from the full distribution; it cannot be cut from top-k candidates")
+    n, c = ids.shape
+    k = min(rule.k, c)
+    ids, vals = ids[:, :k], np.asarray(logprobs, np.float64)[:, :k]
     if isinstance(rule, MassTopK):
         csum = np.cumsum(np.exp(vals), axis=1)
         n_ent = np.minimum((csum < rule.p).sum(axis=1) + 1, k)
     else:
         n_ent = np.full(n, k)
+    n_ent = np.minimum(n_ent, np.isfinite(vals).sum(axis=1))  # fewer candidates than k (a vocabulary under k)
     valid = np.arange(k)[None, :] < n_ent[:, None]
     tail = 1.0 - np.where(valid, np.exp(vals), 0.0).sum(axis=1)
     return Entries(

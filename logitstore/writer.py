@@ -90,6 +90,7 @@ class CacheWriter:
         row_group_positions: int = 65536,
         resume: bool = False,
         resume_build_keys: tuple[str, ...] = (),
+        id_counts: np.ndarray | None = None,
     ):
         if not (1 <= vocab_size <= 2**31 - 1):
             raise InvalidInputError(f"vocab_size={vocab_size} must be in [1, 2**31)")
@@ -120,6 +121,9 @@ class CacheWriter:
         )
         self.resume = resume
         self.resume_build_keys = tuple(resume_build_keys)  # build arguments a resume must match, besides identity
+        # token frequencies the ranked id map is built from (default: the first row group's entries); writers of
+        # the parts of one cache (``logitstore.parts``) pass the same counts, so the parts share one id map
+        self.id_counts = None if id_counts is None else np.asarray(id_counts, np.int64).ravel()
         self.schema = F.shard_schema(rule=rule.name, value_codec=codec.values, id_codec=codec.ids,
                                      scalar_dtype=codec.scalars)
         self.manifest: Manifest | None = None
@@ -541,7 +545,8 @@ class CacheWriter:
         final.unlink(missing_ok=True)
 
     def _write_id_map(self, sample_ids: np.ndarray) -> None:
-        id_map = C.build_id_map(sample_ids, self.vocab_size)
+        id_map = C.build_id_map(sample_ids, self.vocab_size) if self.id_counts is None \
+            else C.id_map_from_counts(self.id_counts, self.vocab_size)
         table = pa.table({"code": pa.array(np.arange(id_map.size, dtype=np.int32)), "token_id": pa.array(id_map)})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")

@@ -306,7 +306,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 batch = _to(next(it), device)
                 wait += time.perf_counter() - tw
                 if cfg.trace_data:
-                    _trace(out, rank, step, batch["seq_ids"])
+                    _trace(out, rank, step, batch["seq_ids"], batch.get("epoch"))
                 sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else body.no_sync()
                 with sync, _autocast(cfg, device):
                     loss, m = _micro_loss(body, student, batch, cfg, objective, manifest.vocab_size, draws)
@@ -398,10 +398,10 @@ def _eval_and_log(student, source, cfg, device, out, step, main, world) -> dict[
     return res
 
 
-def _trace(out: Path, rank: int, step: int, seq_ids: list[str]) -> None:
+def _trace(out: Path, rank: int, step: int, seq_ids: list[str], epoch: int | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"data-rank{rank}.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, "seq_ids": list(seq_ids)}) + "\n")
+        f.write(json.dumps({"step": step, "epoch": epoch, "seq_ids": list(seq_ids)}) + "\n")
 
 
 def _log(out: Path, row: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from logitstore.errors import InvalidInputError
 #: name -> "module:Class"
 REGISTRY = {
     "transformers": "builders.backends.hf:TransformersBackend",
+    "vllm": "builders.backends.vllm:VLLMBackend",
 }
 
 

@@ -34,35 +34,55 @@ class TeacherLoadError(LogitstoreError, OSError):
     """The teacher could not be loaded (missing path, no hub access, unsupported architecture)."""
 
 
-def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
-    """(model, tokenizer, identity dict) for a model directory, a hub id or a .gguf file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"--dtype {dtype!r}: allowed {', '.join(DTYPES)}")
+def _source(teacher: str, trust_remote_code: bool) -> tuple[str, dict[str, Any]]:
+    """(what ``from_pretrained`` is given, its keyword arguments) for a model directory, hub id or .gguf file."""
     path = Path(teacher)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if path.suffix == ".gguf":
         if not path.is_file():
             raise TeacherLoadError(f"teacher {teacher}: no such .gguf file")
-        src, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.exists():
+        return str(path.parent), {**kwargs, "gguf_file": path.name}
+    if path.exists():
         if not (path / "config.json").is_file():
             raise TeacherLoadError(f"teacher {teacher}: a directory without config.json is not a model directory")
-        src = str(path)
-    elif teacher.count("/") == 1 and not teacher.startswith((".", "/")):
-        src = teacher  # a hub id
-    else:
-        raise TeacherLoadError(f"teacher {teacher}: not a model directory, a .gguf file or a hub id (org/name)")
+        return str(path), kwargs
+    if teacher.count("/") == 1 and not teacher.startswith((".", "/")):
+        return teacher, kwargs  # a hub id
+    raise TeacherLoadError(f"teacher {teacher}: not a model directory, a .gguf file or a hub id (org/name)")
+
+
+def _load_error(teacher: str, src: str, exc: BaseException) -> TeacherLoadError:
+    hint = ("; without hub access, download the model where a hub is reachable and pass its directory"
+            if src == teacher and not Path(teacher).exists() else "")
+    reason = " ".join(str(exc).split())  # transformers' messages span lines; ours is one line
+    return TeacherLoadError(f"teacher {teacher}: cannot load ({reason}){hint}")
+
+
+def load_tokenizer(teacher: str, *, trust_remote_code: bool = False):
+    """The teacher's tokenizer alone (what a coordinator that only tokenises needs)."""
+    from transformers import AutoTokenizer
+
+    src, kwargs = _source(teacher, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(src, **kwargs)
+        return AutoTokenizer.from_pretrained(src, **kwargs)
+    except (OSError, ValueError, ImportError, KeyError) as exc:
+        raise _load_error(teacher, src, exc) from exc
+
+
+def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
+    """(model, tokenizer, identity dict) for a model directory, a hub id or a .gguf file."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"--dtype {dtype!r}: allowed {', '.join(DTYPES)}")
+    src, kwargs = _source(teacher, trust_remote_code)
+    tok = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+    try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError, ImportError, KeyError) as exc:  # missing files, no tokenizer, gguf missing, ...
-        hint = ("; without hub access, download the model where a hub is reachable and pass its directory"
-                if src == teacher and not path.exists() else "")
-        reason = " ".join(str(exc).split())  # transformers' messages span lines; ours is one line
-        raise TeacherLoadError(f"teacher {teacher}: cannot load ({reason}){hint}") from exc
+        raise _load_error(teacher, src, exc) from exc
     model = model.to(device).eval()
+    path = Path(teacher)
     identity = {"id": teacher if not path.exists() else str(path.resolve()), "revision": _revision(path, model),
                 "dtype": dtype, "architecture": type(model).__name__}
     return model, tok, identity

@@ -142,7 +142,7 @@ def content_of(cache):
 
 
 def test_a_dozen_sigkills_at_random_points_then_resume_equals_an_uninterrupted_write(tmp_path):
-    N, KILLS = 500, 12
+    N, KILLS = 800, 12  # room for 12 kills of at most 2 shards of work each, and the delay after each target
     full = tmp_path / "full"
     assert run_child(full, False, False, n=N).wait(timeout=120) == 0
     want = content(full)

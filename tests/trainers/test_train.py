@@ -283,6 +283,36 @@ def test_torchrun_two_ranks_on_cpu_see_disjoint_data(text_cache, student_config,
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
+def test_two_nodes_read_each_sequence_once_per_epoch(text_cache, student_config, tmp_path):
+    """Two torchrun "nodes" (one process each, rendezvous over localhost, as on two machines sharing the cache's
+    filesystem), each with 2 DataLoader workers: one epoch trains on every cached sequence exactly once."""
+    out = tmp_path / "nodes"
+    cache = logitstore.open(text_cache)
+    all_ids = cache.scalars(["seq_id"]).column(0).to_pylist()
+    batch = 4
+    steps = 2 * len(all_ids) // (2 * batch)  # two epochs' worth: 48 sequences / (2 ranks x 4) per epoch
+    port = str(29700 + os.getpid() % 1000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+         str(node), "--master_addr", "127.0.0.1", "--master_port", port, "-m", "logitstore.cli", "train",
+         str(text_cache), "--student", str(student_config), "-o", str(out), "--max-steps", str(steps),
+         "--batch-size", str(batch), "--max-length", "48", "--num-workers", "2", "--trace-data", "--quiet",
+         "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    seen = []
+    for rank in (0, 1):
+        rows = [json.loads(x) for x in (out / f"data-rank{rank}.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in rows] == list(range(steps))
+        seen += [s for x in rows if x["epoch"] == 0 for s in x["seq_ids"]]
+        assert rows[-1]["epoch"] >= 1  # each rank got past its share of epoch 0
+    assert sorted(seen) == sorted(all_ids)  # epoch 0 saw every sequence once: none twice, none left out
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
 def test_keep_fraction_and_routing_against_a_hand_reference():
     from trainers.weighting import coefficients
 

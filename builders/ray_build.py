@@ -1,0 +1,284 @@
+"""Distributed builds on Ray Data: ``logitstore build TEACHER DATA -o CACHE --ray [ADDRESS]``.
+
+The coordinator (this process) reads and tokenises the data exactly as a one-process
+build does and cuts it into the same windows (``builders.driver.Plan``: duplicates
+dropped, committed sequences skipped). Each window with work left becomes a *block*:
+its sequences go to ``CACHE/.inputs/block-NNNNNN.parquet``. A Ray Data pipeline then
+maps the block numbers over a pool of actors (``BlockScorer``), each holding one
+teacher backend (one per GPU, or one per CPU slot): an actor scores a block with the
+driver's own ``score_items`` and writes it through the store's ``CacheWriter`` into
+its own part, ``CACHE/parts/block-NNNNNN/`` (``logitstore.parts``). As blocks finish,
+the coordinator rewrites the top-level manifest over the parts' committed shards; the
+last rewrite marks the cache complete.
+
+So the cache holds what a one-process build of the same data holds: the same
+sequences, seq ids and values (the same windows are scored in the same batches, and a
+rule-sample window draws from ``window_seed(seed, window)`` either way). Entry ids
+are coded with one id map shared by every part, ranked by the token counts of the
+first window's input (a one-process build ranks the first row group's entry ids:
+the codes differ, the decoded ids do not).
+
+Resume (``--ray --resume``): the coordinator reads the seq ids committed in every
+part and plans again; finished blocks have nothing left and are not sent, a part
+that was interrupted (a killed actor) is resumed by its own writer, which redoes only
+what it had not committed. Ray's own retry of a failed block lands in the same part.
+
+The cache directory must be visible at the same path to the coordinator and every
+actor (a shared POSIX filesystem on a cluster); the writer needs atomic renames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from builders.data import Example, SkipReport, data_fingerprint
+from builders.driver import (RESUME_BUILD_KEYS, BuildConfig, Item, Plan, _items, _progress_bar, make_build_args,
+                             open_writer, positions_of, score_items, window_seed)
+from logitstore import format as F
+from logitstore.errors import CacheExistsError, InvalidInputError
+from logitstore.lock import LOCK_NAME, BuildLock, read_lock
+from logitstore.manifest import Manifest, load_manifest
+from logitstore.parts import PARTS_DIR, commit_parts, committed_seq_ids, part_manifests, part_name
+
+logger = logging.getLogger(__name__)
+
+INPUTS_DIR = ".inputs"
+ID_COUNTS_FILE = "id_counts.parquet"  # the token counts every part's id map is ranked by
+#: a resume must also keep the windows, which define the blocks
+RAY_RESUME_KEYS = RESUME_BUILD_KEYS + ("window",)
+_INPUT_SCHEMA = pa.schema([
+    ("record", pa.int64()), ("sample", pa.int32()), ("correct", pa.bool_()), ("prompt_len", pa.int32()),
+    ("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.bool_())),
+])
+
+
+@dataclasses.dataclass
+class RayOptions:
+    """Where and how wide a distributed build runs."""
+
+    address: str | None = None
+    """None: start a local Ray instance on this machine; "auto": the running cluster; or ray://HOST:PORT"""
+    actors: int = 1
+    """teacher replicas (actors), each scoring one block at a time"""
+    gpus_per_actor: float = 0
+    """GPUs each actor reserves (its backend's tensor-parallel size with vLLM)"""
+    cpus_per_actor: float = 1
+
+
+class _Tokenising:
+    """What ``builders.driver._items`` needs of a backend to read records: the tokenizer alone."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+
+def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config: BuildConfig,
+              ray_options: RayOptions, *, resume: bool = False, progress: bool = True,
+              argv: list[str] | None = None) -> Manifest:
+    """Build (or continue) the cache ``out`` with a pool of Ray actors; see the module docstring."""
+    from builders.backends.hf import load_tokenizer
+    from builders.tokenizers import tokenizer_record
+
+    out, data = Path(out).absolute(), Path(data)
+    if config.generation is not None:
+        raise InvalidInputError("--ray builds score the given records; generation mode (--generate) runs in one "
+                                "process (drop --ray, or generate first and build from the generated records)")
+    if config.token_budget < 2:
+        raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
+    if ray_options.actors < 1:
+        raise InvalidInputError(f"--ray-actors {ray_options.actors}: must be at least 1")
+    data_fp = data_fingerprint(data)
+    started = out.exists() and any(out.iterdir())
+    if started and not resume:
+        raise CacheExistsError(f"{out} already exists and is not empty; pass --resume to continue a --ray build "
+                               "there, or choose a new output path")
+    if resume and (out / F.MANIFEST_NAME).is_file() and not (out / PARTS_DIR).is_dir():
+        raise InvalidInputError(f"{out} was built in one process; resume it without --ray")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = BuildLock(out)
+    lock.acquire()
+    try:
+        trust = bool(config.backend_options.get("trust_remote_code", False))
+        tokenizer = load_tokenizer(teacher, trust_remote_code=trust)
+        ray_record = {"address": ray_options.address, "actors": ray_options.actors,
+                      "gpus_per_actor": ray_options.gpus_per_actor, "cpus_per_actor": ray_options.cpus_per_actor}
+        build_args = {**make_build_args(teacher, data, data_fp, config, dict(config.backend_options), argv),
+                      "ray": ray_record}
+        if (out / F.MANIFEST_NAME).is_file():
+            _check_resume(out, load_manifest(out), build_args)
+        report = SkipReport()
+        plan, blocks, total = _plan(tokenizer, data, out, config, report)
+        build_args["skipped"] = report.to_dict()
+        t0 = time.time()
+        if blocks:
+            _run_blocks(teacher, out, config, ray_options, build_args, blocks, tokenizer_record(tokenizer), plan,
+                        total, progress)
+        build_args["elapsed_s"] = round(time.time() - t0, 1)
+        if not any(m.shards for m in part_manifests(out).values()):
+            raise InvalidInputError(f"{data}: no sequence to score (every record was skipped or empty)")
+        m = commit_parts(out, build=build_args, duplicates_skipped=plan.duplicates, complete=True)
+        shutil.rmtree(out / INPUTS_DIR, ignore_errors=True)
+        return m
+    except BaseException:
+        if created and not any(m.shards for m in _safe_parts(out).values()):
+            shutil.rmtree(out / INPUTS_DIR, ignore_errors=True)
+            shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+            lock.release()
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if lock.held:
+            lock.release()
+
+
+def _safe_parts(out: Path) -> dict[int, Manifest]:
+    try:
+        return part_manifests(out)
+    except Exception:  # noqa: BLE001 - cleanup after a failure must not hide the failure
+        return {}
+
+
+def _check_resume(out: Path, old: Manifest, new: dict) -> None:
+    diffs = [f"build {k}: cache has {old.build.get(k)!r}, this build has {new.get(k)!r}"
+             for k in RAY_RESUME_KEYS if old.build.get(k) != new.get(k)]
+    if diffs:
+        raise InvalidInputError(f"cannot resume {out}: " + "; ".join(diffs))
+
+
+def _plan(tokenizer, data: Path, out: Path, config: BuildConfig, report: SkipReport
+          ) -> tuple[Plan, list[tuple[int, int, int]], int]:
+    """Write the input of every block with work left, and the id-map counts; (plan, [(block, sequences,
+    positions)], positions to score)."""
+    plan = Plan(committed_seq_ids(out, part_manifests(out)))
+    inputs = out / INPUTS_DIR
+    shutil.rmtree(inputs, ignore_errors=True)
+    inputs.mkdir()
+    blocks: list[tuple[int, int, int]] = []
+    id_counts = np.zeros(0, np.int64)
+    items = _items(_Tokenising(tokenizer), data, config, report, None, None)
+    for index, window, todo in plan.windows(items, config.window):
+        if index == 0:  # the shared id map ranks the first window's tokens: the same on every run
+            id_counts = np.bincount(np.concatenate([it.ex.input_ids for it in window]).astype(np.int64))
+        if todo:
+            positions = sum(len(positions_of(it.ex, config.cache_prompt)[0]) for it in todo)
+            _write_input(inputs / f"block-{index:06d}.parquet", todo)
+            blocks.append((index, len(todo), positions))
+    pq.write_table(pa.table({"count": pa.array(id_counts, pa.int64())}), inputs / ID_COUNTS_FILE)
+    return plan, blocks, sum(p for _, _, p in blocks)
+
+
+def _write_input(path: Path, todo: list[Item]) -> None:
+    table = pa.table({
+        "record": pa.array([it.ex.record for it in todo], pa.int64()),
+        "sample": pa.array([it.sample for it in todo], pa.int32()),
+        "correct": pa.array([it.correct for it in todo], pa.bool_()),
+        "prompt_len": pa.array([it.ex.prompt_len for it in todo], pa.int32()),
+        "input_ids": pa.array([it.ex.input_ids.astype(np.int32) for it in todo], pa.list_(pa.int32())),
+        "loss_mask": pa.array([it.ex.loss_mask.astype(bool) for it in todo], pa.list_(pa.bool_())),
+    }, schema=_INPUT_SCHEMA)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def read_input(path: Path) -> list[Item]:
+    """A block's sequences, as the coordinator planned them."""
+    t = pq.read_table(path).to_pydict()
+    return [Item(Example(record=t["record"][i], input_ids=np.asarray(t["input_ids"][i], np.int32),
+                         loss_mask=np.asarray(t["loss_mask"][i], bool), prompt_len=t["prompt_len"][i],
+                         answer=None, kind="input"), t["sample"][i], t["correct"][i])
+            for i in range(len(t["record"]))]
+
+
+class BlockScorer:
+    """A Ray Data actor: one teacher backend; scores whole blocks into their parts."""
+
+    def __init__(self, teacher: str, out: str, config: BuildConfig, build: dict, tokenizer: dict):
+        from builders.backends import get_backend
+        from builders.tokenizers import TokenizerMismatchError
+
+        self.out, self.config, self.build = Path(out), config, build
+        self.id_counts = pq.read_table(self.out / INPUTS_DIR / ID_COUNTS_FILE).column("count").to_numpy()
+        self.backend = get_backend(config.backend)(teacher, **config.backend_options)
+        got = self.backend.tokenizer_record()["fingerprint"]
+        if got != tokenizer["fingerprint"]:
+            raise TokenizerMismatchError(f"teacher {teacher} loaded in a Ray actor has tokenizer fingerprint {got}, "
+                                         f"the coordinator's has {tokenizer['fingerprint']}")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        import torch
+
+        res: dict[str, list] = {"block": [], "sequences": [], "positions": []}
+        for block in batch["block"]:
+            block = int(block)
+            part = self.out / part_name(block)
+            holder = read_lock(part)
+            if holder is not None and holder.host != socket.gethostname():
+                # The coordinator hands a block to one actor at a time, so a lock from another host is a dead
+                # attempt's (Ray retries a block after its actor died); the part's writer resumes it.
+                logger.warning("%s: taking over the lock of %s (an earlier attempt at this block)", part,
+                               holder.describe())
+                (part / LOCK_NAME).unlink(missing_ok=True)
+            gen = torch.Generator().manual_seed(window_seed(self.config.seed, block))
+            items = read_input(self.out / INPUTS_DIR / f"block-{block:06d}.parquet")
+            with open_writer(self.backend, part, self.config, {**self.build, "block": block},
+                             resume=(part / F.MANIFEST_NAME).is_file(), id_counts=self.id_counts) as writer:
+                seqs, positions = score_items(self.backend, writer, items, self.config, gen)
+            res["block"].append(block)
+            res["sequences"].append(seqs)
+            res["positions"].append(positions)
+        return res
+
+
+def _run_blocks(teacher: str, out: Path, config: BuildConfig, opts: RayOptions, build_args: dict,
+                blocks: list[tuple[int, int, int]], tokenizer: dict, plan: Plan, total: int,
+                progress: bool) -> None:
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise InvalidInputError("--ray needs Ray Data: pip install 'logitstore[ray]' (ray[data])") from exc
+    started = not ray.is_initialized()
+    if started:
+        quiet = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+                 "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        ray.init(address=opts.address, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": quiet})
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run notices; failures still raise here
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours counts positions
+    ctx.print_on_execution_start = False
+    bar = _progress_bar(progress)
+    if bar is not None:
+        bar.reset(total=total)
+    try:
+        ds = ray.data.from_items([{"block": b} for b, _, _ in blocks], override_num_blocks=len(blocks))
+        ds = ds.map_batches(
+            BlockScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=opts.actors),
+            num_gpus=opts.gpus_per_actor or None, num_cpus=opts.cpus_per_actor,
+            fn_constructor_kwargs={"teacher": teacher, "out": str(out), "config": config, "build": build_args,
+                                   "tokenizer": tokenizer})
+        done = 0
+        for row in ds.iter_rows():
+            done += 1
+            if bar is not None:
+                bar.update(int(row["positions"]))
+                bar.set_postfix(blocks=f"{done}/{len(blocks)}", refresh=False)
+            commit_parts(out, build=build_args, duplicates_skipped=plan.duplicates, complete=False)
+    finally:
+        if bar is not None:
+            bar.close()
+        if started:
+            ray.shutdown()
