@@ -72,8 +72,9 @@ def import_vllm():
                                    "on a machine with a CUDA GPU, or use --backend transformers") from exc
     version = getattr(vllm, "__version__", "0")
     if _version_tuple(version) < MIN_VERSION:
+        need = ".".join(map(str, MIN_VERSION))
         raise VLLMUnavailableError(f"--backend vllm: vLLM {version} lacks logprobs_mode='raw_logprobs' (added in "
-                                   f"{'.'.join(map(str, MIN_VERSION))}); pip install 'vllm>={'.'.join(map(str, MIN_VERSION))}'")
+                                   f"{need}); pip install 'vllm>={need}'")
     return vllm
 
 
