@@ -30,6 +30,7 @@ actor (a shared POSIX filesystem on a cluster); the writer needs atomic renames.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import shutil
@@ -98,6 +99,8 @@ def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, con
         raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
     if ray_options.actors < 1:
         raise InvalidInputError(f"--ray-actors {ray_options.actors}: must be at least 1")
+    if importlib.util.find_spec("ray") is None:  # before tokenising the data, not after
+        raise InvalidInputError("--ray needs Ray Data: pip install 'logitstore[ray]' (ray[data])")
     data_fp = data_fingerprint(data)
     started = out.exists() and any(out.iterdir())
     if started and not resume:
