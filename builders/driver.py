@@ -29,6 +29,7 @@ from builders.generate import GenerationConfig, load_prompts, sampled_examples
 from logitstore.codec import Codec
 from logitstore.errors import InvalidInputError
 from logitstore.lock import check_unlocked
+from logitstore.parts import PARTS_DIR
 from logitstore.rules import Rule
 from logitstore.writer import default_seq_id
 
@@ -204,7 +205,7 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
         raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
     data_fp = data_fingerprint(data)  # also: a missing data path fails here, before the teacher loads
     check_unlocked(out)  # a build already writing ``out`` is named now, not after loading the teacher
-    if (out / "parts").exists():
+    if (out / PARTS_DIR).exists():
         raise InvalidInputError(f"{out} holds the parts of a distributed build (--ray); continue it with --ray "
                                 "--resume, or choose a new output path")
     backend = get_backend(config.backend)(teacher, **config.backend_options)

@@ -44,13 +44,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builders.data import Example, SkipReport, data_fingerprint
-from builders.driver import (RESUME_BUILD_KEYS, BuildConfig, Item, Plan, _items, _progress_bar, make_build_args,
-                             open_writer, positions_of, score_items, window_seed)
+from builders.driver import (
+    RESUME_BUILD_KEYS,
+    BuildConfig,
+    Item,
+    Plan,
+    _items,
+    _progress_bar,
+    make_build_args,
+    open_writer,
+    positions_of,
+    score_items,
+    window_seed,
+)
 from logitstore import format as F
 from logitstore.errors import CacheExistsError, InvalidInputError
 from logitstore.lock import LOCK_NAME, BuildLock, read_lock
 from logitstore.manifest import Manifest, load_manifest
-from logitstore.parts import PARTS_DIR, commit_parts, committed_seq_ids, part_manifests, part_name
+from logitstore.parts import PARTS_DIR, commit_parts, committed_seq_ids, part_manifests, part_name, remove_parts
+from logitstore.writer import build_key_diffs, rmdir_if_empty
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +148,11 @@ def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, con
         return m
     except BaseException:
         if created and not any(m.shards for m in _safe_parts(out).values()):
+            # what this build wrote goes under its lock; then only the empty directory, as the writer does
             shutil.rmtree(out / INPUTS_DIR, ignore_errors=True)
-            shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+            remove_parts(out)
             lock.release()
-            shutil.rmtree(out, ignore_errors=True)
+            rmdir_if_empty(out)
         raise
     finally:
         if lock.held:
@@ -154,32 +167,32 @@ def _safe_parts(out: Path) -> dict[int, Manifest]:
 
 
 def _check_resume(out: Path, old: Manifest, new: dict) -> None:
-    diffs = [f"build {k}: cache has {old.build.get(k)!r}, this build has {new.get(k)!r}"
-             for k in RAY_RESUME_KEYS if old.build.get(k) != new.get(k)]
+    diffs = build_key_diffs(old.build, new, RAY_RESUME_KEYS)
     if diffs:
         raise InvalidInputError(f"cannot resume {out}: " + "; ".join(diffs))
 
 
 def _plan(tokenizer, data: Path, out: Path, config: BuildConfig, report: SkipReport
-          ) -> tuple[Plan, list[tuple[int, int, int]], int]:
-    """Write the input of every block with work left, and the id-map counts; (plan, [(block, sequences,
-    positions)], positions to score)."""
+          ) -> tuple[Plan, list[int], int]:
+    """Write the input of every block with work left, and the id-map counts; (plan, the blocks, positions to
+    score)."""
     plan = Plan(committed_seq_ids(out, part_manifests(out)))
     inputs = out / INPUTS_DIR
     shutil.rmtree(inputs, ignore_errors=True)
     inputs.mkdir()
-    blocks: list[tuple[int, int, int]] = []
+    blocks: list[int] = []
+    total = 0
     id_counts = np.zeros(0, np.int64)
     items = _items(_Tokenising(tokenizer), data, config, report, None, None)
     for index, window, todo in plan.windows(items, config.window):
         if index == 0:  # the shared id map ranks the first window's tokens: the same on every run
             id_counts = np.bincount(np.concatenate([it.ex.input_ids for it in window]).astype(np.int64))
         if todo:
-            positions = sum(len(positions_of(it.ex, config.cache_prompt)[0]) for it in todo)
+            total += sum(len(positions_of(it.ex, config.cache_prompt)[0]) for it in todo)
             _write_input(inputs / f"block-{index:06d}.parquet", todo)
-            blocks.append((index, len(todo), positions))
+            blocks.append(index)
     pq.write_table(pa.table({"count": pa.array(id_counts, pa.int64())}), inputs / ID_COUNTS_FILE)
-    return plan, blocks, sum(p for _, _, p in blocks)
+    return plan, blocks, total
 
 
 def _write_input(path: Path, todo: list[Item]) -> None:
@@ -246,13 +259,11 @@ class BlockScorer:
 
 
 def _run_blocks(teacher: str, out: Path, config: BuildConfig, opts: RayOptions, build_args: dict,
-                blocks: list[tuple[int, int, int]], tokenizer: dict, plan: Plan, total: int,
+                blocks: list[int], tokenizer: dict, plan: Plan, total: int,
                 progress: bool) -> None:
-    try:
-        import ray
-        import ray.data
-    except ImportError as exc:
-        raise InvalidInputError("--ray needs Ray Data: pip install 'logitstore[ray]' (ray[data])") from exc
+    import ray  # present: build_ray checked before planning
+    import ray.data
+
     started = not ray.is_initialized()
     if started:
         quiet = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
@@ -267,7 +278,7 @@ def _run_blocks(teacher: str, out: Path, config: BuildConfig, opts: RayOptions, 
     if bar is not None:
         bar.reset(total=total)
     try:
-        ds = ray.data.from_items([{"block": b} for b, _, _ in blocks], override_num_blocks=len(blocks))
+        ds = ray.data.from_items([{"block": b} for b in blocks], override_num_blocks=len(blocks))
         ds = ds.map_batches(
             BlockScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=opts.actors),
             num_gpus=opts.gpus_per_actor or None, num_cpus=opts.cpus_per_actor,

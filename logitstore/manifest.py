@@ -19,8 +19,17 @@ from typing import Any
 from logitstore.errors import CacheNotFoundError, CorruptCacheError, FormatVersionError
 from logitstore.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS
 
-#: Allowed words for a field's exactness (see FORMAT.md, "Exactness").
-EXACTNESS_WORDS = ("exact", "quantised", "estimate", "bound", "absent")
+#: The words for a field's exactness, and what each says about its numbers (FORMAT.md, "Exactness").
+EXACTNESS_MEANING = {
+    "exact": "the teacher's own number, stored in float32",
+    "quantised": "exact up to the codec's stated error bound",
+    "estimate": "an estimate, not the teacher's number",
+    "bound": "an upper bound (entropy: the known top entries plus the rest of the mass spread uniformly over the "
+             "other ids); the sequences view's mean_entropy inherits it",
+    "absent": "not stored",
+}
+#: Allowed words for a field's exactness.
+EXACTNESS_WORDS = tuple(EXACTNESS_MEANING)
 
 
 @dataclasses.dataclass

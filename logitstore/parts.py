@@ -16,6 +16,7 @@ by construction (the writers are given the same token counts), is copied to the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from logitstore import format as F
 from logitstore.errors import InvalidInputError
-from logitstore.manifest import Manifest, ShardInfo, atomic_write_bytes, load_manifest, now, save_manifest
+from logitstore.manifest import Manifest, atomic_write_bytes, load_manifest, now, save_manifest
 
 PARTS_DIR = "parts"
 #: what every part of one cache must agree on
@@ -80,8 +81,7 @@ def commit_parts(cache: str | Path, *, build: dict[str, Any], duplicates_skipped
             raise InvalidInputError(f"{cache}: {part_name(block)} disagrees with {part_name(first_block)} on "
                                     f"{', '.join(diffs)}; the parts cannot form one cache")
     old = load_manifest(cache) if (cache / F.MANIFEST_NAME).is_file() else None
-    shards = [ShardInfo(**{**s.__dict__, "file": f"{part_name(b)}/{s.file}"})
-              for b in sorted(parts) for s in parts[b].shards]
+    shards = [dataclasses.replace(s, file=f"{part_name(b)}/{s.file}") for b in sorted(parts) for s in parts[b].shards]
     id_map = None
     if first.id_map:
         src = cache / part_name(first_block) / first.id_map["file"]

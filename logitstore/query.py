@@ -43,6 +43,7 @@ import duckdb
 
 from logitstore import format as F
 from logitstore.errors import CorruptCacheError
+from logitstore.manifest import EXACTNESS_MEANING
 from logitstore.reader import Cache
 
 MACROS = [
@@ -73,17 +74,6 @@ MACROS = [
 
 #: the sequences view: every per-sequence column of the format (logitstore/format.py), in its order
 SEQUENCE_VIEW_COLUMNS = tuple(name for name, *_ in F.SEQUENCE_COLUMNS)
-
-
-#: what each exactness word says about a field's numbers (FORMAT.md, "Exactness")
-EXACTNESS_MEANING = {
-    "exact": "the teacher's own number, stored in float32",
-    "quantised": "exact up to the codec's stated error bound",
-    "estimate": "an estimate, not the teacher's number",
-    "bound": "an upper bound (entropy: the known top entries plus the rest of the mass spread uniformly over the "
-             "other ids); the sequences view's mean_entropy inherits it",
-    "absent": "not stored",
-}
 
 
 def _sql_str(s: str) -> str:

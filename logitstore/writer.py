@@ -161,7 +161,7 @@ class CacheWriter:
         except BaseException:
             self._lock = None
             if self._created:
-                _rmdir_quietly(self.path)
+                rmdir_if_empty(self.path)
             raise
         try:
             self._open_locked()
@@ -245,11 +245,11 @@ class CacheWriter:
             if shard_dir.is_dir():
                 for p in shard_dir.iterdir():
                     p.unlink(missing_ok=True)
-                _rmdir_quietly(shard_dir)
+                rmdir_if_empty(shard_dir)
         self._lock.release()
         self._lock = None
         if remove_created and empty:
-            _rmdir_quietly(self.path)
+            rmdir_if_empty(self.path)
 
     def _write_error(self, exc: OSError, doing: str) -> CacheWriteError:
         what = exc.strerror or str(exc)
@@ -268,10 +268,7 @@ class CacheWriter:
             f"{name}: cache has {getattr(old, name)!r}, this build has {getattr(new, name)!r}"
             for name in ("vocab_size", "rule", "codec", "teacher", "tokenizer", "temperature")
             if getattr(old, name) != getattr(new, name)
-        ] + [
-            f"build {key}: cache has {old.build.get(key)!r}, this build has {new.build.get(key)!r}"
-            for key in self.resume_build_keys if old.build.get(key) != new.build.get(key)
-        ]
+        ] + build_key_diffs(old.build, new.build, self.resume_build_keys)
         if diffs:
             raise InvalidInputError(f"cannot resume {self.path}: " + "; ".join(diffs))
 
@@ -557,6 +554,12 @@ class CacheWriter:
         self._code_of = C.invert_id_map(id_map)
 
 
+def build_key_diffs(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """What a resume would change in the build arguments ``keys``, one phrase per differing key."""
+    return [f"build {key}: cache has {old.get(key)!r}, this build has {new.get(key)!r}"
+            for key in keys if old.get(key) != new.get(key)]
+
+
 def has_repeats(ids: np.ndarray, valid: np.ndarray | None) -> bool:
     """True when some row of ``ids [N, K]`` lists an id twice among its valid entries (None: all valid)."""
     if valid is None:
@@ -586,7 +589,8 @@ def _is_io_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, LogitstoreError)
 
 
-def _rmdir_quietly(path: Path) -> None:
+def rmdir_if_empty(path: Path) -> None:
+    """Remove the directory ``path`` if it is empty; otherwise (or if it is gone) leave it."""
     try:
         path.rmdir()
     except OSError:  # not empty (another writer's lock appeared meanwhile) or already gone: leave it

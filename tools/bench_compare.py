@@ -72,7 +72,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import logitstore as ls
-from tools.bench_store import ENTRY_COLUMNS, entries_for, sequences
+from tools.bench_store import entries_for, entry_column_bytes, sequences
 from tools.teacher_dump import load_or_compute
 
 V = 49152
@@ -123,14 +123,7 @@ def logitstore_rows(seqs, k, workdir) -> list[dict]:
         cache = ls.open(path)
         shards = sum(f.stat().st_size for f in cache.shard_paths)
         fixed = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) - shards
-        entry = 0
-        for f in cache.shard_paths:
-            md = pq.ParquetFile(f).metadata
-            for rg in range(md.num_row_groups):
-                for c in range(md.num_columns):
-                    col = md.row_group(rg).column(c)
-                    if col.path_in_schema.split(".")[0] in ENTRY_COLUMNS:
-                        entry += col.total_compressed_size
+        entry = entry_column_bytes(cache.shard_paths)
         positions = sum(len(s["label_lp"]) for s in seqs)
         blocks = list(cache.iter_blocks())
         err = None

@@ -46,6 +46,19 @@ V = 49152
 ENTRY_COLUMNS = ("topk_ids", "topk_codes", "topk_logprobs", "topk_logprob_deltas", "sample_counts")
 
 
+def entry_column_bytes(files) -> int:
+    """Compressed bytes of the sparse-entry columns in Parquet ``files``, from their footers."""
+    total = 0
+    for f in files:
+        md = pq.ParquetFile(f).metadata
+        for rg in range(md.num_row_groups):
+            for c in range(md.num_columns):
+                col = md.row_group(rg).column(c)
+                if col.path_in_schema.split(".")[0] in ENTRY_COLUMNS:
+                    total += col.total_compressed_size
+    return total
+
+
 def order0_bits(x: np.ndarray) -> float:
     """Total bits to code ``x`` with its own empirical symbol distribution (order 0)."""
     if x.size == 0:
@@ -132,14 +145,7 @@ def run_config(name, seqs, rule, codec, workdir) -> dict:
     assert np.array_equal(np.where(valid, dec_ids, -1), np.where(valid, ref_ids, -1)), name
     err = float(np.abs(dec_lp[valid] - ref_lp[valid]).max())  # nan when logprobs are not stored
     # bytes, by column, from the Parquet footers
-    entry_bytes = 0
-    for f in files:
-        md = pq.ParquetFile(f).metadata
-        for rg in range(md.num_row_groups):
-            for c in range(md.num_columns):
-                col = md.row_group(rg).column(c)
-                if col.path_in_schema.split(".")[0] in ENTRY_COLUMNS:
-                    entry_bytes += col.total_compressed_size
+    entry_bytes = entry_column_bytes(files)
     total = sum(f.stat().st_size for f in files)
     # order-0 floor of the stored entry symbols
     floor_bits = 0.0
