@@ -26,8 +26,9 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jinja2
 import numpy as np
@@ -242,7 +243,7 @@ def data_fingerprint(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------- tokenising
 
 
-class _Encoder:
+class Encoder:
     """The tokenizer calls ``load_examples`` needs: plain encoding, BOS, chat rendering, end-of-turn markers."""
 
     def __init__(self, tokenizer: Any):
@@ -288,10 +289,10 @@ def load_examples(path: str | os.PathLike, tokenizer: Any, *, fields: Fields = F
         if not isinstance(value, str) or not value:
             raise InvalidInputError(f"field name {name}={value!r} must be a non-empty string")
     report = report if report is not None else SkipReport()
-    return _examples(iter_records(path), path, _Encoder(tokenizer), fields, max_length, on_long, on_bad, report)
+    return _examples(iter_records(path), path, Encoder(tokenizer), fields, max_length, on_long, on_bad, report)
 
 
-def _examples(records, path, enc: _Encoder, fields: Fields, max_length: int | None, on_long: str, on_bad: str,
+def _examples(records, path, enc: Encoder, fields: Fields, max_length: int | None, on_long: str, on_bad: str,
               report: SkipReport) -> Iterator[Example]:
     n_read = 0
     for record, loc, raw in records:
@@ -321,14 +322,15 @@ def _examples(records, path, enc: _Encoder, fields: Fields, max_length: int | No
         logger.info("%s: %s", path, ", ".join(f"{k}={v}" for k, v in sorted(report.counts.items())))
 
 
-def _bad(loc: str, reason: str, what: str, field: str | None = None) -> BadRecordError:
+def bad_record(loc: str, reason: str, what: str, field: str | None = None) -> BadRecordError:
+    """A ``BadRecordError`` at ``loc`` for ``reason``, naming the field when there is one."""
     return BadRecordError(f"{loc}: field {field!r}: {what}" if field else f"{loc}: {what}",
                           location=loc, reason=reason, field=field)
 
 
 def _string(raw: dict, name: str, loc: str, kind: str) -> str:
     if not isinstance(raw[name], str):
-        raise _bad(loc, "wrong_type", f"must be a string, got {type(raw[name]).__name__} ({raw[name]!r:.60}); "
+        raise bad_record(loc, "wrong_type", f"must be a string, got {type(raw[name]).__name__} ({raw[name]!r:.60}); "
                    f"a {kind} record is tokenised from text", name)
     return _unicode(raw[name], loc, name)
 
@@ -339,14 +341,14 @@ def _unicode(text: str, loc: str, field: str, what: str = "") -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise _bad(loc, "invalid_utf8", f"{what}holds {text[exc.start]!r} at character {exc.start + 1}, a lone "
+        raise bad_record(loc, "invalid_utf8", f"{what}holds {text[exc.start]!r} at character {exc.start + 1}, a lone "
                    "surrogate that is not valid Unicode text", field) from None
     return text
 
 
-def _example(record: int, loc: str, raw: Any, enc: _Encoder, fields: Fields) -> Example:
+def _example(record: int, loc: str, raw: Any, enc: Encoder, fields: Fields) -> Example:
     if not isinstance(raw, dict):
-        raise _bad(loc, "not_object", f"the record is a {type(raw).__name__} ({raw!r:.60}), not an object with a "
+        raise bad_record(loc, "not_object", f"the record is a {type(raw).__name__} ({raw!r:.60}), not an object with a "
                    f"{fields.text!r}, {fields.messages!r} or {fields.prompt!r}+{fields.response!r} field")
     has = {name: raw.get(name) is not None for name in dataclasses.asdict(fields).values()}
     answer = answer_of(raw, fields)
@@ -357,7 +359,7 @@ def _example(record: int, loc: str, raw: Any, enc: _Encoder, fields: Fields) -> 
         kind = "prompt_response"
         prompt, response = (_string(raw, f, loc, "prompt+response") for f in (fields.prompt, fields.response))
         if not response.strip():
-            raise _bad(loc, "empty_response", "is empty; a prompt+response record trains on its response",
+            raise bad_record(loc, "empty_response", "is empty; a prompt+response record trains on its response",
                        fields.response)
         p_ids, r_ids = enc.encode([prompt, response])
         ids = enc.bos + p_ids + r_ids
@@ -366,17 +368,17 @@ def _example(record: int, loc: str, raw: Any, enc: _Encoder, fields: Fields) -> 
         kind = "text"
         text = _string(raw, fields.text, loc, "text")
         if not text.strip():
-            raise _bad(loc, "empty_text", "is empty; a text record needs text to train on", fields.text)
+            raise bad_record(loc, "empty_text", "is empty; a text record needs text to train on", fields.text)
         ids = enc.bos + enc.encode([text])[0]
         mask = np.ones(len(ids), bool)
     else:
-        raise _bad(loc, "no_known_field", f"the record has none of the fields {fields.messages!r}, {fields.prompt!r}"
-                   f" and {fields.response!r}, or {fields.text!r}; its fields: "
+        raise bad_record(loc, "no_known_field", f"the record has none of the fields {fields.messages!r}, "
+                   f"{fields.prompt!r} and {fields.response!r}, or {fields.text!r}; its fields: "
                    f"{', '.join(map(repr, list(raw)[:10])) or 'none'} (rename them with the field options)")
     mask[:1] = False
     if not mask.any():
-        raise _bad(loc, "too_short", f"the record tokenises to {len(ids)} token(s) with no target after the first; "
-                   "a training sequence needs a token to predict from and one to predict")
+        raise bad_record(loc, "too_short", f"the record tokenises to {len(ids)} token(s) with no target after the "
+                   "first; a training sequence needs a token to predict from and one to predict")
     return Example(record=record, input_ids=np.asarray(ids, np.int32), loss_mask=mask,
                    prompt_len=0 if kind == "text" else int(np.argmax(mask)), answer=answer, kind=kind)
 
@@ -391,34 +393,34 @@ def clean_messages(messages: Any, loc: str, field: str) -> list[dict]:
     """A chat field checked: a list of objects with string role (one of ROLES) and content; keys whose value is
     None are dropped (Parquet structs fill absent keys with None)."""
     if not isinstance(messages, list):
-        raise _bad(loc, "wrong_type", f"must be a list of {{'role', 'content'}} objects, got "
+        raise bad_record(loc, "wrong_type", f"must be a list of {{'role', 'content'}} objects, got "
                    f"{type(messages).__name__} ({messages!r:.60})", field)
     clean = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise _bad(loc, "wrong_type", f"message {j} must be an object with string 'role' and 'content', got "
+            raise bad_record(loc, "wrong_type", f"message {j} must be an object with string 'role' and 'content', got "
                        f"{m!r:.60}", field)
         if m["role"] not in ROLES:
-            raise _bad(loc, "unknown_role", f"message {j} has role {m['role']!r}; allowed roles: {ROLES}", field)
+            raise bad_record(loc, "unknown_role", f"message {j} has role {m['role']!r}; allowed roles: {ROLES}", field)
         _unicode(m["content"], loc, field, f"message {j} ")
         clean.append({k: v for k, v in m.items() if v is not None})
     return clean
 
 
-def require_chat_template(enc: _Encoder, loc: str, field: str) -> None:
+def require_chat_template(enc: Encoder, loc: str, field: str) -> None:
     if not getattr(enc.tok, "chat_template", None):
         raise DataFormatError(f"{loc}: a {field!r} record needs a tokenizer with a chat template, and "
                               f"{getattr(enc.tok, 'name_or_path', '') or type(enc.tok).__name__} has none")
 
 
-def _chat(messages: Any, loc: str, enc: _Encoder, field: str) -> tuple[list[int], np.ndarray]:
+def _chat(messages: Any, loc: str, enc: Encoder, field: str) -> tuple[list[int], np.ndarray]:
     """Token ids of the rendered chat and the mask of its assistant turns (see the module docstring)."""
     clean = clean_messages(messages, loc, field)
     turns = [j for j, m in enumerate(clean) if m["role"] == "assistant"]
     if not turns:
-        raise _bad(loc, "no_assistant", "the chat has no assistant turn, so nothing to train on", field)
+        raise bad_record(loc, "no_assistant", "the chat has no assistant turn, so nothing to train on", field)
     if turns[0] == 0:
-        raise _bad(loc, "assistant_first", "message 0 is an assistant turn: with nothing before it, the chat "
+        raise bad_record(loc, "assistant_first", "message 0 is an assistant turn: with nothing before it, the chat "
                    "template cannot render the prompt that locates its tokens; begin with a system or user "
                    "message", field)
     require_chat_template(enc, loc, field)
@@ -426,14 +428,14 @@ def _chat(messages: Any, loc: str, enc: _Encoder, field: str) -> tuple[list[int]
         renders = [(clean, False)] + [r for j in turns for r in ((clean[:j], True), (clean[:j + 1], False))]
         texts = [enc.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g) for m, g in renders]
     except jinja2.TemplateError as exc:
-        raise _bad(loc, "template_error", f"the chat template refused the conversation: {exc}", field) from exc
+        raise bad_record(loc, "template_error", f"the chat template refused the conversation: {exc}", field) from exc
     full, *parts = enc.encode(texts)
     mask = np.zeros(len(full), bool)
     for n, j in enumerate(turns):
         for text, ids in zip(texts[1 + 2 * n:3 + 2 * n], parts[2 * n:2 * n + 2]):
             if not texts[0].startswith(text) or full[:len(ids)] != ids:
-                raise _bad(loc, "template_mismatch", f"the chat template's render up to message {j} is not a token "
-                           "prefix of the whole conversation's render, so the assistant tokens cannot be located "
+                raise bad_record(loc, "template_mismatch", f"the chat template's render up to message {j} is not a "
+                           "token prefix of the whole conversation's render, so the assistant tokens cannot be located "
                            "exactly", field)
         a, b = len(parts[2 * n]), len(parts[2 * n + 1])
         mask[a:enc.turn_end(full, a, b)] = True

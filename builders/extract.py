@@ -1,7 +1,7 @@
 """Sparse distributions from hidden states, in chunks of positions.
 
 Given the final hidden states ``h [M, H]`` at M requested positions and the LM head
-(``Head``: weight, bias, and the model's post-head scale/softcap),
+(``logitstore.head.Head``: weight, bias, and the model's post-head scale/softcap),
 ``extract`` computes per position: the entries the rule keeps, the exact
 full-vocabulary entropy, the label logprob, the tail mass and the argmax, without
 ever materialising more than ``[chunk, V]`` logits. Per chunk it takes one
@@ -18,67 +18,14 @@ budget) whatever the sequence length.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from builders.backends.base import Scored
+from logitstore.head import Head
+from logitstore.records import Scored
 from logitstore.rules import MassTopK, Rule, Sampled, TopK
-
-
-@dataclasses.dataclass
-class Head:
-    """The LM head as raw parts: ``logits = post(h @ weight.T + bias)`` (post: optional scale and softcap)."""
-
-    weight: torch.Tensor  # [V, H]
-    bias: torch.Tensor | None = None
-    scale: float | None = None  # logits *= scale (Cohere's logit_scale; 1 / logits_scaling for Granite)
-    softcap: float | None = None  # logits = softcap * tanh(logits / softcap) (e.g. Gemma 2)
-
-    @classmethod
-    def of(cls, model) -> "Head | None":
-        """The head of a transformers causal LM with the post-head transforms its config names, or None
-        when the model exposes no separate LM head (then its logits cannot be computed from hidden states)."""
-        lm_head = model.get_output_embeddings()
-        if lm_head is None or model.base_model is model or not hasattr(lm_head, "weight"):
-            return None
-        cfg = model.config
-        scale = getattr(cfg, "logit_scale", None)
-        if getattr(cfg, "logits_scaling", None):  # Granite divides its logits
-            scale = (scale or 1.0) / cfg.logits_scaling
-        return cls(weight=lm_head.weight, bias=getattr(lm_head, "bias", None), scale=scale,
-                   softcap=getattr(cfg, "final_logit_softcapping", None))
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.weight.shape[0])
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        """Raw logits ``[C, V]`` of ``h [C, H]`` in float32, differentiable (for training; ``into`` is the
-        in-place inference path)."""
-        z = torch.nn.functional.linear(h.to(self.weight.dtype), self.weight, self.bias).float()
-        if self.scale:
-            z = z * self.scale
-        if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
-
-    def into(self, h: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor | None) -> None:
-        """Raw float32 logits of ``h [C, H]`` into ``out [C, V]`` (``tmp``: a model-dtype buffer when not fp32)."""
-        w = self.weight
-        if tmp is None:
-            torch.matmul(h.to(w.dtype), w.t(), out=out)
-        else:
-            torch.matmul(h.to(w.dtype), w.t(), out=tmp)
-            out.copy_(tmp)
-        if self.bias is not None:
-            out.add_(self.bias.float())
-        if self.scale:
-            out.mul_(self.scale)
-        if self.softcap:
-            out.div_(self.softcap).tanh_().mul_(self.softcap)
 
 
 class Buffers:

@@ -16,12 +16,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from builders.data import (BadRecordError, DataFormatError, Example, Fields, SkipReport, _bad, _Encoder, answer_of,
-                           clean_messages, iter_records, require_chat_template)
+from builders.data import (
+    BadRecordError,
+    DataFormatError,
+    Encoder,
+    Example,
+    Fields,
+    SkipReport,
+    answer_of,
+    bad_record,
+    clean_messages,
+    iter_records,
+    require_chat_template,
+)
 from builders.verifiers import get_verifier
 from logitstore.errors import InvalidInputError
 
@@ -55,7 +67,7 @@ def prompt_seed(seed: int, record: int) -> int:
 def load_prompts(path: str | os.PathLike, tokenizer: Any, *, fields: Fields = Fields(), on_bad: str = "error",
                  report: SkipReport | None = None) -> Iterator[tuple[int, np.ndarray, str | None]]:
     """(record, prompt token ids, reference answer) for every record that has a prompt."""
-    enc, report = _Encoder(tokenizer), report if report is not None else SkipReport()
+    enc, report = Encoder(tokenizer), report if report is not None else SkipReport()
     n_read = 0
     for record, loc, raw in iter_records(path):
         n_read += 1
@@ -71,22 +83,22 @@ def load_prompts(path: str | os.PathLike, tokenizer: Any, *, fields: Fields = Fi
         raise DataFormatError(f"no records in {path}: the input is empty or holds only blank lines")
 
 
-def _prompt_ids(raw: Any, loc: str, enc: _Encoder, fields: Fields) -> list[int]:
+def _prompt_ids(raw: Any, loc: str, enc: Encoder, fields: Fields) -> list[int]:
     if not isinstance(raw, dict):
-        raise _bad(loc, "not_object", f"the record is a {type(raw).__name__}, not an object")
+        raise bad_record(loc, "not_object", f"the record is a {type(raw).__name__}, not an object")
     if raw.get(fields.messages) is not None:
         msgs = clean_messages(raw[fields.messages], loc, fields.messages)
         while msgs and msgs[-1]["role"] == "assistant":
             msgs.pop()
         if not msgs:
-            raise _bad(loc, "no_prompt", "holds no message before its assistant turns", fields.messages)
+            raise bad_record(loc, "no_prompt", "holds no message before its assistant turns", fields.messages)
         require_chat_template(enc, loc, fields.messages)
         return enc.encode([enc.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)])[0]
     prompt = raw.get(fields.prompt)
     if prompt is None:
-        raise _bad(loc, "no_prompt", f"generation needs a {fields.prompt!r} or {fields.messages!r} field")
+        raise bad_record(loc, "no_prompt", f"generation needs a {fields.prompt!r} or {fields.messages!r} field")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise _bad(loc, "wrong_type", "must be a non-empty string", fields.prompt)
+        raise bad_record(loc, "wrong_type", "must be a non-empty string", fields.prompt)
     return enc.bos + enc.encode([prompt])[0]
 
 

@@ -1,12 +1,12 @@
 """Distributed builds on Ray Data: ``logitstore build TEACHER DATA -o CACHE --ray [ADDRESS]``.
 
 The coordinator (this process) reads and tokenises the data exactly as a one-process
-build does and cuts it into the same windows (``builders.driver.Plan``: duplicates
+build does and cuts it into the same windows (``builders.plan.Plan``: duplicates
 dropped, committed sequences skipped). Each window with work left becomes a *block*:
 its sequences go to ``CACHE/.inputs/block-NNNNNN.parquet``. A Ray Data pipeline then
 maps the block numbers over a pool of actors (``BlockScorer``), each holding one
 teacher backend (one per GPU, or one per CPU slot): an actor scores a block with the
-driver's own ``score_items`` and writes it through the store's ``CacheWriter`` into
+``builders.scoring.score_items`` and writes it through the store's ``CacheWriter`` into
 its own part, ``CACHE/parts/block-NNNNNN/`` (``logitstore.parts``). As blocks finish,
 the coordinator rewrites the top-level manifest over the parts' committed shards; the
 last rewrite marks the cache complete.
@@ -43,66 +43,43 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from builders.config import RAY_RESUME_KEYS, BuildConfig, RayOptions, build_record
 from builders.data import Example, SkipReport, data_fingerprint
-from builders.driver import (
-    RESUME_BUILD_KEYS,
-    BuildConfig,
-    Item,
-    Plan,
-    _items,
-    _progress_bar,
-    make_build_args,
-    open_writer,
-    positions_of,
-    score_items,
-    window_seed,
-)
+from builders.plan import Item, Plan, positions_of, sequences_to_score, window_seed
+from builders.scoring import open_writer, score_items
 from logitstore import format as F
-from logitstore.errors import CacheExistsError, InvalidInputError
+from logitstore.errors import CacheExistsError, InvalidInputError, TokenizerMismatchError
+from logitstore.identity import tokenizer_record
 from logitstore.lock import LOCK_NAME, BuildLock, read_lock
 from logitstore.manifest import Manifest, load_manifest
 from logitstore.parts import PARTS_DIR, commit_parts, committed_seq_ids, part_manifests, part_name, remove_parts
+from logitstore.progress import progress_bar
 from logitstore.writer import build_key_diffs, rmdir_if_empty
 
 logger = logging.getLogger(__name__)
 
 INPUTS_DIR = ".inputs"
 ID_COUNTS_FILE = "id_counts.parquet"  # the token counts every part's id map is ranked by
-#: a resume must also keep the windows, which define the blocks
-RAY_RESUME_KEYS = RESUME_BUILD_KEYS + ("window",)
 _INPUT_SCHEMA = pa.schema([
     ("record", pa.int64()), ("sample", pa.int32()), ("correct", pa.bool_()), ("prompt_len", pa.int32()),
     ("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.bool_())),
 ])
 
 
-@dataclasses.dataclass
-class RayOptions:
-    """Where and how wide a distributed build runs."""
-
-    address: str | None = None
-    """None: start a local Ray instance on this machine; "auto": the running cluster; or ray://HOST:PORT"""
-    actors: int = 1
-    """teacher replicas (actors), each scoring one block at a time"""
-    gpus_per_actor: float = 0
-    """GPUs each actor reserves (its backend's tensor-parallel size with vLLM)"""
-    cpus_per_actor: float = 1
-
-
 class _Tokenising:
-    """What ``builders.driver._items`` needs of a backend to read records: the tokenizer alone."""
+    """What ``builders.plan.sequences_to_score`` needs of a backend to read records: the tokenizer alone."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
 
 
-def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config: BuildConfig,
-              ray_options: RayOptions, *, resume: bool = False, progress: bool = True,
-              argv: list[str] | None = None) -> Manifest:
-    """Build (or continue) the cache ``out`` with a pool of Ray actors; see the module docstring."""
+def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config: BuildConfig, *,
+              resume: bool = False, progress: bool = True, argv: list[str] | None = None) -> Manifest:
+    """Build (or continue) the cache ``out`` with a pool of Ray actors (``config.ray``); see the module
+    docstring. ``builders.driver.build`` calls this for a config with ``ray`` set."""
     from builders.backends.hf import load_tokenizer
-    from builders.tokenizers import tokenizer_record
 
+    ray_options = config.ray if config.ray is not None else RayOptions()
     out, data = Path(out).absolute(), Path(data)
     if config.generation is not None:
         raise InvalidInputError("--ray builds score the given records; generation mode (--generate) runs in one "
@@ -127,10 +104,8 @@ def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, con
     try:
         trust = bool(config.backend_options.get("trust_remote_code", False))
         tokenizer = load_tokenizer(teacher, trust_remote_code=trust)
-        ray_record = {"address": ray_options.address, "actors": ray_options.actors,
-                      "gpus_per_actor": ray_options.gpus_per_actor, "cpus_per_actor": ray_options.cpus_per_actor}
-        build_args = {**make_build_args(teacher, data, data_fp, config, dict(config.backend_options), argv),
-                      "ray": ray_record}
+        build_args = build_record(teacher, data, data_fp, dataclasses.replace(config, ray=ray_options),
+                                  dict(config.backend_options), argv)
         if (out / F.MANIFEST_NAME).is_file():
             _check_resume(out, load_manifest(out), build_args)
         report = SkipReport()
@@ -183,7 +158,7 @@ def _plan(tokenizer, data: Path, out: Path, config: BuildConfig, report: SkipRep
     blocks: list[int] = []
     total = 0
     id_counts = np.zeros(0, np.int64)
-    items = _items(_Tokenising(tokenizer), data, config, report, None, None)
+    items = sequences_to_score(_Tokenising(tokenizer), data, config, report)
     for index, window, todo in plan.windows(items, config.window):
         if index == 0:  # the shared id map ranks the first window's tokens: the same on every run
             id_counts = np.bincount(np.concatenate([it.ex.input_ids for it in window]).astype(np.int64))
@@ -223,7 +198,6 @@ class BlockScorer:
 
     def __init__(self, teacher: str, out: str, config: BuildConfig, build: dict, tokenizer: dict):
         from builders.backends import get_backend
-        from builders.tokenizers import TokenizerMismatchError
 
         self.out, self.config, self.build = Path(out), config, build
         self.id_counts = pq.read_table(self.out / INPUTS_DIR / ID_COUNTS_FILE).column("count").to_numpy()
@@ -274,9 +248,7 @@ def _run_blocks(teacher: str, out: Path, config: BuildConfig, opts: RayOptions, 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts positions
     ctx.print_on_execution_start = False
-    bar = _progress_bar(progress)
-    if bar is not None:
-        bar.reset(total=total)
+    bar = progress_bar(progress, desc="scoring", total=total)
     try:
         ds = ray.data.from_items([{"block": b} for b in blocks], override_num_blocks=len(blocks))
         ds = ds.map_batches(

@@ -11,9 +11,9 @@ For every cached position (``pos``: the token ``input_ids[pos]`` predicted from
   bucket (the exact other-bucket form): teacher ``p_i = exp(cached logprob)`` for i in
   S and ``p_other = tail_mass``; student ``q_i`` for i in S and ``q_other = 1 - sum q_S``
   (computed as the sum of q outside S, which avoids the cancellation of ``1 - sum``).
-  ``KL(p||q) = sum_b p_b (log p_b - log q_b)`` with every bucket floored at 1e-12 inside
-  the logs; ``tvd = sum_b |p_b - q_b| / 2``. Coarse-graining never increases an
-  f-divergence, so these are lower bounds of the full-vocabulary ones. With quantised
+  ``KL(p||q) = sum_b p_b log(p_b / q_b)``, a zero ``p_b`` contributing 0 and ``q_b`` floored
+  at 1e-12 (``logitstore.divergence``, the one definition); ``tvd = sum_b |p_b - q_b| / 2``.
+  Coarse-graining never increases an f-divergence, so these are lower bounds of the full-vocabulary ones. With quantised
   cache values (qdelta, fp16) the teacher buckets sum to 1 only within the codec's
   error, and the divergences carry that error. A cache without stored logprobs
   (``--values none``) gets NULL divergences.
@@ -43,14 +43,11 @@ chunks, into two ``[chunk, V]`` float32 buffers allocated once and used in place
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,10 +57,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import logitstore
-from builders.driver import batches
-from builders.tokenizers import check_tokenizer
+from builders.plan import batches
+from logitstore.divergence import bucket_divergences
 from logitstore.errors import CacheExistsError, InvalidInputError
+from logitstore.identity import check_tokenizer
 from logitstore.manifest import atomic_write_bytes, fsync_dir, now
+from logitstore.progress import progress_bar
+from logitstore.scores import INFO_FILE, SCHEMA, SCORES_FILE
 
 if TYPE_CHECKING:  # torch and the backend load when a run starts, so building the CLI parser stays fast
     import torch
@@ -73,47 +73,26 @@ if TYPE_CHECKING:  # torch and the backend load when a run starts, so building t
 
 logger = logging.getLogger(__name__)
 
-SCORES_FILE = "scores.parquet"
-INFO_FILE = "scores.json"
-PARQUET_META_KEY = b"logitstore_scores"
-FLOOR = 1e-12  # zero buckets are floored at this inside logs, so KL stays finite
-SCHEMA = pa.schema([
-    ("seq_id", pa.string()),
-    ("pos", pa.int32()),
-    ("student_label_logprob", pa.float32()),
-    ("student_entropy", pa.float32()),
-    ("student_top1", pa.int32()),
-    ("kl_teacher_student", pa.float32()),
-    ("kl_student_teacher", pa.float32()),
-    ("tvd", pa.float32()),
-])
-
-
 @dataclasses.dataclass
 class _Job:
-    """A cached sequence in the shape ``builders.driver.batches`` sorts (it reads ``.ex.input_ids``)."""
+    """A cached sequence in the shape ``builders.plan.batches`` sorts (it reads ``.ex.input_ids``)."""
 
     ex: logitstore.reader.Sequence
     index: int  # its row in the block, to write results back in storage order
 
 
-def _log_floor(x: np.ndarray) -> np.ndarray:
-    return np.log(np.maximum(x, FLOOR))
-
-
 def divergences(p_s: np.ndarray, p_other: np.ndarray, q_s: np.ndarray, q_other: np.ndarray,
                 valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Forward KL, reverse KL and TVD of the bucket distributions ``[M, K] + other`` (float64).
+    """Forward KL, reverse KL and TVD of the bucket distributions ``[M, K] + other`` (float64,
+    ``logitstore.divergence.bucket_divergences``).
 
     ``p_s``/``q_s``: teacher/student probabilities of the support entries ``[M, K]`` (ignored
     where not ``valid``); ``p_other``/``q_other``: the rest of each one's mass ``[M]``.
     """
     p = np.concatenate([np.where(valid, p_s, 0.0), p_other[:, None]], axis=1)
     q = np.concatenate([np.where(valid, q_s, 0.0), q_other[:, None]], axis=1)
-    lp, lq = _log_floor(p), _log_floor(q)
-    kl_pq = (p * (lp - lq)).sum(axis=1)  # a zero bucket contributes 0: its factor is 0 and both logs are finite
-    kl_qp = (q * (lq - lp)).sum(axis=1)
-    return kl_pq, kl_qp, 0.5 * np.abs(p - q).sum(axis=1)
+    d = bucket_divergences(p, q)
+    return d["kl_pq"], d["kl_qp"], d["tvd"]
 
 
 def _score_chunk(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> dict[str, np.ndarray]:
@@ -215,7 +194,7 @@ def score_cache(cache_path: str | os.PathLike, student: str, out: str | os.PathL
         shutil.rmtree(tmp)  # left by an earlier crash of this very process id
     tmp.mkdir()
     sums = {"nll": 0.0, "entropy": 0.0, "kl": 0.0, "hits": 0}
-    bar = _progress_bar(progress, m.positions)
+    bar = progress_bar(progress, desc="student scoring", total=m.positions)
     t0 = time.time()
     try:
         writer = pq.ParquetWriter(tmp / SCORES_FILE, SCHEMA, compression="zstd")
@@ -307,53 +286,3 @@ def _summary(sums: dict, n: int, stored: bool) -> dict:
         return {"student_nll": None, "student_entropy": None, "student_accuracy": None, "kl_teacher_student": None}
     return {"student_nll": sums["nll"] / n, "student_entropy": sums["entropy"] / n,
             "student_accuracy": sums["hits"] / n, "kl_teacher_student": sums["kl"] / n if stored else None}
-
-
-def _progress_bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="pos", unit_scale=True, desc="student scoring", file=sys.stderr,
-                dynamic_ncols=True, disable=None)  # None: off when stderr is not a terminal
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_subparser(sub) -> None:
-    """Register ``logitstore score CACHE STUDENT -o SCORES`` on an argparse subparsers object."""
-    p = sub.add_parser(
-        "score", help="run a student over the cache: per-position entropy, label logprob, divergence to the teacher",
-        description="Run STUDENT (a local HF model directory or hub id with the teacher's tokenizer) over every "
-                    "cached sequence and write SCORES/scores.parquet, one row per cached position: seq_id, pos, "
-                    "student_label_logprob, student_entropy, student_top1, kl_teacher_student, kl_student_teacher, "
-                    "tvd (divergences over the teacher's stored support plus one other bucket; NULL for a cache "
-                    "without logprobs). Join it with the tokens view: ... FROM tokens t JOIN "
-                    "read_parquet('SCORES/scores.parquet') s USING (seq_id, pos).")
-    p.add_argument("cache", metavar="CACHE", help="cache directory")
-    p.add_argument("student", metavar="STUDENT", help="student model: a local directory or a hub id")
-    p.add_argument("-o", "--output", required=True, metavar="SCORES", help="directory to create (new or empty)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="student dtype (default fp32)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    p.add_argument("--token-budget", type=int, default=8192, help="padded tokens per student batch (default 8192)")
-    p.add_argument("--extract-mb", type=int, default=96, help="memory for the LM head/softmax chunks, MiB (default 96)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model repository's own Python code to run")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """The ``score`` command: score, then print one summary line."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = score_cache(args.cache, args.student, args.output, dtype=args.dtype, device=args.device,
-                      token_budget=args.token_budget, extract_mb=args.extract_mb, progress=not args.quiet,
-                      trust_remote_code=args.trust_remote_code)
-    info = json.loads((out / INFO_FILE).read_text(encoding="utf-8"))
-    s = info["summary"]
-    fmt = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.4f}"  # noqa: E731
-    print(f"{out}: {info['rows']:,} positions of {info['sequences']:,} sequences; student nll {fmt(s['student_nll'])}, "
-          f"entropy {fmt(s['student_entropy'])}, accuracy {fmt(s['student_accuracy'])}, "
-          f"KL(teacher||student) {fmt(s['kl_teacher_student'])} nats")
-    return 0

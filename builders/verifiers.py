@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from logitstore.errors import InvalidInputError
 
-Verifier = Callable[[str, Optional[str]], Optional[bool]]
+Verifier = Callable[[str, str | None], bool | None]
 BUILT_IN = ("exact", "last-number", "regex:PATTERN")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 

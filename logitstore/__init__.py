@@ -1,15 +1,15 @@
 """logitstore: a sparse teacher-logit store for offline knowledge distillation.
 
 The store (this package): ``CacheWriter`` writes sparse per-token teacher
-distributions into zstd-compressed Parquet shards with a manifest; ``open``
-reads them back as numpy arrays; ``verify`` checks a cache against its
-manifest and the spec (FORMAT.md).
+distributions (``SequenceRecord`` of ``Scored`` positions) into zstd-compressed
+Parquet shards with a manifest; ``open`` reads them back as numpy arrays;
+``verify`` checks a cache against its manifest and the spec (FORMAT.md);
+``Cache.sql`` / ``logitstore.query`` put DuckDB views over it. The store needs no
+torch (only ``logitstore.head``, the LM head shared by builders and trainers, does).
 """
 
-__version__ = "0.1.0"
-
-from logitstore.codec import Codec  # noqa: E402
-from logitstore.errors import (  # noqa: E402
+from logitstore.codec import Codec
+from logitstore.errors import (
     CacheExistsError,
     CacheLockedError,
     CacheNotFoundError,
@@ -18,15 +18,18 @@ from logitstore.errors import (  # noqa: E402
     FormatVersionError,
     InvalidInputError,
     LogitstoreError,
+    TokenizerMismatchError,
 )
-from logitstore.format import FORMAT_VERSION  # noqa: E402
-from logitstore.reader import Block, Cache, Sequence, open  # noqa: E402,A004
-from logitstore.rules import MassTopK, Sampled, TopK, sparsify  # noqa: E402
-from logitstore.writer import CacheWriter, sequence_id  # noqa: E402
+from logitstore.format import FORMAT_VERSION
+from logitstore.reader import Block, Cache, Sequence, open  # noqa: A004
+from logitstore.records import Scored, SequenceRecord
+from logitstore.rules import MassTopK, Sampled, TopK, sparsify
+from logitstore.version import __version__
+from logitstore.writer import CacheWriter, sequence_id
 
 __all__ = [
     "FORMAT_VERSION", "Block", "Cache", "CacheExistsError", "CacheLockedError", "CacheNotFoundError",
-    "CacheWriteError", "CacheWriter", "Codec",
-    "CorruptCacheError", "FormatVersionError", "InvalidInputError", "LogitstoreError", "MassTopK", "Sampled",
-    "Sequence", "TopK", "open", "sequence_id", "sparsify",
+    "CacheWriteError", "CacheWriter", "Codec", "CorruptCacheError", "FormatVersionError", "InvalidInputError",
+    "LogitstoreError", "MassTopK", "Sampled", "Scored", "Sequence", "SequenceRecord", "TokenizerMismatchError",
+    "TopK", "__version__", "open", "sequence_id", "sparsify",
 ]

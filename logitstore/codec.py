@@ -57,7 +57,7 @@ class Codec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Codec":
+    def from_dict(cls, d: dict[str, Any]) -> Codec:
         return cls(**d)
 
     def logprob_error_text(self) -> str:

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from logitstore.divergence import divergences
 from logitstore.errors import CacheExistsError, InvalidInputError
 from logitstore.manifest import atomic_write_bytes, now
+from logitstore.progress import progress_bar
 from logitstore.reader import Cache
 from logitstore.selection import cache_fingerprint
 
@@ -53,7 +54,7 @@ def diff(a_path, b_path, out: str | os.PathLike, *, progress: bool = False) -> d
     cols: dict[str, list] = {k: [] for k in ("seq_id", "pos", "kl_ab", "kl_ba", "js", "tvd", "top1_agree")}
     per_seq: dict[str, list] = {k: [] for k in ("seq_id", "n_positions", "kl_ab", "kl_ba", "js", "tvd",
                                                  "top1_agreement")}
-    bar = _bar(progress, len(common))
+    bar = progress_bar(progress, desc="diff", unit="seq", total=len(common))
     for sa, sb in _pairs(a, b, common):
         if not np.array_equal(sa.input_ids, sb.input_ids):
             raise InvalidInputError(f"seq {sa.seq_id}: the two caches hold different token ids under one seq_id")
@@ -105,11 +106,3 @@ def _pairs(a: Cache, b: Cache, common: list[str], chunk: int = 2048):
 
 def _pad(x: np.ndarray, k: int, fill) -> np.ndarray:
     return x if x.shape[1] == k else np.pad(x, ((0, 0), (0, k - x.shape[1])), constant_values=fill)
-
-
-def _bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="seq", desc="diff", disable=None)

@@ -1,18 +1,24 @@
-"""Divergences between two sparse distributions per position, vectorised in numpy.
+"""Divergences between distributions over buckets, per position, vectorised in numpy (float64).
 
-The same definition as the SQL macros of ``logitstore.query``: both distributions are
-coarse-grained onto the ids they share plus one "other" bucket with the rest of each
-one's mass, and KL / JS / TVD are computed over those buckets. The results are exact
-for the coarse-grained pair and lower bounds of the full-vocabulary divergences.
+``bucket_divergences(p, q)`` is the one definition: ``p`` and ``q`` are ``[N, B]``
+probabilities over the same B buckets (each row sums to 1 up to rounding); KL both ways
+is ``sum_b p_b log(p_b / q_b)`` with a zero ``p_b`` contributing 0 and a zero ``q_b``
+floored at ``FLOOR`` (so KL stays finite), JS is over the midpoint, TVD is
+``sum |p - q| / 2``. Its users:
 
-Inputs are padded ``[N, K]`` arrays as the reader returns them (ids -1 and logprobs
--inf where invalid).
+- ``divergences`` (``logitstore diff``, and the SQL macros of ``logitstore.views`` by
+  the same definition): two sparse distributions coarse-grained onto the ids they share
+  plus one "other" bucket with the rest of each one's mass; exact for the coarse-grained
+  pair and lower bounds of the full-vocabulary divergences. Inputs are padded ``[N, K]``
+  arrays as the reader returns them (ids -1 and logprobs -inf where invalid).
+- ``builders.score``: teacher and student over the teacher's stored support plus "other".
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+#: a zero bucket of the second distribution is floored at this inside the log, so KL stays finite
 FLOOR = 1e-12
 
 
@@ -36,22 +42,26 @@ def coarse(ids_p: np.ndarray, lp_p: np.ndarray, ids_q: np.ndarray, lp_q: np.ndar
     return pp, qq, shared
 
 
-def _with_other(x: np.ndarray) -> np.ndarray:
+def with_other(x: np.ndarray) -> np.ndarray:
+    """``[N, B]`` bucket probabilities plus one last bucket with the rest of the mass (``1 - sum``, >= 0)."""
     return np.concatenate([x, np.maximum(1.0 - x.sum(-1, keepdims=True), 0.0)], axis=-1)
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+def kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``sum_b p_b log(p_b / q_b)`` per row: 0 where ``p_b = 0``, ``q_b`` floored at ``FLOOR``."""
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(p > 0, p * np.log(p / np.maximum(q, FLOOR)), 0.0)
     return t.sum(-1)
 
 
+def bucket_divergences(p: np.ndarray, q: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row of ``[N, B]`` bucket probabilities: ``kl_pq``, ``kl_qp``, ``js``, ``tvd``."""
+    m = (p + q) / 2
+    return {"kl_pq": kl(p, q), "kl_qp": kl(q, p), "js": 0.5 * kl(p, m) + 0.5 * kl(q, m),
+            "tvd": 0.5 * np.abs(p - q).sum(-1)}
+
+
 def divergences(ids_p, lp_p, ids_q, lp_q) -> dict[str, np.ndarray]:
     """Per position: ``kl_pq``, ``kl_qp``, ``js``, ``tvd`` over shared ids + other, and ``top1_agree``."""
     pp, qq, _ = coarse(ids_p, lp_p, ids_q, lp_q)
-    p, q = _with_other(pp), _with_other(qq)
-    m = (p + q) / 2
-    return {
-        "kl_pq": _kl(p, q), "kl_qp": _kl(q, p), "js": 0.5 * _kl(p, m) + 0.5 * _kl(q, m),
-        "tvd": 0.5 * np.abs(p - q).sum(-1), "top1_agree": ids_p[:, 0] == ids_q[:, 0],
-    }
+    return {**bucket_divergences(with_other(pp), with_other(qq)), "top1_agree": ids_p[:, 0] == ids_q[:, 0]}

@@ -36,3 +36,7 @@ class CacheLockedError(LogitstoreError, RuntimeError):
 
 class CacheWriteError(LogitstoreError, OSError):
     """Writing the cache failed (disk full, I/O error); the cache stays at its last committed manifest."""
+
+
+class TokenizerMismatchError(InvalidInputError):
+    """A model's tokenizer or vocabulary does not match the one a cache was built with."""

@@ -58,7 +58,8 @@ SEQUENCE_COLUMNS = [
     ("input_ids", _list(_I32), False, "the full token ids of the sequence"),
 ]
 POSITION_COLUMNS = [
-    ("pos", _list(_I32), False, "index in input_ids of the predicted token (>= 1, strictly increasing); label = input_ids[pos]"),
+    ("pos", _list(_I32), False,
+     "index in input_ids of the predicted token (>= 1, strictly increasing); label = input_ids[pos]"),
     ("loss_mask", _list(pa.bool_()), False, "true where the position is a training target"),
     ("label_logprob", None, False, "teacher full-vocabulary logprob of the label (nats, <= 0); float32 or float16"),
     ("entropy", None, False, "teacher full-vocabulary entropy (nats); float32 or float16"),

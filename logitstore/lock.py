@@ -97,7 +97,7 @@ class BuildLock:
         self.held = False
         self._data = b""
 
-    def __enter__(self) -> "BuildLock":
+    def __enter__(self) -> BuildLock:
         self.acquire()
         return self
 

@@ -113,7 +113,7 @@ class Manifest:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "Manifest":
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
         if d.get("format") != FORMAT_NAME:
             raise CorruptCacheError(f"{where}: 'format' is {d.get('format')!r}, expected {FORMAT_NAME!r}")
         version = d.get("format_version")
@@ -121,7 +121,8 @@ class Manifest:
             raise FormatVersionError(
                 f"{where}: format_version {version!r} is not readable by this logitstore "
                 f"(reads {', '.join(map(str, READABLE_VERSIONS))}); "
-                + ("upgrade logitstore" if isinstance(version, int) and version > FORMAT_VERSION else "rebuild the cache")
+                + ("upgrade logitstore" if isinstance(version, int) and version > FORMAT_VERSION
+                   else "rebuild the cache")
             )
         totals = d.get("totals")
         d = {k: v for k, v in d.items() if k != "totals"}
@@ -148,7 +149,7 @@ def _is_int(x: object, lo: int = 0, hi: int = 2**63 - 1) -> bool:
     return type(x) is int and lo <= x <= hi
 
 
-def _check_types(m: "Manifest", where: str) -> None:
+def _check_types(m: Manifest, where: str) -> None:
     """Every value a reader computes with has its type and range (an edited manifest fails here, by name)."""
     from logitstore.codec import Codec
     from logitstore.errors import LogitstoreError

@@ -10,40 +10,28 @@ the list columns. Reading needs numpy and pyarrow only, never torch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
+from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence as Seq
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from logitstore import codec as C
 from logitstore import format as F
 from logitstore.errors import CorruptCacheError, InvalidInputError
-from logitstore.manifest import Manifest, load_manifest
+from logitstore.idmap import read_id_map
+from logitstore.manifest import load_manifest
+from logitstore.records import Scored, SequenceRecord
 from logitstore.rules import rule_from_dict
+from logitstore.selection import Selection, check_fingerprint, is_selection_file, load_selection
 
 # What pyarrow raises on a damaged file: its own errors, OS errors, and undecodable footers.
 _READ_ERRORS = (OSError, pa.ArrowException, UnicodeDecodeError, ValueError)
-
-
-def read_id_map(path: Path, manifest: Manifest) -> np.ndarray:
-    """The code -> token id table of a ranked-id cache, checked against the manifest."""
-    f = Path(path) / manifest.id_map["file"]
-    try:
-        data = f.read_bytes()
-    except OSError as exc:
-        raise CorruptCacheError(f"{f}: cannot read the id map ({exc})") from exc
-    if hashlib.sha256(data).hexdigest() != manifest.id_map["sha256"]:
-        raise CorruptCacheError(f"{f}: checksum does not match the manifest")
-    t = pq.read_table(pa.BufferReader(data))
-    m = t.column("token_id").to_numpy().astype(np.int32)
-    if m.size != manifest.vocab_size or not np.array_equal(np.sort(m), np.arange(m.size)):
-        raise CorruptCacheError(f"{f}: not a permutation of the {manifest.vocab_size} token ids")
-    return m
 
 
 @dataclasses.dataclass
@@ -72,7 +60,7 @@ class Block:
     def valid(self) -> np.ndarray:
         return np.arange(self.ids.shape[1])[None, :] < self.n_entries[:, None]
 
-    def sequence(self, i: int) -> "Sequence":
+    def sequence(self, i: int) -> Sequence:
         a, b = self.pos_offsets[i], self.pos_offsets[i + 1]
         ta, tb = self.token_offsets[i], self.token_offsets[i + 1]
         return Sequence(
@@ -111,6 +99,20 @@ class Sequence:
     n_entries: np.ndarray
     counts: np.ndarray | None
 
+    def record_of(self) -> SequenceRecord:
+        """This sequence as ``CacheWriter.add`` takes it (entries trimmed to their widest position; the stored
+        aggregates carried over), e.g. to copy it into another cache."""
+        k = max(1, int(self.n_entries.max(initial=1)))
+        scored = Scored(ids=self.ids[:, :k].clip(min=0),
+                        logprobs=None if self.logprobs is None else self.logprobs[:, :k],
+                        n_entries=self.n_entries, counts=None if self.counts is None else self.counts[:, :k],
+                        label_logprob=self.label_logprob, entropy=self.entropy, tail_mass=self.tail_mass)
+        return SequenceRecord(input_ids=self.input_ids, positions=self.pos, loss_mask=self.loss_mask, scored=scored,
+                              seq_id=self.seq_id, record=int(self.record), sample=int(self.sample),
+                              correct=self.correct,
+                              aggregates={"mean_entropy": self.mean_entropy, "teacher_nll": self.teacher_nll,
+                                          "token_accuracy": self.token_accuracy})
+
 
 class Cache:
     """A cache on disk, read through its last committed manifest."""
@@ -119,8 +121,6 @@ class Cache:
         """``path``: a cache directory, a selection file, or a ``Selection`` (opened on its cache).
         ``check_totals=False`` (for ``verify``, which reports it) accepts a manifest whose totals disagree with
         its shard list; a reader refuses it, since a dropped shard entry would make sequences vanish."""
-        from logitstore.selection import Selection, check_fingerprint, is_selection_file, load_selection
-
         self.selection = None  # a Selection when opened through one
         self._subset: frozenset[str] | None = None
         if isinstance(path, Selection) or is_selection_file(path):
@@ -165,8 +165,6 @@ class Cache:
         """Only the selected sequences' rows (all rows when this is not a selection)."""
         if self._subset is None:
             return table
-        import pyarrow.compute as pc
-
         return table.filter(pc.is_in(table.column("seq_id"), value_set=self._subset_values))
 
     @property
@@ -174,18 +172,43 @@ class Cache:
         return [self.path / s.file for s in self.manifest.shards]
 
     def __repr__(self) -> str:
-        return f"Cache({str(self.path)!r}, sequences={len(self)}, positions={self.num_positions}, rule={self.manifest.rule})"
+        return (f"Cache({str(self.path)!r}, sequences={len(self)}, positions={self.num_positions}, "
+                f"rule={self.manifest.rule})")
 
     def sql(self, query: str):
         """Run DuckDB SQL over this cache's views (``sequences``, ``tokens``, ``manifest``; see
-        ``logitstore.query``) and return the DuckDB relation (``.fetchall()``, ``.df()``, ``.arrow()``)."""
-        from logitstore.query import connect
+        ``logitstore.views``) and return the DuckDB relation (``.fetchall()``, ``.df()``, ``.arrow()``)."""
+        from logitstore import views  # DuckDB loads on first use: reading needs numpy and pyarrow only
 
         if getattr(self, "_con", None) is None:
-            self._con = connect(self)
+            self._con = views.connect(self)
         return self._con.sql(query)
 
-    # ------------------------------------------------------------ raw access
+    # ------------------------------------------------------------ raw access (the loader's seam)
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest.shards)
+
+    def row_group_rows(self, shard: int) -> list[int]:
+        """The number of rows (sequences) of each row group of ``shard``, from its footer (after the reader's
+        checks of that shard against the manifest)."""
+        md = self._file(shard).metadata
+        return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+    def read(self, shard: int, row_group: int | None = None, columns: Seq[str] | None = None, *,
+             restrict: bool = True) -> pa.Table:
+        """The raw (encoded) rows of one row group of ``shard`` (``row_group=None``: the whole shard), only
+        ``columns`` when given, checked against the manifest and page CRCs. Opened on a selection, only the
+        selected sequences' rows unless ``restrict=False`` (then ``seq_id`` is read too when filtering).
+        ``decode`` turns such a table into a ``Block``."""
+        if not (0 <= shard < self.num_shards):
+            raise InvalidInputError(f"shard {shard} is not in [0, {self.num_shards})")
+        cols = None if columns is None else list(columns)
+        if not restrict or self._subset is None or cols is None or "seq_id" in cols:
+            t = self._read(shard, row_group, cols)
+            return t if not restrict else self._restrict(t)
+        return self._restrict(self._read(shard, row_group, ["seq_id", *cols])).select(cols)
+
     def _file(self, shard: int) -> pq.ParquetFile:
         f = self._files.get(shard)
         if f is None:

@@ -16,13 +16,11 @@ URIs, no script and no link to anything outside the file) with
 Every number comes from SQL through ``logitstore.query.connect``. Plots are drawn on
 ``matplotlib.figure.Figure`` objects with the Agg canvas attached explicitly, so the global
 pyplot backend of the calling process (a notebook, say) is never switched. The page is written
-to a temporary file and renamed over ``out``. ``add_subparser`` registers the ``report``
-subcommand on the ``logitstore`` command line.
+to a temporary file and renamed over ``out``.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -329,25 +327,3 @@ def _mean(a: np.ndarray) -> float | None:
 
 
 # ---------------------------------------------------------------- command line
-
-
-def add_subparser(sub) -> None:
-    """Register ``report`` on an argparse subparsers object: ``logitstore report CACHE -o OUT [--top N]``."""
-    p = sub.add_parser("report", help="a self-contained HTML report of a cache: summary, plots, telling rows",
-                       description="Write one HTML file (plots embedded, no external files) with the manifest "
-                                   "summary, histograms of teacher entropy, tail mass, NLL and lengths, the mean "
-                                   "entropy by position, correctness when the cache has verdicts, and tables of "
-                                   "the most confident wrong, highest-entropy and lowest-NLL sequences.")
-    p.add_argument("cache", metavar="CACHE", help="cache directory")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="HTML file to write (e.g. report.html)")
-    p.add_argument("--top", type=int, default=10, metavar="N", help="rows of each table (default 10)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """The ``report`` subcommand: write the page, print ``wrote PATH``."""
-    if args.top < 1:
-        raise InvalidInputError(f"--top {args.top}: must be >= 1 (the rows of each table)")
-    path = write_report(args.cache, args.output, top=args.top)
-    print(f"wrote {path}")
-    return 0

@@ -16,7 +16,7 @@ tests hold them to it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +68,7 @@ class Sampled:
         return {"rule": "sample", "draws": self.draws, "k": self.k}
 
 
-Rule = Union[TopK, MassTopK, Sampled]
+Rule = TopK | MassTopK | Sampled
 
 
 def _check_k(k: int) -> None:

@@ -17,16 +17,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from logitstore import format as F
+from logitstore.contract import has_repeats
 from logitstore.errors import LogitstoreError
 from logitstore.reader import Cache
-from logitstore.writer import file_sha256, has_repeats
+from logitstore.writer import file_sha256
 
 
 @dataclasses.dataclass
@@ -57,7 +58,7 @@ def verify(path: str | Path, *, deep: bool = True, progress: Callable[[int, int]
             if rel not in listed:
                 what = "temporary file of an interrupted write" if p.name.endswith(".tmp") else "stray file"
                 problems.append(Problem(rel, f"{what}, not listed in the manifest"))
-    for i, info in enumerate(m.shards):
+    for i, _info in enumerate(m.shards):
         if progress:
             progress(i, len(m.shards))
         problems += _check_shard(cache, i, deep)

@@ -19,7 +19,6 @@ directory and fails before its first commit removes it again.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -31,15 +30,18 @@ import pyarrow.parquet as pq
 
 from logitstore import codec as C
 from logitstore import format as F
+from logitstore.contract import Contract, as_numpy
+from logitstore.encode import encode_rows, shard_writer
 from logitstore.errors import CacheExistsError, CacheWriteError, InvalidInputError, LogitstoreError
+from logitstore.idmap import read_id_map, write_id_map
 from logitstore.lock import LOCK_NAME, BuildLock
-from logitstore.manifest import EXACTNESS_WORDS, Manifest, ShardInfo, atomic_write_bytes, fsync_dir, load_manifest, now, save_manifest
+from logitstore.manifest import EXACTNESS_WORDS, Manifest, ShardInfo, fsync_dir, load_manifest, now, save_manifest
+from logitstore.records import SequenceRecord
 from logitstore.rules import Rule, Sampled
+from logitstore.version import __version__
 
 logger = logging.getLogger(__name__)
 
-_LP_TOL = 1e-4  # logprobs/entropies this far past their bound are rounding noise and get clamped
-DATA_PAGE_BYTES = 2 << 20  # Parquet data page target: 2 MiB measured smallest at k=50 (BENCHMARKS.md)
 
 
 def sequence_id(input_ids: np.ndarray, extra: bytes | str = b"") -> str:
@@ -60,15 +62,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _np(x, dtype=None) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, without importing torch
-        x = x.detach().cpu()
-        if str(x.dtype) in ("torch.bfloat16", "torch.float8_e4m3fn", "torch.float8_e5m2"):  # numpy has no such dtype
-            x = x.float()
-        x = x.numpy()
-    return np.asarray(x, dtype=dtype)
 
 
 class CacheWriter:
@@ -124,6 +117,7 @@ class CacheWriter:
         # token frequencies the ranked id map is built from (default: the first row group's entries); writers of
         # the parts of one cache (``logitstore.parts``) pass the same counts, so the parts share one id map
         self.id_counts = None if id_counts is None else np.asarray(id_counts, np.int64).ravel()
+        self._contract = Contract(rule, codec, self.vocab_size)
         self.schema = F.shard_schema(rule=rule.name, value_codec=codec.values, id_codec=codec.ids,
                                      scalar_dtype=codec.scalars)
         self.manifest: Manifest | None = None
@@ -139,7 +133,7 @@ class CacheWriter:
         self._created = False  # this writer created the directory (removed again if nothing gets committed)
 
     # ------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         self.open()
         return self
 
@@ -181,15 +175,13 @@ class CacheWriter:
             self.manifest = load_manifest(self.path)
             self._check_resume_compatible(self.manifest)
             if self.manifest.id_map:
-                from logitstore.reader import read_id_map
-
                 self._code_of = C.invert_id_map(read_id_map(self.path, self.manifest))
             self.committed_ids = self._read_committed_ids()
             self._seen = set(self.committed_ids)
         else:
             self.manifest = self._new_manifest
             self.manifest.created_at = now()
-            self.manifest.created_by = f"logitstore {_version()}"
+            self.manifest.created_by = f"logitstore {__version__}"
         # anything the manifest does not list is an interrupted shard or a stray file: drop it
         listed = {Path(s.file).name for s in self.manifest.shards}
         for p in shard_dir.iterdir():
@@ -279,135 +271,25 @@ class CacheWriter:
         return ids
 
     # ------------------------------------------------------------ adding data
-    def add(
-        self,
-        *,
-        input_ids,
-        ids,
-        logprobs,
-        label_logprob,
-        entropy,
-        tail_mass,
-        positions=None,
-        n_entries=None,
-        counts=None,
-        loss_mask=None,
-        argmax=None,
-        seq_id: str | None = None,
-        record: int = 0,
-        sample: int = 0,
-        correct: bool | None = None,
-        aggregates: dict[str, float | None] | None = None,
-    ) -> bool:
-        """Append one sequence. Returns False (and counts it) when its ``seq_id`` is already in the cache.
-
-        Shapes: ``input_ids [T]``; per cached position (N of them): ``positions [N]`` (default
-        ``1..T-1``), ``ids``/``logprobs`` ``[N, K]`` sorted by logprob descending with
-        ``n_entries [N]`` valid (default K), ``counts [N, K]`` (rule sample), ``label_logprob``,
-        ``entropy``, ``tail_mass``, ``loss_mask`` (default all true), ``argmax`` (the teacher's top-1
-        id, default ``ids[:, 0]``; needed for token_accuracy under rule sample). ``logprobs`` may be
-        None only when the codec stores none. ``aggregates`` (mean_entropy, teacher_nll,
-        token_accuracy) replaces the recomputation, to carry values over from another cache.
-        """
-        tok = _np(input_ids).astype(np.int32, copy=False).ravel()
-        T = tok.size
-        sid = seq_id if seq_id is not None else default_seq_id(tok, sample)
+    def add(self, rec: SequenceRecord) -> bool:
+        """Append one sequence (``logitstore.records``: its tokens and the ``Scored`` values of its cached
+        positions). Returns False (and counts it) when its ``seq_id`` is already in the cache. Raises
+        ``InvalidInputError`` naming the sequence when the record breaks the data contract (FORMAT.md)."""
+        if not isinstance(rec, SequenceRecord):
+            raise InvalidInputError(f"CacheWriter.add takes a logitstore.SequenceRecord, got {type(rec).__name__}")
+        tok = as_numpy(rec.input_ids).astype(np.int32, copy=False).ravel()
+        sid = rec.seq_id if rec.seq_id is not None else default_seq_id(tok, rec.sample)
         if not isinstance(sid, str) or not (1 <= len(sid) <= 128):
             raise InvalidInputError(f"seq_id {sid!r} must be a non-empty string of at most 128 characters")
         if sid in self._seen:
             self.manifest.duplicates_skipped += 1
             return False
-        pos = np.arange(1, T, dtype=np.int32) if positions is None else _np(positions).astype(np.int32).ravel()
-        N = pos.size
-        ids = _np(ids)
-        if logprobs is None:
-            if self.codec.values != "none":
-                raise InvalidInputError(f"seq {sid}: logprobs are required unless the codec stores none")
-            logprobs = np.zeros(ids.shape, np.float32)  # placeholders: checked trivially, never stored
-        lp = _np(logprobs, np.float32)
-        if ids.ndim != 2 or lp.shape != ids.shape or ids.shape[0] != N:
-            raise InvalidInputError(
-                f"seq {sid}: ids {ids.shape} and logprobs {lp.shape} must both be [N, K] with N={N} positions")
-        K = ids.shape[1]
-        if K > self.rule.k or K < 1:
-            raise InvalidInputError(f"seq {sid}: {K} entries per position; the rule allows 1..{self.rule.k}")
-        n_ent = np.full(N, K, np.int32) if n_entries is None else _np(n_entries).astype(np.int32).ravel()
-        cnt = None if counts is None else _np(counts)
-        if isinstance(self.rule, Sampled) != (cnt is not None):
-            raise InvalidInputError(f"seq {sid}: counts are required under rule sample and only there")
-        lab_lp = _np(label_logprob, np.float32).ravel()
-        ent = _np(entropy, np.float32).ravel()
-        tail = _np(tail_mass, np.float32).ravel()
-        mask = np.ones(N, bool) if loss_mask is None else _np(loss_mask).astype(bool).ravel()
-        for name, a in (("n_entries", n_ent), ("label_logprob", lab_lp), ("entropy", ent), ("tail_mass", tail),
-                        ("loss_mask", mask)):
-            if a.size != N:
-                raise InvalidInputError(f"seq {sid}: {name} has {a.size} values for {N} positions")
-        # ---- the data contract, vectorised
-        if T and (tok.min() < 0 or tok.max() >= self.vocab_size):
-            raise InvalidInputError(f"seq {sid}: input_ids outside [0, {self.vocab_size})")
-        if N and (pos[0] < 1 or pos[-1] >= T or (N > 1 and np.diff(pos).min() <= 0)):
-            raise InvalidInputError(f"seq {sid}: positions must be strictly increasing within [1, {T - 1}]")
-        if N and (n_ent.min() < 1 or n_ent.max() > K):
-            raise InvalidInputError(f"seq {sid}: n_entries must be within [1, {K}]")
-        fixed = not N or int(n_ent.min()) == K  # every position has K entries: no masks, no copies
-        valid = np.ones((N, K), bool) if fixed else np.arange(K)[None, :] < n_ent[:, None]
-        ids_v, lp_v = (ids.reshape(-1), lp.reshape(-1)) if fixed else (ids[valid], lp[valid])
-        if ids_v.size and (ids_v.min() < 0 or ids_v.max() >= self.vocab_size):
-            raise InvalidInputError(f"seq {sid}: entry ids outside [0, {self.vocab_size})")
-        if not np.isfinite(lp_v).all() or (lp_v.size and lp_v.max() > _LP_TOL):
-            raise InvalidInputError(f"seq {sid}: entry logprobs must be finite and <= 0")
-        if K > 1 and ((lp[:, 1:] > lp[:, :-1]) if fixed else ((lp[:, 1:] > lp[:, :-1]) & valid[:, 1:])).any():
-            raise InvalidInputError(f"seq {sid}: entries must be sorted by logprob, most likely first")
-        if K > 1 and has_repeats(ids, None if fixed else valid):
-            raise InvalidInputError(f"seq {sid}: a position lists the same token id twice")
-        if not (np.isfinite(lab_lp).all() and lab_lp.max(initial=0) <= _LP_TOL):
-            raise InvalidInputError(f"seq {sid}: label_logprob must be finite and <= 0")
-        if not (np.isfinite(ent).all() and ent.min(initial=0) >= -_LP_TOL):
-            raise InvalidInputError(f"seq {sid}: entropy must be finite and >= 0")
-        if not (tail.min(initial=0) >= -_LP_TOL and tail.max(initial=0) <= 1 + _LP_TOL):
-            raise InvalidInputError(f"seq {sid}: tail_mass must be within [0, 1]")
-        if self.codec.values == "qdelta" and lp_v.size and lp_v.min() < -C.QDELTA_MAX * self.codec.logprob_step:
-            raise InvalidInputError(f"seq {sid}: logprobs below {-C.QDELTA_MAX * self.codec.logprob_step:.0f} nats "
-                                    f"do not fit the qdelta codec at step {self.codec.logprob_step}")
-        if "fp16" in (self.codec.values, self.codec.scalars):
-            floor = -65504.0  # the most negative finite IEEE half
-            if (self.codec.values == "fp16" and lp_v.min(initial=0) < floor) or \
-                    (self.codec.scalars == "fp16" and lab_lp.min(initial=0) < floor):
-                raise InvalidInputError(f"seq {sid}: logprobs below {floor} do not fit the fp16 codec")
-        if cnt is not None:
-            if cnt.shape != ids.shape or (cnt[valid] < 1).any() or \
-                    (np.where(valid, cnt, 0).sum(axis=1) > self.rule.draws).any():
-                raise InvalidInputError(
-                    f"seq {sid}: counts must be [N, K], >= 1 on valid entries and sum to at most "
-                    f"draws={self.rule.draws} per position")
-        if lp_v.size and lp_v.max() > 0:  # rounding noise above 0 (checked <= _LP_TOL above); never edit in place
-            lp_v = np.minimum(lp_v, 0)
-        # ---- aggregates over target positions, from the full-precision inputs
-        labels = tok[pos]
-        top1 = None if argmax is None else _np(argmax).ravel()
-        if top1 is None and not isinstance(self.rule, Sampled):
-            top1 = ids[:, 0]
-        nt = int(mask.sum())
-        agg = {
-            "mean_entropy": float(ent[mask].mean()) if nt else None,
-            "teacher_nll": float(-lab_lp[mask].mean()) if nt else None,
-            "token_accuracy": float((top1[mask] == labels[mask]).mean()) if nt and top1 is not None else None,
-        }
-        if aggregates is not None:
-            unknown = set(aggregates) - set(agg)
-            if unknown:
-                raise InvalidInputError(f"seq {sid}: aggregates {sorted(unknown)} unknown; allowed {sorted(agg)}")
-            agg.update({k: None if v is None else float(v) for k, v in aggregates.items()})
-        self._buf.append(dict(
-            # the buffer owns copies: a caller may reuse its arrays (or tensors) for the next sequence
-            seq_id=sid, record=int(record), sample=int(sample), correct=correct, input_ids=tok.copy(), pos=pos,
-            loss_mask=mask, label_logprob=np.minimum(lab_lp, 0), entropy=np.maximum(ent, 0),
-            tail_mass=np.clip(tail, 0, 1), ids=ids_v.astype(np.int32), lp=lp_v.copy() if fixed else lp_v, n_ent=n_ent,
-            counts=None if cnt is None else cnt[valid].astype(np.uint16), n_targets=nt, **agg,
-        ))
+        a = self._contract.arrays(sid, tok, rec)
+        self._contract.check(sid, a)
+        row = self._contract.row(sid, tok, rec, a)
+        self._buf.append(row)
         self._seen.add(sid)
-        self._buf_positions += N
+        self._buf_positions += a.pos.size
         if self._buf_positions >= self.row_group_positions:
             try:
                 self._flush()
@@ -417,65 +299,21 @@ class CacheWriter:
                 raise
         return True
 
-    # ------------------------------------------------------------ writing
     def _flush(self) -> None:
         if not self._buf:
             return
         buf, self._buf, self._buf_positions = self._buf, [], 0
-        cat = lambda key: np.concatenate([b[key] for b in buf])  # noqa: E731
-        n_pos = np.array([b["pos"].size for b in buf], np.int64)
-        n_ent = cat("n_ent")
-        ids = cat("ids")
-        lp = cat("lp")
-        ent_offsets = np.zeros(n_ent.size + 1, np.int64)
-        np.cumsum(n_ent, out=ent_offsets[1:])
-        if self.codec.ids == "ranked":
-            if self._code_of is None:
-                self._write_id_map(ids)
-            ids = self._code_of[ids]
-        if self.codec.values == "qdelta":
-            values = C.quantise_deltas(lp, ent_offsets[:-1], self.codec.logprob_step)
-        elif self.codec.values == "none":
-            values = None
-        else:
-            values = lp.astype(np.float16 if self.codec.values == "fp16" else np.float32, copy=False)
-        ftype = np.float32 if self.codec.scalars == "fp32" else np.float16
-        pos_off = _offsets(n_pos)
-        inner_off = pa.array(ent_offsets.astype(np.int32))
-
-        def per_pos(values_np, field):
-            return pa.ListArray.from_arrays(pos_off, pa.array(values_np), type=self.schema.field(field).type)
-
-        def per_entry(values_np, field):
-            t = self.schema.field(field).type
-            inner = pa.ListArray.from_arrays(inner_off, pa.array(values_np), type=t.value_type)
-            return pa.ListArray.from_arrays(pos_off, inner, type=t)
-
-        cols: dict[str, pa.Array] = {}
-        for name in ("seq_id", "record", "sample", "n_targets", "mean_entropy", "teacher_nll", "token_accuracy",
-                     "correct"):
-            cols[name] = pa.array([b[name] for b in buf], type=self.schema.field(name).type)
-        cols["n_tokens"] = pa.array([b["input_ids"].size for b in buf], pa.int32())
-        cols["n_positions"] = pa.array(n_pos.astype(np.int32))
-        cols["input_ids"] = pa.ListArray.from_arrays(
-            _offsets(np.array([b["input_ids"].size for b in buf])), pa.array(cat("input_ids")),
-            type=self.schema.field("input_ids").type)
-        cols["pos"] = per_pos(cat("pos"), "pos")
-        cols["loss_mask"] = per_pos(cat("loss_mask"), "loss_mask")
-        for name in ("label_logprob", "entropy", "tail_mass"):
-            cols[name] = per_pos(cat(name).astype(ftype, copy=False), name)
-        cols[F.id_column(self.codec.ids)] = per_entry(ids, F.id_column(self.codec.ids))
-        vname = F.value_column(self.codec.values)[0]
-        if vname is not None:
-            cols[vname] = per_entry(values, vname)
-        if isinstance(self.rule, Sampled):
-            cols["sample_counts"] = per_entry(cat("counts"), "sample_counts")
-        table = pa.Table.from_arrays([cols[f.name] for f in self.schema], schema=self.schema)
+        if self.codec.ids == "ranked" and self._code_of is None:
+            self._write_id_map(np.concatenate([b["ids"] for b in buf]))
+        table = encode_rows(buf, schema=self.schema, codec=self.codec, code_of=self._code_of)
         if self._pq is None:
             self._open_shard()
         self._pq.write_table(table, row_group_size=len(buf))
         st = self._shard_stats
-        st[0] += len(buf); st[1] += int(n_pos.sum()); st[2] += sum(b["n_targets"] for b in buf); st[3] += ids.size
+        st[0] += len(buf)
+        st[1] += sum(b["pos"].size for b in buf)
+        st[2] += sum(b["n_targets"] for b in buf)
+        st[3] += sum(b["ids"].size for b in buf)
         if self._shard_tmp.stat().st_size >= self.shard_bytes:
             self._commit_shard()
 
@@ -486,23 +324,7 @@ class CacheWriter:
         meta = {"format": F.FORMAT_NAME, "format_version": F.FORMAT_VERSION, "shard": index,
                 "vocab_size": self.vocab_size, "rule": self.manifest.rule, "codec": self.manifest.codec,
                 "id_map_sha256": (self.manifest.id_map or {}).get("sha256")}
-        schema = self.schema.with_metadata({F.PARQUET_META_KEY: json.dumps(meta).encode()})
-        enc = {}
-        for f in self.schema:
-            leaf_type, depth = _leaf(f.type)
-            leaf = f.name + ".list.element" * depth
-            if f.name in ("pos", "record"):
-                enc[leaf] = "DELTA_BINARY_PACKED"
-            elif f.name in ("input_ids", "label_logprob", "entropy", "tail_mass", "topk_ids", "topk_codes",
-                            "topk_logprobs", "topk_logprob_deltas", "sample_counts") \
-                    and not pa.types.is_float16(leaf_type):  # DuckDB reads no BYTE_STREAM_SPLIT half floats
-                enc[leaf] = "BYTE_STREAM_SPLIT"
-        self._pq = pq.ParquetWriter(
-            self._shard_tmp, schema, compression="zstd", compression_level=self.codec.zstd_level,
-            use_dictionary=False, column_encoding=enc, write_statistics=list(F.SCALAR_COLUMNS),
-            write_page_checksum=True,  # CRC32 per page: readers detect corrupted pages, not just verify
-            data_page_size=DATA_PAGE_BYTES,
-        )
+        self._pq = shard_writer(self._shard_tmp, self.schema, meta, self.codec)
 
     def _commit_shard(self) -> None:
         if self._pq is None:
@@ -544,13 +366,7 @@ class CacheWriter:
     def _write_id_map(self, sample_ids: np.ndarray) -> None:
         id_map = C.build_id_map(sample_ids, self.vocab_size) if self.id_counts is None \
             else C.id_map_from_counts(self.id_counts, self.vocab_size)
-        table = pa.table({"code": pa.array(np.arange(id_map.size, dtype=np.int32)), "token_id": pa.array(id_map)})
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        data = sink.getvalue().to_pybytes()
-        atomic_write_bytes(self.path / F.ID_MAP_NAME, data)
-        self.manifest.id_map = {"file": F.ID_MAP_NAME, "sha256": hashlib.sha256(data).hexdigest(),
-                                "size": int(id_map.size)}
+        self.manifest.id_map = write_id_map(self.path, id_map)
         self._code_of = C.invert_id_map(id_map)
 
 
@@ -558,30 +374,6 @@ def build_key_diffs(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, .
     """What a resume would change in the build arguments ``keys``, one phrase per differing key."""
     return [f"build {key}: cache has {old.get(key)!r}, this build has {new.get(key)!r}"
             for key in keys if old.get(key) != new.get(key)]
-
-
-def has_repeats(ids: np.ndarray, valid: np.ndarray | None) -> bool:
-    """True when some row of ``ids [N, K]`` lists an id twice among its valid entries (None: all valid)."""
-    if valid is None:
-        s = np.sort(ids.astype(np.int32, copy=False), axis=1)
-    else:
-        fill = -1 - np.arange(ids.shape[1], dtype=np.int32)[None, :]  # distinct negatives for padding
-        s = np.sort(np.where(valid, ids, fill).astype(np.int32, copy=False), axis=1)
-    return bool((s[:, 1:] == s[:, :-1]).any())
-
-
-def _offsets(lengths: np.ndarray) -> pa.Array:
-    off = np.zeros(len(lengths) + 1, np.int32)
-    np.cumsum(lengths, out=off[1:])
-    return pa.array(off)
-
-
-def _leaf(t: pa.DataType) -> tuple[pa.DataType, int]:
-    """The element type under a (nested) list type, and the nesting depth."""
-    d = 0
-    while pa.types.is_list(t):
-        t, d = t.value_type, d + 1
-    return t, d
 
 
 def _is_io_error(exc: BaseException) -> bool:
@@ -595,9 +387,3 @@ def rmdir_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:  # not empty (another writer's lock appeared meanwhile) or already gone: leave it
         pass
-
-
-def _version() -> str:
-    from logitstore import __version__
-
-    return __version__

@@ -39,7 +39,7 @@ def main() -> int:
     import torch
 
     from builders.backends import get_backend
-    from builders.driver import batches
+    from builders.plan import batches
     from logitstore.rules import TopK
 
     rule = TopK(a.top_k)

@@ -117,9 +117,8 @@ def logitstore_rows(seqs, k, workdir) -> list[dict]:
         shutil.rmtree(path, ignore_errors=True)
         with ls.CacheWriter(path, vocab_size=V, rule=rule, codec=codec) as w:
             for i, (s, e) in enumerate(prepared):
-                w.add(input_ids=s["input_ids"], ids=e.ids, logprobs=e.logprobs, n_entries=e.n_entries,
-                      counts=e.counts, label_logprob=s["label_lp"], entropy=s["entropy"],
-                      tail_mass=e.tail_mass, record=i)
+                w.add(ls.SequenceRecord(input_ids=s["input_ids"], record=i, scored=ls.Scored.of(
+                    e, label_logprob=s["label_lp"], entropy=s["entropy"])))
         cache = ls.open(path)
         shards = sum(f.stat().st_size for f in cache.shard_paths)
         fixed = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) - shards

@@ -59,7 +59,8 @@ def main() -> None:
         print(f"  {name}: H(low byte) + H(high byte) = {entropy_bits(lo) + entropy_bits(hi):.2f} bits/id")
     print("ids:")
     for lvl in (1, 3):
-        print(f"  raw ids, PLAIN, zstd {lvl}: {size(ids, 'PLAIN', lvl):.1f}    raw ids, BYTE_STREAM_SPLIT: {size(ids, level=lvl):.1f}")
+        print(f"  raw ids, PLAIN, zstd {lvl}: {size(ids, 'PLAIN', lvl):.1f}    "
+              f"raw ids, BYTE_STREAM_SPLIT: {size(ids, level=lvl):.1f}")
     print(f"  frequency-ranked codes, BYTE_STREAM_SPLIT: {size(codes_rank):.1f}")
     print(f"  low-byte-major ranked codes, BYTE_STREAM_SPLIT: {size(codes_lbm):.1f}")
     print("logprobs:")

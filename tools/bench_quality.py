@@ -91,7 +91,7 @@ def online_kd(cache: Path, student_cfg: Path, teacher, out: Path, steps: int, ba
     import logitstore
     from trainers.config import TrainConfig
     from trainers.data import StreamingLoader
-    from trainers.loop import Body, _optimizer, _schedule
+    from trainers.loop import Body, lr_schedule, make_optimizer
     from trainers.student import load_student
 
     cfg = TrainConfig(cache=str(cache), student=str(student_cfg), output=str(out), max_steps=steps,
@@ -99,8 +99,8 @@ def online_kd(cache: Path, student_cfg: Path, teacher, out: Path, steps: int, ba
     student = load_student(str(student_cfg), manifest=logitstore.open(cache).manifest, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     body = Body(student)
-    opt = _optimizer(student.model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    opt = make_optimizer(student.model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))
     it = iter(StreamingLoader(str(cache), batch_size=batch, max_length=length, seed=cfg.seed))
     student.model.train()
     for _ in range(steps):
@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from builders.driver import BuildConfig, build
+    from builders.config import BuildConfig
+    from builders.driver import build
     from builders.embedded import prepare_embedded_teacher
     from logitstore import Sampled, TopK
     from trainers.config import TrainConfig

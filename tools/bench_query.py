@@ -48,8 +48,9 @@ def synthetic(path: Path, positions: int, seed: int, tokens_seed: int = 0) -> No
             lp = -np.sort(rng.exponential(1.5, (N, K)).cumsum(1), axis=1).astype(np.float32)
             tail = np.clip(1 - np.exp(lp.astype(np.float64)).sum(1), 0, 1)
             ent = rng.gamma(2.0, 0.8, N).astype(np.float32)
-            w.add(input_ids=tok, ids=ids, logprobs=lp, label_logprob=np.minimum(lp[:, 0] - rng.exponential(1, N), 0),
-                  entropy=ent, tail_mass=tail)
+            w.add(ls.SequenceRecord(input_ids=tok, scored=ls.Scored(
+                ids=ids, logprobs=lp, label_logprob=np.minimum(lp[:, 0] - rng.exponential(1, N), 0), entropy=ent,
+                tail_mass=tail)))
 
 
 def timed(fn, repeat: int = 3) -> float:

@@ -86,8 +86,11 @@ def entries_for(seq: dict, rule) -> Entries:
         n = len(seq["draws"])
         uniq = [np.unique(r, return_index=True) for r in seq["draws"]]
         k = max(len(u) for u, _ in uniq)
-        ids = np.zeros((n, k), np.int32); lp = np.full((n, k), -np.inf, np.float32)
-        cnt = np.zeros((n, k), np.uint16); ne = np.zeros(n, np.int32); tail = np.ones(n)
+        ids = np.zeros((n, k), np.int32)
+        lp = np.full((n, k), -np.inf, np.float32)
+        cnt = np.zeros((n, k), np.uint16)
+        ne = np.zeros(n, np.int32)
+        tail = np.ones(n)
         for i, (u, first) in enumerate(uniq):
             ulp = seq["draw_lp"][i][first]
             o = np.lexsort((u, -ulp))
@@ -118,9 +121,8 @@ def run_config(name, seqs, rule, codec, workdir) -> dict:
         t0 = time.perf_counter()
         with ls.CacheWriter(path, vocab_size=V, rule=rule, codec=codec) as w:
             for i, (s, e) in enumerate(prepared):
-                w.add(input_ids=s["input_ids"], ids=e.ids, logprobs=e.logprobs, n_entries=e.n_entries,
-                      counts=e.counts, label_logprob=s["label_lp"], entropy=s["entropy"], tail_mass=e.tail_mass,
-                      record=i)
+                w.add(ls.SequenceRecord(input_ids=s["input_ids"], record=i, scored=ls.Scored.of(
+                    e, label_logprob=s["label_lp"], entropy=s["entropy"])))
         t_write = min(t_write, time.perf_counter() - t0)
     cache = ls.open(path)
     files = cache.shard_paths
@@ -178,8 +180,8 @@ def throughput(seqs, workdir, k=32, passes=10, copies=4) -> dict:
         t0 = time.perf_counter()
         with ls.CacheWriter(path, vocab_size=V, rule=rule) as w:
             for i, (s, e, c) in enumerate(prepared):
-                w.add(input_ids=s["input_ids"], ids=e.ids, logprobs=e.logprobs, label_logprob=s["label_lp"],
-                      entropy=s["entropy"], tail_mass=e.tail_mass, record=i, sample=c)
+                w.add(ls.SequenceRecord(input_ids=s["input_ids"], record=i, sample=c, scored=ls.Scored.of(
+                    e, label_logprob=s["label_lp"], entropy=s["entropy"])))
         w_rates.append(positions / (time.perf_counter() - t0))
         cache = ls.open(path)
         t0 = time.perf_counter()
@@ -252,7 +254,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     n = rows[-1]["positions"]
     print(f"\nlogitstore store benchmark: SmolLM2-135M-Instruct teacher (V={V}), {n} positions of pydoc_data.topics, "
-          f"one core; codec default = ranked ids, qdelta step {q.logprob_step} (max err {q.logprob_step / 2:.4g}), zstd {q.zstd_level}\n")
+          f"one core; codec default = ranked ids, qdelta step {q.logprob_step} "
+          f"(max err {q.logprob_step / 2:.4g}), zstd {q.zstd_level}\n")
     hdr = ("| configuration | entries/pos | total B/pos | entry B/pos | order-0 floor B/pos | entry/floor "
            "| max abs err (nats) | write pos/s | read pos/s | read / raw pyarrow |")
     print(hdr)
@@ -261,7 +264,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['name']} | {f(r['entries'])} | {f(r['total'])} | {f(r['entry_bytes'])} | {f(r['floor'])} | "
               f"{f(r['entry_bytes'] / r['floor'], 3) if r['floor'] == r['floor'] else '-'} | {f(r['err'], 4)} | "
-              f"{f(r['write'], 0)} | {f(r['read'], 0)} | {f(r['read'] / r['raw'], 2) if r['raw'] == r['raw'] else '-'} |")
+              f"{f(r['write'], 0)} | {f(r['read'], 0)} | "
+              f"{f(r['read'] / r['raw'], 2) if r['raw'] == r['raw'] else '-'} |")
     bits = math.ceil(math.log2(V))
     dk = 50 * bits / 8 + 2 + 3 * 4
     k50 = next(r for r in rows if r["name"] == "top-k k=50")

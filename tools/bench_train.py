@@ -39,7 +39,8 @@ def write_cache(path: Path, k: int, sequences: int) -> None:
     import numpy as np
 
     import logitstore as ls
-    from tools.bench_store import entries_for, sequences as split
+    from tools.bench_store import entries_for
+    from tools.bench_store import sequences as split
     from tools.teacher_dump import load_or_compute
 
     d = load_or_compute(51000)
@@ -48,21 +49,20 @@ def write_cache(path: Path, k: int, sequences: int) -> None:
         for s in seqs:
             e = entries_for(s, ls.TopK(k))
             n = len(s["input_ids"]) - 1
-            w.add(input_ids=s["input_ids"], positions=np.arange(1, n + 1), ids=e.ids, logprobs=e.logprobs,
-                  n_entries=e.n_entries, tail_mass=e.tail_mass, entropy=s["entropy"], label_logprob=s["label_lp"])
+            w.add(ls.SequenceRecord(input_ids=s["input_ids"], positions=np.arange(1, n + 1),
+                                    scored=ls.Scored.of(e, entropy=s["entropy"], label_logprob=s["label_lp"])))
 
 
 def step_overhead(cache: Path, student_dir: Path, batch: int, length: int, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    import logitstore as ls
     from trainers.config import TrainConfig
     from trainers.data import StreamingLoader
-    from trainers.loop import Body, _micro_loss
+    from trainers.loop import Body, micro_loss
     from trainers.losses import Objective
     from trainers.student import load_student
-
-    import logitstore as ls
 
     manifest = ls.open(cache).manifest
     student = load_student(str(student_dir / "config.json"), manifest=manifest, seed=0)
@@ -76,7 +76,7 @@ def step_overhead(cache: Path, student_dir: Path, batch: int, length: int, repea
     labels = torch.where(b["attention_mask"].bool(), b["input_ids"], -100)
 
     def kd_step():
-        loss, _ = _micro_loss(body, student, b, cfg, obj, manifest.vocab_size, None)
+        loss, _ = micro_loss(body, student, b, cfg, obj, manifest.vocab_size, None)
         loss.backward()
         opt_kd.step()
         opt_kd.zero_grad(set_to_none=True)
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
     if a.probe:
         memory_probe(a.probe[0], *map(int, a.probe[1:]))
         return 0
-    from transformers import LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     print(f"torch threads: {torch.get_num_threads()}; student: {STUDENT}")
     with tempfile.TemporaryDirectory() as tmp:

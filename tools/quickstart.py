@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import logitstore
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -30,7 +32,7 @@ def score(model, input_ids, k: int):
         lp = model(torch.as_tensor(input_ids)[None]).logits[0, :-1].float().log_softmax(-1)
         top = lp.topk(k, dim=-1)
         labels = torch.as_tensor(input_ids[1:]).long()
-        return dict(
+        return logitstore.Scored(
             ids=top.indices.int().numpy(), logprobs=top.values.numpy(),
             label_logprob=lp.gather(1, labels[:, None])[:, 0].numpy(),
             entropy=-(lp.exp() * lp).sum(-1).numpy(),
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import logitstore as ls
     from builders.embedded import TEACHER_ID, prepare_embedded_teacher
-    from builders.tokenizers import tokenizer_record
-    from logitstore.cli import main as cli
+    from logitstore.identity import tokenizer_record
+    from tools.cli import main as cli
     from tools.teacher_dump import english_text
 
     t0 = time.time()
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                         build={"job": "tools/quickstart.py", "sequences": a.sequences, "length": a.length}) as w:
         for i in tqdm(range(a.sequences), unit="seq"):
             seq = ids[i * a.length:(i + 1) * a.length]
-            w.add(input_ids=seq, record=i, **score(model, seq, a.top_k))
+            w.add(logitstore.SequenceRecord(input_ids=seq, record=i, scored=score(model, seq, a.top_k)))
     print("3/4 verify and info", flush=True)
     rc = cli(["verify", "-q", str(out)])
     cli(["info", str(out)])

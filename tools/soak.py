@@ -1,7 +1,7 @@
 """Reliability soak: repeated SIGKILLs of real builds, a corruption sweep, and a fuzz loop. Prints its numbers.
 
 1. Kills. A tiny random Llama with the embedded teacher's real tokenizer (SmolLM2, vocab 49152) is saved
-   to a temporary directory, and ``python -m logitstore.cli build`` runs on generated records, with small
+   to a temporary directory, and ``python -m tools.cli build`` runs on generated records, with small
    shards. The build is killed with SIGKILL at a random moment (seeded: a share of the kills at a random
    time during start-up, when the teacher loads, the stale lock is taken over and the data is read; the
    others after a random number of sequences were added, plus a random delay, so that they land in row
@@ -52,11 +52,11 @@ TRACE_HOOK = textwrap.dedent('''
 
         _add, _fd = _w.CacheWriter.add, os.open(os.environ["SOAK_TRACE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
-        def add(self, **kw):
-            ok = _add(self, **kw)
+        def add(self, rec):
+            ok = _add(self, rec)
             if ok:
-                os.write(_fd, (_w.default_seq_id(_w._np(kw["input_ids"]).astype("int32"), kw.get("sample", 0))
-                               + "\\n").encode())
+                sid = rec.seq_id or _w.default_seq_id(_w.as_numpy(rec.input_ids).astype("int32"), rec.sample)
+                os.write(_fd, (sid + "\\n").encode())
             return ok
 
         _w.CacheWriter.add = add
@@ -114,7 +114,7 @@ class Builder:
                    "--token-budget", "1024")
 
     def start(self, out: Path, resume: bool, trace: Path | None = None) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "logitstore.cli", "build", str(self.teacher), str(self.data), "-o", str(out),
+        cmd = [sys.executable, "-m", "tools.cli", "build", str(self.teacher), str(self.data), "-o", str(out),
                *self.args] + (["--resume"] if resume else [])
         env = {**self.env, **({"SOAK_TRACE": str(trace)} if trace else {})}
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -338,8 +338,8 @@ def wrong_values(got: dict, want: dict) -> list[str]:
 
 
 def corruption_sweep(cache: Path, work: Path, rng: np.random.Generator, n: int) -> dict:
-    from logitstore.cli import main as cli
     from logitstore.verify import verify
+    from tools.cli import main as cli
 
     want = read_everything(cache)
     shards = sorted(f"shards/{p.name}" for p in (cache / "shards").iterdir())
@@ -399,9 +399,9 @@ def fuzz_cache(work: Path) -> Path:
             lp = z - np.log(np.exp(z).sum(1, keepdims=True))
             e = logitstore.sparsify(lp, logitstore.MassTopK(0.9, 12))
             tok = rng.integers(0, 300, n)
-            w.add(input_ids=tok, ids=e.ids, logprobs=e.logprobs, n_entries=e.n_entries, tail_mass=e.tail_mass,
-                  label_logprob=lp[np.arange(n - 1), tok[1:]], entropy=-(np.exp(lp) * lp).sum(1), record=i,
-                  loss_mask=rng.random(n - 1) > 0.2)
+            w.add(logitstore.SequenceRecord(
+                input_ids=tok, record=i, loss_mask=rng.random(n - 1) > 0.2, scored=logitstore.Scored.of(
+                    e, label_logprob=lp[np.arange(n - 1), tok[1:]], entropy=-(np.exp(lp) * lp).sum(1))))
     return path
 
 

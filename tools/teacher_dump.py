@@ -26,9 +26,9 @@ DRAWS = 50
 
 
 def default_path(positions: int) -> Path:
-    from builders.embedded import default_cache_dir
+    from logitstore.identity import home_dir
 
-    return default_cache_dir() / f"bench-teacher-dump-v2-{positions}.npz"
+    return home_dir() / f"bench-teacher-dump-v2-{positions}.npz"
 
 
 def english_text() -> str:
@@ -53,7 +53,8 @@ def compute(positions: int, seq_len: int = 256, batch: int = 8, seed: int = 0) -
         raise SystemExit(f"not enough text: {len(ids)} tokens for {n_seq} x {seq_len}")
     seqs = ids[: n_seq * seq_len].reshape(n_seq, seq_len)
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, list] = {k: [] for k in ("top_ids", "top_lp", "entropy", "label", "label_lp", "draws", "draw_lp", "first")}
+    out: dict[str, list] = {k: [] for k in ("top_ids", "top_lp", "entropy", "label", "label_lp", "draws", "draw_lp",
+                                            "first")}
     t0 = time.time()
     with torch.inference_mode():
         for i in range(0, n_seq, batch):

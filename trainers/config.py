@@ -1,7 +1,7 @@
 """The training configuration: one typed dataclass, whose field help becomes ``logitstore train --help``.
 
-Every option of a training run lives in ``TrainConfig``; the command line, the sweep
-file (``trainers.sweep``) and the Python API all fill the same dataclass, and
+Every option of a training run lives in ``TrainConfig``; the command line (``tools.cli.train``,
+one flag per field), the sweep file (``trainers.sweep``) and the Python API all fill the same dataclass, and
 ``validate()`` checks it once with messages that name the command-line flag. A run
 writes its config into ``OUT/train_config.json``, so a checkpoint says how it was made,
 and resume refuses a config that changed anything that shapes the run.
@@ -9,14 +9,13 @@ and resume refuses a config that changed anything that shapes the run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Any
 
 from logitstore.errors import InvalidInputError
 
-# The names of trainers.losses (LOSSES, TAILS), repeated so that building the command line does not import
-# torch; a test keeps them equal.
+#: The distillation losses and tail policies, by name: the one list (trainers.losses implements each; this
+#: module stays free of torch, so the command line builds its parser fast).
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "taid", "ce")
 TAILS = ("other", "renormalize", "sampled")
 
@@ -101,7 +100,7 @@ class TrainConfig:
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps > 0 else max(0, self.max_steps // 20)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         def bad(flag: str, value: Any, allowed: str) -> InvalidInputError:
             return InvalidInputError(f"--{flag.replace('_', '-')} {value!r}: {allowed}")
 
@@ -148,38 +147,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, where: str = "config") -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any], *, where: str = "config") -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise InvalidInputError(f"{where}: unknown option(s) {unknown}; known: {sorted(names)}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
 #: Options that may differ between a run and its resumption (they do not shape the trajectory).
-RESUMABLE_CHANGES = ("output", "max_steps", "resume", "quiet", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "eval", "eval_sequences", "device", "trace_data", "skip_verify")
-
-
-def add_arguments(p: argparse.ArgumentParser, *, positional_optional: bool = False) -> None:
-    """One flag per ``TrainConfig`` field, its help from the field's metadata."""
-    for f in dataclasses.fields(TrainConfig):
-        help_ = f.metadata["help"]
-        if f.metadata.get("positional"):
-            p.add_argument(f.name, metavar="CACHE", nargs="?" if positional_optional else None, default="", help=help_)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        names, metavar = ([flag, "-o"], "OUT") if f.name == "output" else ([flag], f.name.upper())
-        if f.type in ("bool", bool):
-            p.add_argument(*names, dest=f.name, action="store_true", help=help_)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            shown = "" if f.default in ("", None) else f" (default {f.default})"
-            p.add_argument(*names, dest=f.name, type=typ, default=f.default, metavar=metavar, help=help_ + shown)
-
-
-def from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+RESUMABLE_CHANGES = ("output", "max_steps", "resume", "quiet", "log_every", "eval_every", "save_every",
+                     "keep_checkpoints", "eval", "eval_sequences", "device", "trace_data", "skip_verify")

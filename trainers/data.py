@@ -49,22 +49,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from logitstore.errors import InvalidInputError
 from logitstore.reader import Block, Cache
+from logitstore.scores import load_scores
 
 logger = logging.getLogger(__name__)
 
-SCORES_FILE = "scores.parquet"  # builders.score writes SCORES/scores.parquet with keys (seq_id, pos)
-_SCORE_KEYS = ("seq_id", "pos")
 # Settings a resumed loader must share with the one whose state it loads.
 _RESUME_KEYS = ("seed", "world_size", "num_workers", "batch_size", "max_length", "pack", "shuffle", "buffer_size",
                 "epochs", "sequences")
@@ -100,15 +98,15 @@ class _Source:
         self.sampled = cache.rule.name == "sample"
         keep = None if cache.selection is None else pa.array(sorted(set(cache.selection.seq_ids)), pa.string())
         ids, ntok, rows, self.groups = [], [], [], []
-        for s in range(len(cache.shard_paths)):  # the seq_id and n_tokens columns only
-            t = cache._read(s, None, ["seq_id", "n_tokens"])
+        for s in range(cache.num_shards):  # the seq_id and n_tokens columns only
+            t = cache.read(s, None, ["seq_id", "n_tokens"], restrict=False)
             mask = np.ones(len(t), bool) if keep is None else \
                 pc.is_in(t.column("seq_id"), value_set=keep).to_numpy(zero_copy_only=False)
-            md, start = cache._file(s).metadata, 0
-            for rg in range(md.num_row_groups):
-                rows.append(np.flatnonzero(mask[start:start + md.row_group(rg).num_rows]))
+            start = 0
+            for rg, n in enumerate(cache.row_group_rows(s)):
+                rows.append(np.flatnonzero(mask[start:start + n]))
                 self.groups.append((s, rg))
-                start += md.row_group(rg).num_rows
+                start += n
             ids.append(t.column("seq_id").to_numpy(zero_copy_only=False)[mask])
             ntok.append(t.column("n_tokens").to_numpy()[mask])
         cat = lambda a, d: np.concatenate(a).astype(d) if a else np.zeros(0, d)  # noqa: E731
@@ -175,7 +173,7 @@ class _Source:
         gs, first = np.unique(self.group[idx], return_index=True)
         parts, new = [], {}
         for g, a, b in zip(gs.tolist(), first, np.r_[first[1:], idx.size]):
-            t = new[g] = tables[g] if g in tables else self.cache._read(*self.groups[g])
+            t = new[g] = tables[g] if g in tables else self.cache.read(*self.groups[g], restrict=False)
             parts.append(t.take(pa.array(self.row[idx[a:b]])))
         again = set(self.group[after].tolist())
         tables.clear()
@@ -275,29 +273,6 @@ class _Source:
         return out
 
 
-def _load_scores(path, columns, keep: np.ndarray) -> tuple[dict, list[str]]:
-    """``seq_id -> (pos [n] int64, values [n, C] float32)`` for the requested score columns."""
-    p = Path(path)
-    f = p / SCORES_FILE if p.is_dir() else p
-    if not f.is_file():
-        raise InvalidInputError(f"scores={str(path)!r}: no {SCORES_FILE} there; give the directory written by "
-                                "`logitstore score`")
-    have = [c for c in pq.read_schema(f).names if c not in _SCORE_KEYS]
-    names = list(columns) or have
-    bad = [c for c in names if c not in have]
-    if bad:
-        raise InvalidInputError(f"score_columns {bad} are not in {f}; available: {have}")
-    t = pq.read_table(f, columns=[*_SCORE_KEYS, *names])
-    t = t.filter(pc.is_in(t.column("seq_id"), value_set=pa.array(keep.tolist(), pa.string())))
-    t = t.sort_by([("seq_id", "ascending"), ("pos", "ascending")])
-    sid = t.column("seq_id").to_numpy(zero_copy_only=False)
-    pos = t.column("pos").to_numpy().astype(np.int64)
-    vals = np.stack([t.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in names], 1) \
-        if len(t) else np.zeros((0, len(names)), np.float32)
-    cut = np.r_[0, np.flatnonzero(sid[1:] != sid[:-1]) + 1, sid.size] if sid.size else np.zeros(1, np.int64)
-    return {sid[a]: (pos[a:b], vals[a:b]) for a, b in zip(cut[:-1], cut[1:])}, names
-
-
 def _identity(batch):
     return batch
 
@@ -347,7 +322,7 @@ class StreamingLoader:
                          buffer_size=int(buffer_size), epochs=opt(epochs), pack=bool(pack))
         self._src = _Source(cache, self._cfg)
         if scores is not None:
-            self._src.scores, self._src.score_names = _load_scores(scores, score_columns, self._src.seq_ids)
+            self._src.scores, self._src.score_names = load_scores(scores, score_columns, self._src.seq_ids)
         self.num_truncated = 0 if max_length is None else int((self._src.n_tokens > max_length).sum())
         if self.num_truncated:
             logger.info("%d of %d sequences are longer than max_length=%d and are truncated to it",
@@ -372,7 +347,8 @@ class StreamingLoader:
         return int(self._src.cache.k)
 
     # ------------------------------------------------------------ plan
-    def epoch_plan(self, epoch: int, *, rank=None, world_size=None, worker: int = 0, num_workers=None) -> list[list[str]]:
+    def epoch_plan(self, epoch: int, *, rank=None, world_size=None, worker: int = 0,
+                   num_workers=None) -> list[list[str]]:
         """The batches (lists of seq_ids, in order) of one (rank, worker) part in one epoch."""
         rank = self.rank if rank is None else rank
         world_size = self.world_size if world_size is None else world_size

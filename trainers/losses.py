@@ -58,11 +58,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from logitstore.errors import InvalidInputError
+from trainers.config import LOSSES, TAILS
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "taid", "ce")
-TAILS = ("other", "renormalize", "sampled")
 #: Stands in for log 0 inside a logsumexp: exp underflows to 0 yet every gradient stays finite.
 _NEG = -1e30
 
@@ -348,6 +347,7 @@ def reduce(per_position: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 _DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd, "skew_kl": skew_kl,
                 "skew_rkl": skew_rkl, "taid": taid}
+assert set(_DIVERGENCES) | {"ce"} == set(LOSSES), "every loss name of trainers.config has an implementation here"
 
 
 class Objective:

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from builders.extract import Head
-from builders.tokenizers import TokenizerMismatchError, check_tokenizer
-from logitstore.errors import InvalidInputError
+from logitstore import format as F
+from logitstore.errors import InvalidInputError, TokenizerMismatchError
+from logitstore.head import Head
+from logitstore.identity import check_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -154,14 +155,11 @@ def max_token_id(cache) -> int:
     """The largest token id anywhere in the cache's inputs and entries (one pass over those columns)."""
     import pyarrow.compute as pc
 
-    from logitstore import format as F
-
     id_col = F.id_column(cache.codec.ids)
     top = -1
-    for s in range(len(cache.shard_paths)):
-        f = cache._file(s)
-        for rg in range(f.num_row_groups):
-            t = cache._restrict(cache._read(s, rg, ["seq_id", "input_ids", id_col]))
+    for s in range(cache.num_shards):
+        for rg in range(len(cache.row_group_rows(s))):
+            t = cache.read(s, rg, ["input_ids", id_col])
             if not len(t):
                 continue
             m_in = pc.max(pc.list_flatten(t.column("input_ids"))).as_py()

@@ -1,4 +1,4 @@
-"""``logitstore train``: one student, or a sweep of students from one cache in one command.
+"""Sweeps: several students from one cache in one command (``logitstore train --sweep FILE``).
 
 A sweep file (TOML or JSON) lists runs; each is a set of ``TrainConfig`` options
 (the command-line flags with ``_`` for ``-``) over shared defaults::
@@ -20,21 +20,20 @@ A sweep file (TOML or JSON) lists runs; each is a set of ``TrainConfig`` options
 
 Runs train one after another into ``OUT/<name>``; with ``--resume`` a finished run
 (``summary.json`` present) is skipped and an interrupted one continues from its last
-checkpoint. The end prints one table: each run's held-out CE and KL to the teacher.
+checkpoint. ``run_sweep`` returns one row per run (its summary: held-out CE and KL to the teacher),
+which the command line prints as a table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from logitstore.errors import InvalidInputError
-from trainers.config import TrainConfig, add_arguments, from_args
+from trainers.config import TrainConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -75,50 +74,26 @@ def load_sweep(path: str | Path, base: TrainConfig) -> list[tuple[str, TrainConf
     return runs
 
 
-def add_subparser(sub) -> None:
-    p = sub.add_parser(
-        "train", help="train a student (or a sweep of students) from a cache or a selection",
-        description="Train STUDENT (a model directory, or a config.json for a fresh one) on the teacher "
-                    "distributions of CACHE (or a selection of it) with a sparse KD loss; writes OUT (loadable "
-                    "with AutoModelForCausalLM.from_pretrained), checkpoints, metrics.jsonl and summary.json. "
-                    "Runs under torchrun for DDP. --sweep FILE trains several students in one command.")
-    add_arguments(p, positional_optional=True)
-    p.add_argument("--sweep", metavar="FILE", help="a TOML/JSON file of runs (see trainers/sweep.py); "
-                                                   "outputs go to OUT/<name>")
-    p.set_defaults(func=run)
+def run_sweep(runs: list[tuple[str, TrainConfig]], *, skip_finished: bool = False,
+              on_run: Callable[[str, TrainConfig, bool], None] | None = None) -> list[dict[str, Any]]:
+    """Train ``runs`` one after another; one row per run (name, student, loss, cache and its summary).
 
-
-def _print_table(rows: list[dict[str, Any]]) -> None:
-    from logitstore.cli import format_table
-
-    cols = ["run", "student", "loss", "cache", "steps", "eval_ce", "eval_kl", "seconds"]
-    print(format_table(cols, [[r.get(c, "") for c in cols] for r in rows]))
-
-
-def run(args: argparse.Namespace) -> int:
+    With ``skip_finished`` (a sweep resumed with ``--resume``), a run whose ``summary.json`` exists is not
+    trained again, and a run that never started is started fresh. ``on_run(name, cfg, finished)`` is called
+    before each run (the command line prints it)."""
     from trainers.loop import train
 
-    base = from_args(args)
-    if args.sweep:
-        if not base.output:
-            raise InvalidInputError("--sweep needs -o OUT (runs go to OUT/<name>)")
-        runs = load_sweep(args.sweep, base)
-    else:
-        runs = [(Path(base.output).name or "run", base.validate())]
     rows = []
     for name, cfg in runs:
         done = Path(cfg.output) / "summary.json"
-        if args.sweep and cfg.resume and done.exists():
-            summary = json.loads(done.read_text())
-            print(f"train {name}: already finished ({done})", file=sys.stderr)
+        finished = skip_finished and cfg.resume and done.exists()
+        if on_run is not None:
+            on_run(name, cfg, finished)
+        if finished:
+            summary = json.loads(done.read_text(encoding="utf-8"))
         else:
-            if args.sweep:
-                print(f"train {name}: {cfg.student} with {cfg.loss} on {cfg.cache}", file=sys.stderr)
-            if args.sweep and cfg.resume and not (Path(cfg.output) / "checkpoints").exists():
+            if skip_finished and cfg.resume and not (Path(cfg.output) / "checkpoints").exists():
                 cfg = cfg.replace(resume=False)  # a run of the sweep that has not started yet
             summary = train(cfg)
         rows.append({"run": name, "student": cfg.student, "loss": cfg.loss, "cache": cfg.cache, **summary})
-    if int(os.environ.get("RANK", "0")) == 0:
-        _print_table(rows)
-        print(f"\nmodels: {', '.join(r['output'] for r in rows)} (AutoModelForCausalLM.from_pretrained)")
-    return 0
+    return rows

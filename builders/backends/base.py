@@ -8,26 +8,15 @@ rule plus the exact per-position fields. Shapes are per sequence with N position
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
+from logitstore.records import Scored
 from logitstore.rules import Rule
 
-
-@dataclasses.dataclass
-class Scored:
-    """A backend's output for one sequence (N requested positions, K entry slots)."""
-
-    ids: np.ndarray  # [N, K] int32, sorted by logprob descending within n_entries
-    logprobs: np.ndarray  # [N, K] float32, full-vocabulary temperature-1 logprobs
-    n_entries: np.ndarray  # [N] int32
-    label_logprob: np.ndarray  # [N] float32
-    entropy: np.ndarray  # [N] float32 (exact unless the backend's exactness says otherwise)
-    tail_mass: np.ndarray  # [N] float32, 1 - sum(p) over the entries
-    argmax: np.ndarray  # [N] int32, the teacher's most likely token
-    counts: np.ndarray | None = None  # [N, K] uint16 under rule sample
+__all__ = ["Backend", "Scored"]
 
 
 class Backend(Protocol):
@@ -42,6 +31,15 @@ class Backend(Protocol):
     def options(self) -> dict[str, Any]:
         """Run settings for the manifest's build args (device, chunking): not identity."""
 
+    def tokenizer_record(self) -> dict[str, Any]:
+        """The tokenizer's manifest record (``logitstore.identity.tokenizer_record``)."""
+
     def score(self, input_ids: Sequence[np.ndarray], positions: Sequence[np.ndarray], rule: Rule,
               generator: Any | None = None) -> list[Scored]:
-        """Sparse distributions at ``positions[i]`` of each ``input_ids[i]``."""
+        """Sparse distributions at ``positions[i]`` of each ``input_ids[i]`` (``logitstore.records.Scored``,
+        with ``argmax`` set)."""
+
+    def generate(self, prompt: np.ndarray, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int) -> list[np.ndarray]:
+        """``n`` sampled responses to one prompt (token ids, through the end-of-sequence token if produced),
+        reproducible for a ``seed`` (generation mode)."""

@@ -11,18 +11,19 @@ attention never looks right).
 
 from __future__ import annotations
 
-import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from builders.backends.base import Scored
-from builders.extract import Head, chunk_rows_for, extract, split
-from builders.tokenizers import tokenizer_record
+from builders.extract import chunk_rows_for, extract, split
 from logitstore.errors import InvalidInputError, LogitstoreError
+from logitstore.head import Head
+from logitstore.identity import model_identity, tokenizer_record
+from logitstore.records import Scored
 from logitstore.rules import Rule
 
 logger = logging.getLogger(__name__)
@@ -82,26 +83,7 @@ def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trus
     except (OSError, ValueError, ImportError, KeyError) as exc:  # missing files, no tokenizer, gguf missing, ...
         raise _load_error(teacher, src, exc) from exc
     model = model.to(device).eval()
-    path = Path(teacher)
-    identity = {"id": teacher if not path.exists() else str(path.resolve()), "revision": _revision(path, model),
-                "dtype": dtype, "architecture": type(model).__name__}
-    return model, tok, identity
-
-
-def _revision(path: Path, model) -> str:
-    """A hub commit where known; for local files, a hash of the config and the weight files' names and sizes."""
-    commit = getattr(model.config, "_commit_hash", None)
-    if commit:
-        return commit
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    for f in files:
-        if f.suffix in (".json", ".safetensors", ".bin", ".gguf", ".model", ".txt"):
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            if f.name == "config.json":
-                h.update(f.read_bytes())
-    return "local-" + h.hexdigest()[:16]
+    return model, tok, model_identity(teacher, model, dtype)
 
 
 class TransformersBackend:

@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from builders.backends.base import Scored
-from builders.tokenizers import tokenizer_record
 from logitstore.errors import InvalidInputError, LogitstoreError
+from logitstore.identity import model_identity, tokenizer_record
+from logitstore.records import Scored
 from logitstore.rules import Rule, Sampled, cut
 
 logger = logging.getLogger(__name__)
@@ -161,14 +162,9 @@ class VLLMBackend:
         self._settings = {"tensor_parallel_size": tensor_parallel_size, "max_logprobs": self.max_logprobs,
                           "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
                           "flat_logprobs": self._flat, "vllm": self.vllm_version}
-        from builders.backends.hf import _revision
-
         hf_config = self.llm.model_config.hf_config
-        path = Path(teacher)
-        self.identity = {"id": str(path.resolve()) if path.exists() else teacher,
-                         "revision": _revision(path, SimpleNamespace(config=hf_config)) if path.exists()
-                         else getattr(hf_config, "_commit_hash", None) or "unknown",
-                         "dtype": dtype, "architecture": (getattr(hf_config, "architectures", None) or ["?"])[0]}
+        self.identity = {**model_identity(teacher, SimpleNamespace(config=hf_config), dtype),
+                         "architecture": (getattr(hf_config, "architectures", None) or ["?"])[0]}
         # sample logprobs of generated responses, by their full token sequence: (first position, ids, lps, label lps)
         self._memo: collections.OrderedDict[tuple[int, ...], tuple[int, np.ndarray, np.ndarray, np.ndarray]] = \
             collections.OrderedDict()

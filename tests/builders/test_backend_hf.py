@@ -8,6 +8,7 @@ from builders.backends.hf import TeacherLoadError
 from logitstore.errors import InvalidInputError
 from logitstore.rules import MassTopK, TopK
 from tests.builders.conftest import reference_logprobs
+from tests.conftest import FP32_ATOL
 
 
 def sequences(tokenizer):
@@ -66,10 +67,13 @@ def test_teacher_errors(tmp_path):
 
 @pytest.mark.teacher
 def test_embedded_teacher_matches_reference():
-    from builders.embedded import prepare_embedded_teacher
+    from builders.embedded import TEACHER_ID, prepare_embedded_teacher
 
     path = prepare_embedded_teacher()
     backend = get_backend("transformers")(str(path))
+    ident = backend.describe()  # caches name the embedded teacher by its id, not by a local cache path
+    assert ident["id"] == TEACHER_ID and ident["path"] == str(path.resolve())
+    assert ident["revision"].startswith("sha256-") and "model.safetensors" in ident["hashed"]
     seqs = sequences(backend.tokenizer)[:3]
     pos = [np.arange(1, len(s)) for s in seqs]
     for s, p, got in zip(seqs, pos, backend.score(seqs, pos, TopK(32))):
@@ -87,7 +91,7 @@ def test_a_gguf_teacher_scores_like_its_safetensors_copy():
     pos = [np.arange(1, len(s)) for s in seq]
     for a, b in zip(gguf.score(seq, pos, TopK(8)), plain.score(seq, pos, TopK(8))):
         np.testing.assert_array_equal(a.ids, b.ids)
-        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=FP32_ATOL)
 
 
 def test_bf16_scores_close_to_fp32_and_is_another_identity(tiny_teacher, tmp_path):
@@ -100,7 +104,7 @@ def test_bf16_scores_close_to_fp32_and_is_another_identity(tiny_teacher, tmp_pat
         assert np.isfinite(got.logprobs).all() and got.logprobs.dtype == np.float32
         # bf16 keeps 8 mantissa bits: errors scale with the logit's size (2^-7 relative, plus a little)
         np.testing.assert_allclose(got.label_logprob, ref[np.arange(len(p)), s[p]], rtol=2**-7, atol=0.05)
-    from logitstore.cli import main
+    from tools.cli import main
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "a short text to score twice"}\n')

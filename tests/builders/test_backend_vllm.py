@@ -16,8 +16,14 @@ import numpy as np
 import pytest
 
 from builders.backends import get_backend
-from builders.backends.vllm import (VLLMBackend, VLLMUnavailableError, candidates, entropy_upper_bound,
-                                    import_vllm, scored_from_candidates)
+from builders.backends.vllm import (
+    VLLMBackend,
+    VLLMUnavailableError,
+    candidates,
+    entropy_upper_bound,
+    import_vllm,
+    scored_from_candidates,
+)
 from logitstore.errors import InvalidInputError
 from logitstore.rules import MassTopK, Sampled, TopK, sparsify
 from tests.builders.conftest import reference_logprobs

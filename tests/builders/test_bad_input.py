@@ -21,9 +21,9 @@ import logitstore
 from builders import backends
 from builders.backends.base import Scored
 from builders.data import BadRecordError, SkipReport, load_examples
-from builders.tokenizers import tokenizer_record
-from logitstore.cli import main
+from logitstore.identity import tokenizer_record
 from logitstore.verify import verify
+from tools.cli import main
 
 GOOD = b'{"text": "A good record comes first."}'
 LONG = json.dumps({"text": "one more plain sentence of text, " * 30}).encode()

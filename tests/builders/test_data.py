@@ -21,8 +21,15 @@ import pytest
 import zstandard
 
 from builders.data import (
-    MAX_REPORT_EXAMPLES, BadRecordError, DataFormatError, Example, Fields, SkipReport, data_fingerprint,
-    iter_records, load_examples,
+    MAX_REPORT_EXAMPLES,
+    BadRecordError,
+    DataFormatError,
+    Example,
+    Fields,
+    SkipReport,
+    data_fingerprint,
+    iter_records,
+    load_examples,
 )
 from logitstore.errors import LogitstoreError
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import logitstore
-from logitstore.cli import main
 from logitstore.verify import verify
 from tests.builders.conftest import reference_logprobs
+from tools.cli import main
 
 WORDS = ("teacher student cache token logit entropy shard manifest parquet query select train sample "
          "distil vocabulary model batch resume").split()
@@ -22,7 +22,7 @@ WORDS = ("teacher student cache token logit entropy shard manifest parquet query
 def write_jsonl(path, n, seed=0):
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:
-        for i in range(n):
+        for _ in range(n):
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS, int(rng.integers(4, 30))))}) + "\n")
         f.write(json.dumps({"prompt": "Q: what is cached?", "response": " A: sparse logits."}) + "\n")
 
@@ -67,8 +67,9 @@ def test_resume_refuses_different_inputs(tiny_teacher, tmp_path):
 
 
 def _build_proc(teacher, data, out, resume):
-    cmd = [sys.executable, "-m", "logitstore.cli", "build", str(teacher), str(data), "-o", str(out), "--top-k", "8",
-           "--token-budget", "256", "--shard-mb", "0.004", "--row-group-positions", "100", "-q"] + (["--resume"] if resume else [])
+    cmd = [sys.executable, "-m", "tools.cli", "build", str(teacher), str(data), "-o", str(out), "--top-k", "8",
+           "--token-budget", "256", "--shard-mb", "0.004", "--row-group-positions", "100", "-q"] + (
+               ["--resume"] if resume else [])
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.DEVNULL)
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from builders.extract import Head, chunk_rows_for, extract
+from builders.extract import chunk_rows_for, extract
+from logitstore.head import Head
 from logitstore.rules import MassTopK, Sampled, TopK, sparsify
 
 

@@ -8,10 +8,10 @@ import pytest
 
 import logitstore
 from builders.verifiers import get_verifier
-from logitstore.cli import main
 from logitstore.errors import InvalidInputError
 from logitstore.verify import verify
 from tests.builders.conftest import reference_logprobs
+from tools.cli import main
 
 
 @pytest.mark.parametrize("spec,response,answer,want", [

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import logitstore
-from logitstore.cli import main
 from logitstore.verify import verify
 from tests.builders.test_driver import content
+from tools.cli import main
 
 pytest.importorskip("ray.data")
 
@@ -52,7 +52,7 @@ def reference(tiny_teacher, tmp_path_factory):
 
 
 def cli(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "logitstore.cli", "build", *map(str, args)], cwd=ROOT, env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "tools.cli", "build", *map(str, args)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 

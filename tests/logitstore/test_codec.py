@@ -16,10 +16,10 @@ import logitstore
 from logitstore import Codec, InvalidInputError, MassTopK, Sampled, TopK
 from logitstore import codec as C
 from logitstore.verify import verify
-
 from tests.conftest import (
     CODECS,
     DEFAULT_STEP,
+    as_record,
     assert_logprobs_within_bound,
     assert_sequence_matches,
     log_softmax,
@@ -104,7 +104,7 @@ def test_zero_and_one_position_sequences(tmp_path, codec_name, rule, n_tokens, e
     expected_n = 1 if (n_tokens == 2 and not explicit) else 0
     assert ref.n == expected_n
     with logitstore.CacheWriter(tmp_path / "c", vocab_size=vocab, rule=rule, codec=codec) as w:
-        assert w.add(**kw)
+        assert w.add(as_record(**kw))
     seq = logitstore.open(tmp_path / "c")["x"]
     assert seq.ids.shape == (expected_n, rule.k) and seq.logprobs.shape == (expected_n, rule.k)
     assert_sequence_matches(seq, ref, codec, rule, rule.k)
@@ -162,10 +162,10 @@ def test_fp16_refuses_logprobs_below_half_range(tmp_path):
               tail_mass=[1 - math.exp(-1.0)])
     with logitstore.CacheWriter(tmp_path / "a", vocab_size=10, rule=TopK(2), codec=Codec(values="fp16")) as w:
         with pytest.raises(InvalidInputError):
-            w.add(**kw)
+            w.add(as_record(**kw))
     with logitstore.CacheWriter(tmp_path / "b", vocab_size=10, rule=TopK(2), codec=Codec(scalars="fp16")) as w:
         with pytest.raises(InvalidInputError):
-            w.add(**{**kw, "logprobs": [[-1.0, -2.0]], "label_logprob": [-70000.0]})
+            w.add(as_record(**{**kw, "logprobs": [[-1.0, -2.0]], "label_logprob": [-70000.0]}))
 
 
 # ---------------------------------------------------------------- quantisation functions

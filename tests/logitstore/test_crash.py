@@ -36,18 +36,18 @@ CHILD = textwrap.dedent("""
             lp = z - np.log(np.exp(z).sum(1, keepdims=True))
             e = logitstore.sparsify(lp, logitstore.TopK(4))
             tok = rng.integers(0, 64, 21)
-            yield dict(input_ids=tok, ids=e.ids, logprobs=e.logprobs, tail_mass=e.tail_mass,
-                       label_logprob=lp[np.arange(20), tok[1:]], entropy=-(np.exp(lp) * lp).sum(1), record=i)
+            yield logitstore.SequenceRecord(input_ids=tok, record=i, scored=logitstore.Scored.of(
+                e, label_logprob=lp[np.arange(20), tok[1:]], entropy=-(np.exp(lp) * lp).sum(1)))
 
     path, resume, pause = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
     n, log = int(sys.argv[4]), (open(sys.argv[5], "a", buffering=1) if len(sys.argv) > 5 else None)
     with logitstore.CacheWriter(path, vocab_size=64, rule=logitstore.TopK(4), shard_bytes=12_000,
                                 row_group_positions=100, resume=resume) as w:
         for s in sequences(n):
-            sid = logitstore.sequence_id(s["input_ids"])
+            sid = logitstore.sequence_id(s.input_ids)
             if sid in w.committed_ids:
                 continue
-            w.add(**s)
+            w.add(s)
             if log:
                 log.write(sid + "\\n")  # one write per added sequence: the parent counts the work done
             if pause:
@@ -206,7 +206,7 @@ def test_a_reader_opened_during_a_build_sees_the_last_committed_manifest(tmp_pat
     with logitstore.CacheWriter(path, vocab_size=90, rule=rule, codec=logitstore.Codec(values="fp32"),
                                 shard_bytes=3000, row_group_positions=30) as w:
         for r in refs:
-            w.add(**r.add_kwargs())
+            w.add(r.to_record())
             n = len(w.manifest.shards)
             if n in (0, 1, 3) and len(readers) < 3 and (not readers or len(readers[-1][0].manifest.shards) < n):
                 cache = logitstore.open(path)

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import logitstore
-from logitstore.cli import main
 from logitstore.divergence import divergences
 from logitstore.query import connect
 from tests.conftest import make_sequences, random_logprobs, write_cache
+from tools.cli import main
 
 
 def plain(ids_p, lp_p, ids_q, lp_q):
@@ -39,9 +39,8 @@ def two_teachers(tmp_path, rule_b=logitstore.TopK(6)):
     write_cache(tmp_path / "a", refs_a, vocab=80, rule=logitstore.TopK(6), codec=logitstore.Codec(values="fp32"))
     with logitstore.CacheWriter(tmp_path / "b", vocab_size=80, rule=rule_b, codec=logitstore.Codec(values="fp32")) as w:
         for sid, tok, e, lp in refs_b:
-            w.add(seq_id=sid, input_ids=tok, ids=e.ids, logprobs=e.logprobs, n_entries=e.n_entries, counts=e.counts,
-                  label_logprob=lp[np.arange(len(lp)), tok[1:]], entropy=-(np.exp(lp) * lp).sum(1),
-                  tail_mass=e.tail_mass)
+            w.add(logitstore.SequenceRecord(seq_id=sid, input_ids=tok, scored=logitstore.Scored.of(
+                e, label_logprob=lp[np.arange(len(lp)), tok[1:]], entropy=-(np.exp(lp) * lp).sum(1))))
     return tmp_path / "a", tmp_path / "b"
 
 
@@ -106,7 +105,8 @@ def test_diff_refuses_unrelated_or_mismatched_caches(tmp_path):
     rng = np.random.default_rng(5)
     write_cache(tmp_path / "other", make_sequences(rng, 3, vocab=80, rule=logitstore.TopK(6), max_tokens=9),
                 vocab=80, rule=logitstore.TopK(6))
-    assert main(["diff", str(a), str(tmp_path / "other"), "-o", str(tmp_path / "d1"), "-q"]) == 2  # same ids, other tokens
+    # same ids, other tokens
+    assert main(["diff", str(a), str(tmp_path / "other"), "-o", str(tmp_path / "d1"), "-q"]) == 2
     write_cache(tmp_path / "v", make_sequences(rng, 2, vocab=90, rule=logitstore.TopK(6), max_tokens=9),
                 vocab=90, rule=logitstore.TopK(6))
     assert main(["diff", str(a), str(tmp_path / "v"), "-o", str(tmp_path / "d2"), "-q"]) == 2  # other vocabulary

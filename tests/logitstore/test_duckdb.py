@@ -9,8 +9,8 @@ import duckdb
 import numpy as np
 import pytest
 
-from tests.conftest import CODECS, assert_logprobs_within_bound, make_sequences, padded_reference, write_cache
 from logitstore import TopK
+from tests.conftest import CODECS, assert_logprobs_within_bound, make_sequences, padded_reference, write_cache
 
 
 def _sql(query: str) -> list[tuple]:

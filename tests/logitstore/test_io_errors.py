@@ -97,7 +97,7 @@ def test_a_write_failure_leaves_the_last_commit_and_a_resume_completes(tmp_path,
     with pytest.raises(CacheWriteError) as info:
         with logitstore.CacheWriter(path, vocab_size=VOCAB, rule=RULE, **WRITER) as w:
             for r in refs:
-                w.add(**r.add_kwargs())
+                w.add(r.to_record())
                 if len(w.manifest.shards) >= 2 and list((path / "shards").glob(".*.tmp")):
                     f.armed = True
     assert f.fired
@@ -119,7 +119,7 @@ def test_a_write_failure_leaves_the_last_commit_and_a_resume_completes(tmp_path,
     with logitstore.CacheWriter(path, vocab_size=VOCAB, rule=RULE, resume=True, **WRITER) as w:
         for r in refs:
             if r.seq_id not in w.committed_ids:
-                w.add(**r.add_kwargs())
+                w.add(r.to_record())
     assert decoded(path) == reference
     assert verify(path) == [] and _leftovers(path) == [] and read_manifest(path)["complete"] is True
 
@@ -131,7 +131,7 @@ def test_a_failure_before_the_first_commit_leaves_nothing(tmp_path, refs, monkey
     with pytest.raises(CacheWriteError, match="nothing was committed"):
         with logitstore.CacheWriter(path, vocab_size=VOCAB, rule=RULE, **WRITER) as w:
             for r in refs:
-                w.add(**r.add_kwargs())
+                w.add(r.to_record())
     assert f.fired and not path.exists()
 
 
@@ -159,7 +159,7 @@ def _jsonl(path, n):
 
 
 def test_cli_build_on_a_full_disk_then_resume(tiny_teacher, tmp_path, monkeypatch, capsys):
-    from logitstore.cli import main
+    from tools.cli import main
 
     data = _jsonl(tmp_path / "d.jsonl", 40)
     args = ["build", str(tiny_teacher), str(data), "--top-k", "4", "--values", "fp32", "-q", "--shard-mb", "0.004",

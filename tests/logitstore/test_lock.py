@@ -23,11 +23,11 @@ import pytest
 
 import logitstore
 from logitstore import TopK
-from logitstore.cli import main
 from logitstore.errors import CacheLockedError, LogitstoreError
 from logitstore.lock import LOCK_NAME, TORN_GRACE_S, BuildLock
 from logitstore.verify import verify
 from tests.conftest import make_sequences, write_cache
+from tools.cli import main
 
 VOCAB, RULE = 60, TopK(4)
 ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
@@ -60,7 +60,7 @@ def _write_lock(path, **fields):
 def test_a_second_writer_is_refused_with_the_holder_named(tmp_path, refs):
     path = tmp_path / "c"
     with _writer(path) as w:
-        w.add(**refs[0].add_kwargs())
+        w.add(refs[0].to_record())
         held = json.loads((path / LOCK_NAME).read_text())
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
         assert held["command"].startswith(sys.executable)
@@ -76,7 +76,7 @@ def test_a_second_writer_is_refused_with_the_holder_named(tmp_path, refs):
         assert json.loads((path / LOCK_NAME).read_text()) == held  # the refused writer left the lock alone
     assert not (path / LOCK_NAME).exists()  # released on close
     with _writer(path, resume=True) as w:  # and then the cache can be continued
-        w.add(**refs[1].add_kwargs())
+        w.add(refs[1].to_record())
     assert len(logitstore.open(path)) == 2
 
 
@@ -84,7 +84,7 @@ def test_the_lock_is_released_on_exceptions_and_refusals(tmp_path, refs):
     path = tmp_path / "c"
     with pytest.raises(RuntimeError, match="boom"):
         with _writer(path, shard_bytes=1) as w:
-            w.add(**refs[0].add_kwargs())
+            w.add(refs[0].to_record())
             w.close()  # commit one shard, then fail
             raise RuntimeError("boom")
     assert not (path / LOCK_NAME).exists()
@@ -100,7 +100,7 @@ def test_a_writer_that_created_the_directory_and_committed_nothing_removes_it(tm
     path = tmp_path / "new"
     with pytest.raises(RuntimeError):
         with _writer(path) as w:
-            w.add(**refs[0].add_kwargs())
+            w.add(refs[0].to_record())
             raise RuntimeError("before the first commit")
     assert not path.exists()
     existing = tmp_path / "existing"
@@ -142,7 +142,7 @@ def test_a_live_holder_in_another_process_then_its_stale_lock_after_sigkill(tmp_
     caplog.set_level(logging.WARNING, logger="logitstore.lock")
     with _writer(path, resume=True) as w:  # taken over, with a warning naming the dead holder
         assert json.loads((path / LOCK_NAME).read_text())["pid"] == os.getpid()
-        w.add(**refs[3].add_kwargs())
+        w.add(refs[3].to_record())
     assert any("stale" in r.getMessage() and f"process {child.pid}" in r.getMessage() for r in caplog.records)
     assert not (path / LOCK_NAME).exists()
     assert len(logitstore.open(path)) == 4 and verify(path) == []

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import logitstore
-from logitstore.cli import main
 from logitstore.query import connect
+from tools.cli import main
 
 
 @pytest.mark.parametrize("fixture", ["ranked_cache", "raw_fp32_cache", "sampled_cache"])

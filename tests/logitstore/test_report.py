@@ -17,9 +17,9 @@ import pytest
 import logitstore
 from logitstore import MassTopK, report
 from logitstore.errors import CacheNotFoundError, InvalidInputError
-from logitstore.report import add_subparser, write_report
-
+from logitstore.report import write_report
 from tests.conftest import BuiltCache, make_sequence, write_cache
+from tools.cli.store import add_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: entropy, tail mass, mean entropy by position, teacher NLL, lengths
@@ -218,7 +218,7 @@ def test_big_caches_are_sampled_and_the_page_says_so(verdict_cache, tmp_path, mo
 def test_subparser_runs_the_report(verdict_cache, tmp_path, capsys):
     p = argparse.ArgumentParser()
     sub = p.add_subparsers()
-    add_subparser(sub)
+    add_report(sub)
     out = tmp_path / "cli.html"
     args = p.parse_args(["report", str(verdict_cache.path), "-o", str(out), "--top", "3"])
     assert args.func(args) == 0

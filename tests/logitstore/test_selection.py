@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import logitstore
-from logitstore.cli import main
 from logitstore.query import connect
 from logitstore.selection import SelectionMismatchError
 from logitstore.verify import verify
 from tests.conftest import make_sequences, write_cache
+from tools.cli import main
 
 
 def reference(cache_path):

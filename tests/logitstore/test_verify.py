@@ -13,7 +13,6 @@ import pytest
 import logitstore
 from logitstore import Codec, CorruptCacheError, FormatVersionError, MassTopK, Sampled, TopK
 from logitstore.verify import Problem, verify
-
 from tests.conftest import (
     CODECS,
     make_sequences,
@@ -69,8 +68,8 @@ def test_progress_callback(ranked_cache):
 def test_fp16_cache_at_the_documented_bound_verifies_clean(tmp_path):
     lp = -(4 + 0.99 * 2.0**-9)  # fp16 rounds it to -4.0: error 0.00193 <= 2^-11 * |lp| = 0.00195
     with logitstore.CacheWriter(tmp_path / "c", vocab_size=10, rule=TopK(1), codec=Codec(values="fp16")) as w:
-        w.add(input_ids=[0, 1], ids=[[1]], logprobs=[[lp]], label_logprob=[lp], entropy=[1.0],
-              tail_mass=[1 - math.exp(lp)])
+        w.add(logitstore.SequenceRecord(input_ids=[0, 1], scored=logitstore.Scored(
+            ids=[[1]], logprobs=[[lp]], label_logprob=[lp], entropy=[1.0], tail_mass=[1 - math.exp(lp)])))
     s = logitstore.open(tmp_path / "c")[logitstore.sequence_id(np.array([0, 1]))]
     assert abs(float(s.logprobs[0, 0]) - lp) <= 2.0**-11 * abs(lp)  # within FORMAT.md's bound
     assert verify(tmp_path / "c") == []

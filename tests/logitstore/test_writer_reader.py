@@ -19,8 +19,8 @@ import torch
 import logitstore
 from logitstore import CacheExistsError, Codec, InvalidInputError, MassTopK, Sampled, TopK
 from logitstore.verify import verify
-
 from tests.conftest import (
+    as_record,
     assert_sequence_matches,
     entropy,
     make_sequences,
@@ -138,7 +138,7 @@ def test_context_manager_commits_on_exit(tmp_path):
     with logitstore.CacheWriter(tmp_path / "c", vocab_size=50, rule=rule) as w:
         assert read_manifest(tmp_path / "c")["complete"] is False  # written on open, incomplete
         for r in refs:
-            w.add(**r.add_kwargs())
+            w.add(r.to_record())
     m = read_manifest(tmp_path / "c")
     assert m["complete"] is True and sum(s["sequences"] for s in m["shards"]) == 3
     assert [p for p in (tmp_path / "c").rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")] == []
@@ -169,7 +169,7 @@ def _interrupted_write(path, refs):
     with pytest.raises(RuntimeError, match="boom"):
         with logitstore.CacheWriter(path, vocab_size=VOCAB, rule=RULE, **WRITER) as w:
             for r in refs:
-                w.add(**r.add_kwargs())
+                w.add(r.to_record())
                 tmp = list((path / "shards").glob(".*.tmp"))
                 if len(w.manifest.shards) >= 2 and tmp:
                     committed = read_manifest(path)["shards"]
@@ -204,7 +204,7 @@ def test_resume_continues_an_interrupted_write(tmp_path, resume_refs):
         assert w.committed_ids == committed_ids == {r.seq_id for r in resume_refs[:n]}
         for r in resume_refs:
             if r.seq_id not in w.committed_ids:
-                assert w.add(**r.add_kwargs()) is True
+                assert w.add(r.to_record()) is True
     m = read_manifest(path)
     assert m["complete"] is True and m["duplicates_skipped"] == 0
     assert m["shards"][: len(committed)] == committed  # old shards untouched, new ones appended
@@ -231,7 +231,7 @@ def test_resume_skips_and_counts_already_committed_sequences(tmp_path, resume_re
     path = tmp_path / "c"
     n, _ = _interrupted_write(path, resume_refs)
     with logitstore.CacheWriter(path, vocab_size=VOCAB, rule=RULE, resume=True, **WRITER) as w:
-        added = [w.add(**r.add_kwargs()) for r in resume_refs]
+        added = [w.add(r.to_record()) for r in resume_refs]
     assert added == [False] * n + [True] * (len(resume_refs) - n)
     assert read_manifest(path)["duplicates_skipped"] == n
     _assert_cache_equals_refs(path, resume_refs, RULE, Codec())
@@ -243,7 +243,7 @@ def test_resume_a_complete_cache_appends(tmp_path, resume_refs):
     with logitstore.CacheWriter(path, vocab_size=VOCAB, rule=RULE, resume=True, **WRITER) as w:
         assert w.committed_ids == {r.seq_id for r in resume_refs[:10]}
         for r in resume_refs[10:]:
-            assert w.add(**r.add_kwargs())
+            assert w.add(r.to_record())
     _assert_cache_equals_refs(path, resume_refs, RULE, Codec())
     assert verify(path) == []
 
@@ -251,7 +251,7 @@ def test_resume_a_complete_cache_appends(tmp_path, resume_refs):
 def test_resume_on_a_new_path_starts_a_cache(tmp_path, resume_refs):
     with logitstore.CacheWriter(tmp_path / "new", vocab_size=VOCAB, rule=RULE, resume=True) as w:
         assert w.committed_ids == set()
-        w.add(**resume_refs[0].add_kwargs())
+        w.add(resume_refs[0].to_record())
     _assert_cache_equals_refs(tmp_path / "new", resume_refs[:1], RULE, Codec())
 
 
@@ -307,9 +307,9 @@ def test_duplicate_seq_ids_are_skipped_and_counted(tmp_path):
     a, b = make_sequences(rng, 2, vocab=50, rule=rule, min_tokens=3, max_tokens=8)
     b.seq_id = a.seq_id  # different content, same id
     with logitstore.CacheWriter(tmp_path / "c", vocab_size=50, rule=rule) as w:
-        assert w.add(**a.add_kwargs()) is True
-        assert w.add(**a.add_kwargs()) is False
-        assert w.add(**b.add_kwargs()) is False
+        assert w.add(a.to_record()) is True
+        assert w.add(a.to_record()) is False
+        assert w.add(b.to_record()) is False
     assert read_manifest(tmp_path / "c")["duplicates_skipped"] == 2
     _assert_cache_equals_refs(tmp_path / "c", [a], rule, Codec())
 
@@ -401,8 +401,8 @@ def test_bad_inputs_are_refused(tmp_path, case):
     mutate, word = BAD_INPUTS[case]
     with logitstore.CacheWriter(tmp_path / "c", vocab_size=10, rule=TopK(3)) as w:
         with pytest.raises(InvalidInputError, match=word):
-            w.add(**mutate(_valid_kwargs()))
-        assert w.add(**_valid_kwargs()) is True  # the writer is still usable, the bad sequence left no trace
+            w.add(as_record(**mutate(_valid_kwargs())))
+        assert w.add(as_record(**_valid_kwargs())) is True  # the writer is still usable, the bad sequence left no trace
     cache = logitstore.open(tmp_path / "c")
     assert [s.seq_id for s in cache] == ["valid"]
     assert read_manifest(tmp_path / "c")["duplicates_skipped"] == 0
@@ -417,7 +417,7 @@ def test_valid_inputs_are_accepted(tmp_path):
     kw["logprobs"][0, 2] = 5.0  # positive and unsorted, but padding
     kw["tail_mass"][0] = 1 - np.exp([-0.5, -1.5]).sum()
     with logitstore.CacheWriter(tmp_path / "c", vocab_size=10, rule=TopK(3), codec=Codec(values="fp32")) as w:
-        assert w.add(**kw)
+        assert w.add(as_record(**kw))
     s = logitstore.open(tmp_path / "c")["valid"]
     np.testing.assert_array_equal(s.ids, [[4, 2, -1], [7, 0, 1]])
     np.testing.assert_array_equal(s.logprobs, np.array([[-0.5, -1.5, -np.inf], [-0.3, -2.0, -3.0]], np.float32))
@@ -431,8 +431,8 @@ def test_sampled_counts_are_validated(tmp_path, case):
     kw["counts"] = bad[case]
     with logitstore.CacheWriter(tmp_path / "c", vocab_size=10, rule=Sampled(8)) as w:
         with pytest.raises(InvalidInputError, match="counts"):
-            w.add(**kw)
-        assert w.add(**(_valid_kwargs() | {"counts": good}))
+            w.add(as_record(**kw))
+        assert w.add(as_record(**(_valid_kwargs() | {"counts": good})))
     got = logitstore.open(tmp_path / "c")["valid"].counts  # padded to k = draws = 8 with 0
     np.testing.assert_array_equal(got, np.pad(good, ((0, 0), (0, 5))))
 
@@ -441,14 +441,14 @@ def test_duplicate_ids_in_a_position_are_refused(tmp_path):
     kw = _setitem("ids", (0, 1), 4)(_valid_kwargs())
     with logitstore.CacheWriter(tmp_path / "c", vocab_size=10, rule=TopK(3)) as w:
         with pytest.raises(InvalidInputError):
-            w.add(**kw)
+            w.add(as_record(**kw))
 
 
 def test_counts_beyond_draws_are_refused(tmp_path):
     kw = _valid_kwargs() | {"counts": np.array([[6, 2, 1], [1, 1, 1]], np.uint16)}  # 9 > 8 draws
     with logitstore.CacheWriter(tmp_path / "c", vocab_size=10, rule=Sampled(8)) as w:
         with pytest.raises(InvalidInputError):
-            w.add(**kw)
+            w.add(as_record(**kw))
 
 
 def test_bad_writer_arguments(tmp_path):
@@ -472,15 +472,24 @@ def test_torch_tensors_are_accepted(tmp_path):
                   for k, v in kw.items()}
             kw["logprobs"] = kw["logprobs"].float()  # float32, as a teacher gives them
             assert isinstance(kw["input_ids"], torch.Tensor) and kw["input_ids"].dtype == torch.int64
-            assert w.add(**kw)
+            assert w.add(as_record(**kw))
     _assert_cache_equals_refs(tmp_path / "c", refs, rule, Codec())
 
 
 def test_bfloat16_torch_logprobs(tmp_path):
+    """A bf16 tensor (no numpy dtype) is upcast exactly: the stored values are the bf16 values, quantised."""
     kw = _valid_kwargs()
-    kw["logprobs"] = torch.tensor(kw["logprobs"]).to(torch.bfloat16)
-    with logitstore.CacheWriter(tmp_path / "c", vocab_size=10, rule=TopK(3)) as w:
-        w.add(**kw)
+    bf = torch.tensor([[-0.51, -1.53, -2.57], [-0.31, -2.03, -3.07]]).to(torch.bfloat16)  # not bf16-exact inputs
+    assert not np.array_equal(bf.double().numpy(), np.array([[-0.51, -1.53, -2.57], [-0.31, -2.03, -3.07]]))
+    kw["logprobs"] = bf
+    kw["tail_mass"] = 1 - bf.double().exp().sum(1).numpy()
+    with logitstore.CacheWriter(tmp_path / "c", vocab_size=10, rule=TopK(3), codec=Codec(values="fp32")) as w:
+        w.add(as_record(**kw))
+    s = logitstore.open(tmp_path / "c")["valid"]
+    valid = np.isfinite(s.logprobs)
+    want = bf.double().numpy()  # bf16 -> float64 is exact
+    np.testing.assert_array_equal(s.logprobs[valid].astype(np.float64), want[valid])
+    assert verify(tmp_path / "c") == []
 
 
 # ---------------------------------------------------------------- reader
@@ -605,15 +614,19 @@ def test_the_writer_owns_its_buffer_when_the_caller_reuses_its_arrays(tmp_path):
             lab[:] = lp[np.arange(n), tok[1:]]
             ent[:] = entropy(lp)
             tail[:] = 1 - np.exp(lps.astype(np.float64)).sum(1)
-            w.add(input_ids=tok, ids=ids, logprobs=lps, label_logprob=lab, entropy=ent, tail_mass=tail)
+            w.add(as_record(input_ids=tok, ids=ids, logprobs=lps, label_logprob=lab, entropy=ent, tail_mass=tail))
             expected.append((tok.copy(), ids.copy(), lps.copy(), ent.copy()))
-        tok[:] = 0; ids[:] = 0; lps[:] = -1.0; ent[:] = 9.0  # the caller scribbles over its arrays
+        # the caller scribbles over its arrays
+        tok[:] = 0
+        ids[:] = 0
+        lps[:] = -1.0
+        ent[:] = 9.0
     got = list(logitstore.open(tmp_path / "c"))
     assert len(got) == 3
-    for s, (t, i, l, e) in zip(got, expected):
+    for s, (t, i, lp_, e) in zip(got, expected):
         np.testing.assert_array_equal(s.input_ids, t)
         np.testing.assert_array_equal(s.ids, i)
-        assert np.abs(s.logprobs - l).max() <= Codec().logprob_step / 2 + 1e-6
+        assert np.abs(s.logprobs - lp_).max() <= Codec().logprob_step / 2 + 1e-6
         np.testing.assert_allclose(s.entropy, e)
 
 
@@ -624,8 +637,8 @@ def test_a_value_the_codec_cannot_hold_is_refused_at_add_and_loses_nothing(tmp_p
               label_logprob=np.full(3, -1.0), entropy=np.ones(3), tail_mass=np.full(3, 0.05))
     bad = dict(ok, input_ids=np.array([5, 6, 7, 8]), logprobs=np.array([[-0.1, -3000.0]] * 3))
     with logitstore.CacheWriter(tmp_path / "c", vocab_size=10, rule=rule) as w:
-        assert w.add(**ok)
+        assert w.add(as_record(**ok))
         with pytest.raises(logitstore.InvalidInputError, match="qdelta"):
-            w.add(**bad)
+            w.add(as_record(**bad))
     cache = logitstore.open(tmp_path / "c")
     assert len(cache) == 1 and next(iter(cache)).input_ids.tolist() == [1, 2, 3, 4]

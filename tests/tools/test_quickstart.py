@@ -8,6 +8,8 @@ full vocabulary.
 import numpy as np
 import pytest
 
+from tests.conftest import FP32_ATOL
+
 pytestmark = pytest.mark.teacher
 
 
@@ -33,7 +35,7 @@ def test_quickstart_cache_matches_a_plain_full_vocabulary_reference(quickstart_c
     assert cache.manifest.vocab_size == 49152 and cache.manifest.complete
     assert cache.manifest.tokenizer["fingerprint"] and len(cache) == 3
     model = AutoModelForCausalLM.from_pretrained(prepare_embedded_teacher(), dtype=torch.float32).eval()
-    bound = cache.codec.logprob_error_bound() + 1e-5
+    bound = cache.codec.logprob_error_bound() + FP32_ATOL  # quantised, then float32 noise against the reference
     for seq in cache:
         with torch.inference_mode():
             logits = model(torch.tensor(seq.input_ids)[None].long()).logits[0, :-1].double().numpy()
@@ -45,18 +47,20 @@ def test_quickstart_cache_matches_a_plain_full_vocabulary_reference(quickstart_c
         order = np.argsort(-lp, axis=-1)[:, :16]
         ref_top = np.take_along_axis(lp, order, -1)
         assert np.abs(seq.logprobs - ref_top).max() <= bound
-        # same top-k id sets except near-ties at the boundary (|gap| < 1e-4 nats)
+        # same top-k id sets except near-ties at the boundary (|gap| < 2 FP32_ATOL nats)
         for i in range(len(lp)):
             diff = set(order[i]) ^ set(seq.ids[i])
-            assert all(abs(lp[i, t] - ref_top[i, -1]) < 1e-4 for t in diff), (i, diff)
-        np.testing.assert_allclose(seq.tail_mass, 1 - np.exp(ref_top).sum(-1), atol=1e-4)  # fp32 teacher arithmetic
-        assert seq.token_accuracy == pytest.approx(np.mean(order[:, 0] == seq.input_ids[1:]))
+            assert all(abs(lp[i, t] - ref_top[i, -1]) < 2 * FP32_ATOL for t in diff), (i, diff)
+        np.testing.assert_allclose(seq.tail_mass, 1 - np.exp(ref_top).sum(-1), atol=FP32_ATOL)
+        ties = np.sort(lp, -1)[:, -1] - np.sort(lp, -1)[:, -2] < 2 * FP32_ATOL  # top-1 may order either way
+        hit = order[:, 0] == seq.input_ids[1:]
+        assert abs(seq.token_accuracy - hit.mean()) <= ties.mean() + 1e-6
 
 
 def test_the_cli_reports_the_quickstart_cache(quickstart_cache, capsys):
     import json
 
-    from logitstore.cli import main
+    from tools.cli import main
 
     assert main(["info", str(quickstart_cache), "--format", "json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -27,7 +27,8 @@ def readme_commands() -> list[str]:
 
 def test_readme_gives_the_main_job_and_the_tests_as_two_commands():
     cmds = readme_commands()
-    assert cmds == ["bash tools/install.sh && logitstore demo", "bash tools/install.sh && python -m pytest"]
+    assert cmds == ["bash tools/install.sh && logitstore demo",
+                    "bash tools/install.sh && ruff check . && python -m pytest"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert cmds[1] in ci  # CI runs the README's test command verbatim
 
@@ -36,7 +37,7 @@ def test_readme_gives_the_main_job_and_the_tests_as_two_commands():
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     main_job = readme_commands()[0].split("&&")[1].split()  # ["logitstore", "demo"]
-    r = subprocess.run([sys.executable, "-m", "logitstore.cli", *main_job[1:], "--quick", "-o", str(out)],
+    r = subprocess.run([sys.executable, "-m", "tools.cli", *main_job[1:], "--quick", "-o", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r.stdout
@@ -92,7 +93,8 @@ def test_demo_students_held_out_ce_matches_a_plain_forward(demo):
         nll = n = 0.0
         for seq in held:
             with torch.no_grad():
-                lp = torch.log_softmax(model(torch.tensor(seq.input_ids[None], dtype=torch.long)).logits[0].double(), -1)
+                logits = model(torch.tensor(seq.input_ids[None], dtype=torch.long)).logits
+                lp = torch.log_softmax(logits[0].double(), -1)
             rows_ = torch.tensor(seq.pos[seq.loss_mask] - 1)
             nll -= float(lp[rows_, torch.tensor(seq.labels[seq.loss_mask], dtype=torch.long)].sum())
             n += len(rows_)

@@ -40,7 +40,8 @@ def write_student_config(path: Path, *, vocab: int = 49152, hidden: int = 32, la
 @pytest.fixture(scope="session")
 def text_cache(tmp_path_factory, tiny_teacher) -> Path:
     """A top-16 cache of 48 English lines scored by the tiny teacher (several shards and row groups)."""
-    from builders.driver import BuildConfig, build
+    from builders.config import BuildConfig
+    from builders.driver import build
     from logitstore import TopK
 
     d = tmp_path_factory.mktemp("traincache")

@@ -22,7 +22,6 @@ from logitstore.selection import Selection, cache_fingerprint, save_selection
 from tests.conftest import make_sequence, make_sequences, write_cache
 from trainers.data import StreamingLoader
 
-
 # ---------------------------------------------------------------- references
 
 

@@ -74,7 +74,7 @@ def test_a_training_run_killed_with_sigkill_resumes_to_the_same_weights(text_cac
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "logitstore.cli", "train", str(text_cache), "--student", str(student_config),
+    args = [sys.executable, "-m", "tools.cli", "train", str(text_cache), "--student", str(student_config),
             "--loss", "reverse_kl", "--max-steps", "10", "--save-every", "2", "--keep-checkpoints", "10",
             "--batch-size", "4", "--max-length", "48", "--quiet"]
     ref = tmp_path / "uninterrupted"

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from logitstore.cli import main
-
 from tests.conftest import read_manifest, shard_files, write_manifest
+from tools.cli import main
 
 SHARD1 = "shards/shard-000001.parquet"
 
@@ -133,7 +132,7 @@ def test_usage_errors(capsys, argv):
 
 def test_console_script(ranked_cache):
     exe = shutil.which("logitstore")
-    cmd = [exe] if exe else [sys.executable, "-m", "logitstore.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "tools.cli"]
     r = subprocess.run([*cmd, "info", str(ranked_cache.path), "--format", "json"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr

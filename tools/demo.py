@@ -1,7 +1,7 @@
 """``logitstore demo``: the whole promise on the embedded teacher, offline, in a few minutes on a laptop CPU.
 
 1. Prepare the embedded teacher (SmolLM2-135M-Instruct; the first run dequantises its GGUF).
-2. Build two caches from the dataset that ships in ``logitstore/demo_data``: the teacher
+2. Build two caches from the dataset that ships in ``tools/demo_data``: the teacher
    answers arithmetic and word problems (generation mode, several samples per prompt,
    each checked against the reference answer), and scores plain English text (top-32).
 3. Inspect them with SQL: pass rate, the most confidently wrong answers, entropy by
@@ -11,8 +11,9 @@
    their held-out cross-entropy and KL to the teacher side by side.
 5. Print where everything is and the commands to go further.
 
-This module is a command-line front end (it prints); everything it does goes through
-the public APIs that the other subcommands use, and it prints each equivalent command.
+This module is a command-line front end (it prints), on top of the store, the builders and
+the trainers; everything it does goes through the public APIs that the other subcommands use,
+and it prints each equivalent command. ``tools.cli.demo`` registers ``logitstore demo``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import json
 import shutil
 import time
 from pathlib import Path
+
+from tools.cli.text import format_table
 
 DATA_DIR = Path(__file__).parent / "demo_data"
 STUDENTS = {  # Llama configs sharing the teacher's tokenizer (vocab 49152)
@@ -62,7 +65,8 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 
 
 def _build(teacher: Path, data: Path, out: Path, **cfg) -> None:
-    from builders.driver import BuildConfig, build
+    from builders.config import BuildConfig
+    from builders.driver import build
     from logitstore.manifest import load_manifest
 
     if (out / "manifest.json").exists():
@@ -76,8 +80,6 @@ def _build(teacher: Path, data: Path, out: Path, **cfg) -> None:
 
 
 def _table(rel, limit: int = 8) -> str:
-    from logitstore.cli import format_table
-
     return format_table(rel.columns, rel.fetchall()[:limit], digits=3, indent="  ")
 
 
@@ -116,7 +118,8 @@ def _train(text: Path, out: Path, s: Settings) -> list[dict]:
     from transformers import LlamaConfig
 
     import logitstore
-    from logitstore.selection import make_selection, save_selection
+    from logitstore.selection import save_selection
+    from logitstore.subset import make_selection
     from trainers.config import TrainConfig
     from trainers.loop import train
 
@@ -207,15 +210,3 @@ def run(args: argparse.Namespace) -> int:
          "# per-token student entropy, KL: TIP-style token selection")
     _say(f"\ndone in {time.perf_counter() - t0:.0f} s")
     return 0
-
-
-def add_subparser(sub) -> None:
-    p = sub.add_parser("demo", help="the whole loop on the embedded teacher, offline (build, inspect, train)",
-                       description="Build caches from the shipped dataset with the embedded SmolLM2-135M "
-                                   "teacher, inspect them with SQL, select subsets and train students from one "
-                                   "cache; about 9 minutes on 2 CPU cores, --quick about 2.")
-    p.add_argument("-o", "--output", default="logitstore-demo", help="directory for everything (default "
-                                                                       "./logitstore-demo); caches are reused")
-    p.add_argument("--quick", action="store_true", help="less data and fewer steps (about 2 minutes)")
-    p.set_defaults(func=run)
-

@@ -1,0 +1,86 @@
+"""A build's configuration: one typed record from the command line (or Python) to the driver and its workers.
+
+``BuildConfig`` holds everything a build depends on besides the teacher, the data and the
+output: the sparse-entry rule and codec, the backend and its options, the record fields
+and length policy, batching, generation mode, storage, and (``ray``) where a distributed
+build runs. ``build_record`` turns it into the manifest's ``build`` record, the
+description a resume is compared with (``RESUME_BUILD_KEYS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from builders.data import Fields
+from builders.generate import GenerationConfig
+from logitstore.codec import Codec
+from logitstore.rules import Rule
+
+
+@dataclasses.dataclass
+class RayOptions:
+    """Where and how wide a distributed build runs (``--ray``)."""
+
+    address: str | None = None
+    """None: start a local Ray instance on this machine; "auto": the running cluster; or ray://HOST:PORT"""
+    actors: int = 1
+    """teacher replicas (actors), each scoring one block at a time"""
+    gpus_per_actor: float = 0
+    """GPUs each actor reserves (its backend's tensor-parallel size with vLLM)"""
+    cpus_per_actor: float = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """Everything a build depends on besides the teacher and the data."""
+
+    rule: Rule
+    codec: Codec = dataclasses.field(default_factory=Codec)
+    backend: str = "transformers"
+    backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fields: Fields = dataclasses.field(default_factory=Fields)
+    max_length: int | None = None
+    on_long: str = "truncate"
+    on_bad: str = "error"
+    token_budget: int = 8192
+    """max padded tokens per teacher batch (batch size x longest sequence)"""
+    window: int = 4096
+    """records sorted by length together (bigger: less padding, more memory); with ray, one block"""
+    cache_prompt: bool = False
+    """also cache the non-target positions (prompt tokens), with loss_mask false"""
+    generation: GenerationConfig | None = None
+    """sample responses from the teacher instead of scoring the given text (generation mode)"""
+    shard_mb: float = 256
+    """shard size limit in MiB"""
+    row_group_positions: int = 65536
+    """positions per Parquet row group (the unit of reading, shuffling and shard rotation)"""
+    seed: int = 0
+    ray: RayOptions | None = None
+    """score with a pool of Ray actors (``builders.ray_build``) instead of in this process"""
+
+
+#: build arguments a resume must match (the writer also checks teacher, tokenizer, rule and codec)
+RESUME_BUILD_KEYS = ("data_fingerprint", "fields", "max_length", "on_long", "cache_prompt", "generation", "seed")
+#: a distributed resume must also keep the windows, which define the blocks
+RAY_RESUME_KEYS = RESUME_BUILD_KEYS + ("window",)
+
+
+def build_record(teacher: str, data: Path, data_fp: str, config: BuildConfig, backend_options: dict,
+                 argv: list[str] | None) -> dict[str, Any]:
+    """The manifest's ``build`` record: everything needed to reproduce the build."""
+    rec = {
+        "teacher": teacher, "data": str(data), "data_fingerprint": data_fp, "backend": config.backend,
+        "backend_options": backend_options,
+        "fields": dataclasses.asdict(config.fields), "max_length": config.max_length, "on_long": config.on_long,
+        "on_bad": config.on_bad, "token_budget": config.token_budget, "window": config.window,
+        "cache_prompt": config.cache_prompt, "seed": config.seed, "argv": argv, "skipped": None,
+        "generation": dataclasses.asdict(config.generation) if config.generation else None,
+    }
+    if config.ray is not None:
+        rec["ray"] = config.ray.to_dict()
+    return rec

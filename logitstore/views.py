@@ -1,0 +1,153 @@
+"""The DuckDB face of an open cache: the views ``sequences`` and ``tokens``, the ``manifest`` and
+``exactness`` tables, and the macros. ``logitstore.query.connect(path)`` and ``Cache.sql`` use this.
+
+``views.connect(cache)`` (``cache``: an open ``logitstore.reader.Cache``) returns a DuckDB connection where
+
+- ``sequences`` has one row per sequence: ``seq_id``, ``record``, ``sample``, ``input_ids``,
+  ``n_tokens``, ``n_positions``, ``n_targets``, ``mean_entropy``, ``teacher_nll``,
+  ``token_accuracy``, ``correct``. It reads only the columns a query names, straight from
+  the shards, so filters on the scalar columns never unpack a list.
+- ``tokens`` has one row per cached position: ``seq_id``, ``pos``, ``label``,
+  ``label_logprob``, ``entropy``, ``tail_mass``, ``loss_mask``, ``topk_ids``,
+  ``topk_logprobs`` (decoded: token ids through the id map, logprobs from the quantised
+  deltas), and ``sample_counts`` for sampled caches (NULL otherwise).
+- ``manifest`` is one row per manifest key (``key``, ``value`` as JSON text), e.g.
+  ``SELECT value FROM manifest WHERE key = 'teacher'``.
+- ``exactness`` is one row per stored field (``field``, ``exactness``: exact, quantised,
+  estimate, bound or absent, ``meaning``): a cache built with vLLM stores an entropy *bound*,
+  and a query can check ``SELECT exactness FROM exactness WHERE field = 'entropy'``.
+- opened on a selection file, both views hold only the selected sequences, and the table
+  ``selection`` (``seq_id``, ``weight``) holds the selection itself.
+
+Macros over a position's entry lists (nats throughout):
+
+- ``support_entropy(lps)``: entropy of the entries renormalised over the stored support;
+- ``top1_margin(lps)``: ``lps[1] - lps[2]`` (NULL with a single entry);
+- ``sparse_kl(ids_p, lps_p, ids_q, lps_q)``, ``sparse_js(...)``, ``sparse_tvd(...)``: both
+  distributions are coarse-grained onto the ids they share plus one "other" bucket with
+  the rest of each one's mass (``1 - sum(p)`` over the shared ids). These are exact
+  divergences of the coarse-grained pair and lower bounds of the full-vocabulary ones
+  (coarse-graining never increases an f-divergence). A zero bucket against a nonzero one
+  is floored at 1e-12 so KL stays finite.
+
+DuckDB reads the shards directly and does not check their page CRCs: ``connect`` checks
+each shard's size against the manifest, and ``logitstore verify`` checks every byte.
+Answers are as trustworthy as the last ``verify``; the Python reader checks pages itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from logitstore import format as F
+from logitstore.errors import CorruptCacheError
+from logitstore.manifest import EXACTNESS_MEANING
+
+MACROS = [
+    "CREATE OR REPLACE MACRO support_entropy(lps) AS "
+    "  ln(list_sum(list_transform(lps, lambda x: exp(x)))) - "
+    "  list_sum(list_transform(lps, lambda x: exp(x) * x)) / list_sum(list_transform(lps, lambda x: exp(x)))",
+    "CREATE OR REPLACE MACRO top1_margin(lps) AS CASE WHEN len(lps) > 1 THEN lps[1] - lps[2] END",
+    # probabilities of the shared ids, in one order for both sides, and each side's other bucket
+    "CREATE OR REPLACE MACRO _shared(ids_p, ids_q) AS list_sort(list_intersect(ids_p, ids_q))",
+    "CREATE OR REPLACE MACRO _probs(shared, ids, lps) AS "
+    "  list_transform(shared, lambda i: exp(lps[list_position(ids, i)]))",
+    "CREATE OR REPLACE MACRO _with_other(pr) AS list_append(pr, greatest(1.0 - coalesce(list_sum(pr), 0.0), 0.0))",
+    "CREATE OR REPLACE MACRO _kl_lists(pr, qr) AS coalesce(list_sum(list_transform(range(1, len(pr) + 1), "
+    "  lambda j: CASE WHEN pr[j] > 0 THEN pr[j] * ln(pr[j] / greatest(qr[j], 1e-12)) ELSE 0.0 END)), 0.0)",
+    "CREATE OR REPLACE MACRO _coarse(ids_a, lps_a, ids_b, lps_b) AS "
+    "  _with_other(_probs(_shared(ids_a, ids_b), ids_a, lps_a))",
+    "CREATE OR REPLACE MACRO sparse_kl(ids_p, lps_p, ids_q, lps_q) AS "
+    "  _kl_lists(_coarse(ids_p, lps_p, ids_q, lps_q), _coarse(ids_q, lps_q, ids_p, lps_p))",
+    "CREATE OR REPLACE MACRO _mid(pr, qr) AS list_transform(range(1, len(pr) + 1), lambda j: (pr[j] + qr[j]) / 2)",
+    "CREATE OR REPLACE MACRO _js_lists(pr, qr) AS "
+    "0.5 * _kl_lists(pr, _mid(pr, qr)) + 0.5 * _kl_lists(qr, _mid(pr, qr))",
+    "CREATE OR REPLACE MACRO sparse_js(ids_p, lps_p, ids_q, lps_q) AS "
+    "  _js_lists(_coarse(ids_p, lps_p, ids_q, lps_q), _coarse(ids_q, lps_q, ids_p, lps_p))",
+    "CREATE OR REPLACE MACRO _tvd_lists(pr, qr) AS "
+    "  0.5 * list_sum(list_transform(range(1, len(pr) + 1), lambda j: abs(pr[j] - qr[j])))",
+    "CREATE OR REPLACE MACRO sparse_tvd(ids_p, lps_p, ids_q, lps_q) AS "
+    "  _tvd_lists(_coarse(ids_p, lps_p, ids_q, lps_q), _coarse(ids_q, lps_q, ids_p, lps_p))",
+]
+
+#: the sequences view: every per-sequence column of the format (logitstore/format.py), in its order
+SEQUENCE_VIEW_COLUMNS = tuple(name for name, *_ in F.SEQUENCE_COLUMNS)
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def connect(cache, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views, the manifest table and the macros of the open ``cache`` (a
+    ``logitstore.reader.Cache``; it is passed in, not imported, so the reader can offer ``Cache.sql``)."""
+    for info, path in zip(cache.manifest.shards, cache.shard_paths):  # cheap: DuckDB checks no page CRC
+        size = path.stat().st_size if path.is_file() else None
+        if size != info.bytes:
+            raise CorruptCacheError(f"{path}: {'missing' if size is None else f'{size} bytes'}, the manifest says "
+                                    f"{info.bytes}; run logitstore verify")
+    con = con or duckdb.connect()
+    con.execute("SET lambda_syntax = 'DISABLE_SINGLE_ARROW'") if _has_setting(con, "lambda_syntax") else None
+    for m in MACROS:
+        con.execute(m)
+    if cache.shard_paths:
+        src = "read_parquet([" + ", ".join(_sql_str(str(p)) for p in cache.shard_paths) + "])"
+    else:  # a cache with no committed shard: the same views, over an empty table of its shard schema
+        con.register("logitstore_empty_shard", cache.schema.empty_table())
+        src = "logitstore_empty_shard"
+    if cache.selection is not None:
+        sel = cache.selection
+        import pyarrow as pa
+
+        con.register("_logitstore_selection", pa.table({
+            "seq_id": pa.array(sel.seq_ids, pa.string()),
+            "weight": pa.array(sel.weights if sel.weights is not None else [None] * len(sel.seq_ids), pa.float64())}))
+        con.execute("CREATE OR REPLACE TABLE selection AS SELECT * FROM _logitstore_selection")
+        con.unregister("_logitstore_selection")
+        src = f"(SELECT * FROM {src} WHERE seq_id IN (SELECT seq_id FROM selection))"
+    con.execute(f"CREATE OR REPLACE VIEW sequences AS SELECT {', '.join(SEQUENCE_VIEW_COLUMNS)} FROM {src}")
+    con.execute(f"CREATE OR REPLACE VIEW tokens AS {_tokens_sql(cache, src, con)}")
+    m = cache.manifest.to_dict()
+    con.execute("CREATE OR REPLACE TABLE manifest (key VARCHAR, value VARCHAR)")
+    con.executemany("INSERT INTO manifest VALUES (?, ?)", [(k, json.dumps(v)) for k, v in m.items()])
+    con.execute("CREATE OR REPLACE TABLE exactness (field VARCHAR, exactness VARCHAR, meaning VARCHAR)")
+    con.executemany("INSERT INTO exactness VALUES (?, ?, ?)",
+                    [(k, v, EXACTNESS_MEANING.get(v, "")) for k, v in cache.manifest.exactness.items()])
+    return con
+
+
+def _has_setting(con, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_settings() WHERE name = ?", [name]).fetchone()[0])
+
+
+def _tokens_sql(cache, src: str, con) -> str:
+    """One row per position: unnest an index and subscript the per-position lists with it, so a query
+    that names only scalar fields neither reads nor unpacks the entry lists (19x faster than unnesting
+    every list at 2M positions; BENCHMARKS.md)."""
+    codec = cache.codec
+    id_col = F.id_column(codec.ids)
+    vname = F.value_column(codec.values)[0]
+    from_ = f"(SELECT *, unnest(range(1, len(pos) + 1)) AS _i FROM {src})"
+    if cache.id_map is not None:
+        # the code -> token id table as a one-row constant list (1-based), joined once
+        con.execute("CREATE OR REPLACE TABLE logitstore_id_map AS SELECT list(token_id ORDER BY code) AS _id_map "
+                    f"FROM read_parquet({_sql_str(str(cache.path / cache.manifest.id_map['file']))})")
+        ids = f"list_transform({id_col}[_i], lambda c: _id_map[c + 1]) AS topk_ids"
+        from_ += ", logitstore_id_map"
+    else:
+        ids = f"{id_col}[_i] AS topk_ids"
+    if codec.values == "qdelta":  # logprob[j] = -step * (d[1] + ... + d[j])
+        step = repr(float(codec.logprob_step))
+        lps = (f"list_transform(range(1, len({vname}[_i]) + 1), "
+               f"lambda j: (-{step} * list_sum({vname}[_i][1:j]))::FLOAT) AS topk_logprobs")
+    elif vname:
+        lps = f"list_transform({vname}[_i], lambda x: x::FLOAT) AS topk_logprobs"
+    else:
+        lps = "NULL::FLOAT[] AS topk_logprobs"
+    counts = ("list_transform(sample_counts[_i], lambda x: x::INTEGER) AS sample_counts"
+              if cache.rule.name == "sample" else "NULL::INTEGER[] AS sample_counts")
+    return (f"SELECT seq_id, pos[_i] AS pos, input_ids[pos[_i] + 1] AS label, "
+            f"label_logprob[_i]::FLOAT AS label_logprob, entropy[_i]::FLOAT AS entropy, "
+            f"tail_mass[_i]::FLOAT AS tail_mass, loss_mask[_i] AS loss_mask, {ids}, {lps}, {counts} FROM {from_}")

@@ -1,0 +1,289 @@
+"""The store's subcommands: ``info``, ``verify``, ``sql``, ``select``, ``diff`` and ``report``.
+
+Each ``add_*`` registers one subcommand's arguments; its handler calls the store's public
+API (``logitstore``) and prints. Heavy modules (DuckDB, matplotlib) are imported by the
+handlers, so ``logitstore --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from logitstore.errors import CacheExistsError, CacheNotFoundError, InvalidInputError
+from tools.cli.text import size
+
+# ---------------------------------------------------------------- info
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="what a cache holds: teacher, tokenizer, k rule, sizes, field exactness",
+                       description="Summarise a cache (or a selection of one) from its manifest (no shard is read).")
+    p.add_argument("cache", metavar="CACHE", help="cache directory or selection file")
+    p.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
+    p.add_argument("--json", action="store_true", help="same as --format json")
+    p.set_defaults(func=info)
+
+
+def info(args: argparse.Namespace) -> int:
+    from logitstore.reader import Cache
+
+    cache = Cache(args.cache)
+    m = cache.manifest
+    d = {
+        "path": str(cache.path),
+        "format_version": m.format_version,
+        "complete": m.complete,
+        "teacher": m.teacher,
+        "tokenizer": m.tokenizer,
+        "vocab_size": m.vocab_size,
+        "rule": m.rule,
+        "codec": m.codec,
+        "temperature": m.temperature,
+        "exactness": m.exactness,
+        "max_abs_logprob_error": cache.codec.logprob_error_bound() if m.codec["values"] in ("qdelta", "fp32") else None,
+        "logprob_error": cache.codec.logprob_error_text(),
+        "shards": len(m.shards),
+        "sequences": m.sequences,
+        "positions": m.positions,
+        "targets": sum(s.targets for s in m.shards),
+        "entries": m.entries,
+        "bytes": m.bytes,
+        "bytes_per_position": m.bytes / m.positions if m.positions else None,
+        "entries_per_position": m.entries / m.positions if m.positions else None,
+        "duplicates_skipped": m.duplicates_skipped,
+        "build": m.build,
+    }
+    if cache.selection is not None:
+        d["selection"] = {"file": args.cache, "cache": str(cache.path), "sequences": len(cache),
+                          "positions": cache.num_positions, "query": cache.selection.query,
+                          "weighted": cache.selection.weights is not None}
+    if args.json or args.format == "json":
+        print(json.dumps(d, indent=1))
+        return 0
+    rule = ", ".join(f"{k}={v}" for k, v in m.rule.items())
+    t = m.teacher
+    print(f"cache        {d['path']}  (format v{m.format_version}{'' if m.complete else ', build not finished'})")
+    print(f"teacher      {t.get('id', '?')}  revision={t.get('revision', '?')}  dtype={t.get('dtype', '?')}")
+    print(f"tokenizer    {m.tokenizer.get('name', '?')}  fingerprint={m.tokenizer.get('fingerprint', '?')}  "
+          f"vocab={m.vocab_size}")
+    print(f"entries      {rule}; {d['entries_per_position'] or 0:.1f} per position on average")
+    print(f"codec        values={m.codec['values']} (max abs logprob error {d['logprob_error']}), "
+          f"ids={m.codec['ids']}, scalars={m.codec['scalars']}, zstd {m.codec['zstd_level']}")
+    print(f"contents     {m.sequences:,} sequences, {m.positions:,} positions ({d['targets']:,} targets), "
+          f"{len(m.shards)} shards, {size(m.bytes)}"
+          + (f", {d['bytes_per_position']:.1f} bytes/position" if m.positions else ""))
+    print("exactness    " + ", ".join(f"{k}: {v}" for k, v in m.exactness.items()))
+    if m.duplicates_skipped:
+        print(f"duplicates   {m.duplicates_skipped} duplicate sequences skipped")
+    if cache.selection is not None:
+        sel = d["selection"]
+        print(f"selection    {args.cache}: {sel['sequences']:,} sequences, {sel['positions']:,} positions"
+              f"{', weighted' if sel['weighted'] else ''}; query: {sel['query']}")
+    return 0
+
+
+# ---------------------------------------------------------------- verify
+
+
+def add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check every shard against the manifest and the spec",
+                       description="Check checksums, sizes, schema, version, counts and every decoded value "
+                                   "against the invariants of FORMAT.md. Exit 1 if anything is wrong.")
+    p.add_argument("cache", metavar="CACHE", help="cache directory")
+    p.add_argument("--fast", action="store_true", help="checksums, schema and counts only; skip decoding values")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=verify)
+
+
+def verify(args: argparse.Namespace) -> int:
+    from logitstore.format import MANIFEST_NAME
+    from logitstore.progress import progress_bar
+    from logitstore.verify import verify as verify_cache
+
+    if not (Path(args.cache) / MANIFEST_NAME).is_file():
+        raise CacheNotFoundError(f"{args.cache}: not a logitstore cache (no {MANIFEST_NAME})")
+    bar = progress_bar(not args.quiet, desc="verifying shards", unit="shard")
+
+    def progress(i: int, n: int) -> None:
+        if bar is not None:
+            bar.total = n
+            bar.update(1)
+
+    problems = verify_cache(args.cache, deep=not args.fast, progress=progress)
+    if bar is not None:
+        bar.close()
+    for p in problems:
+        print(f"FAIL {p}")
+    if problems:
+        print(f"{args.cache}: {len(problems)} problem(s) found")
+        return 1
+    print(f"{args.cache}: OK")
+    return 0
+
+
+# ---------------------------------------------------------------- sql
+
+
+def add_sql(sub) -> None:
+    p = sub.add_parser(
+        "sql", help="DuckDB SQL over the views sequences and tokens",
+        description="Run a DuckDB query over the cache. Views: sequences (one row per sequence: seq_id, record, "
+                    "sample, input_ids, n_tokens, n_positions, n_targets, mean_entropy, teacher_nll, token_accuracy, "
+                    "correct) and tokens (one row per cached position: seq_id, pos, label, label_logprob, entropy, "
+                    "tail_mass, loss_mask, topk_ids, topk_logprobs, sample_counts); tables manifest (key, value) and "
+                    "exactness (field, exactness, meaning). "
+                    "Macros: support_entropy(lps), top1_margin(lps), sparse_kl/sparse_js/sparse_tvd(ids_p, lps_p, "
+                    "ids_q, lps_q).")
+    p.add_argument("cache", metavar="CACHE", help="cache directory or selection file")
+    p.add_argument("query", metavar="QUERY", help='e.g. "SELECT seq_id, mean_entropy FROM sequences WHERE correct"')
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="output: a table (default), CSV, or JSON (an array of row objects)")
+    p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default 40)")
+    p.set_defaults(func=sql)
+
+
+def _plain(v):
+    """A DuckDB value as plain JSON: NaN/inf as null, decimals as floats, dates as ISO text."""
+    import datetime
+    import decimal
+
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, (datetime.date, datetime.datetime, datetime.time)):
+        return v.isoformat()
+    return v
+
+
+def sql(args: argparse.Namespace) -> int:
+    import csv
+
+    import duckdb
+
+    from logitstore.query import connect
+
+    try:
+        rel = connect(args.cache).sql(args.query)
+        if rel is None:  # a statement without a result (SET, CREATE ...)
+            return 0
+        if args.format == "table":
+            rel.show(max_rows=args.max_rows, max_width=10_000)
+            return 0
+        cols, rows = rel.columns, rel.fetchall()
+    except duckdb.Error as exc:
+        raise InvalidInputError(f"query failed: {' '.join(str(exc).split())}") from None
+    if args.format == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(cols)
+        w.writerows(rows)
+        return 0
+    json.dump([{c: _plain(v) for c, v in zip(cols, r)} for r in rows], sys.stdout, default=str)
+    print()
+    return 0
+
+
+# ---------------------------------------------------------------- select
+
+
+def add_select(sub) -> None:
+    p = sub.add_parser(
+        "select", help="a named subset of sequences, without copying the shards",
+        description="Write a selection file: the seq ids (and optional weights) a SQL predicate or query picks, "
+                    "with the cache's fingerprint and the query. A selection is accepted wherever a cache is "
+                    "(info, sql, train) and refused against any other cache.")
+    p.add_argument("cache", metavar="CACHE", help="cache directory")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--where", metavar="PREDICATE",
+                     help='on the sequences view, e.g. "mean_entropy < 1.5 AND correct"')
+    how.add_argument("--query", metavar="SQL", help="a full query returning seq_id (and optionally weight)")
+    p.add_argument("-o", "--output", required=True, metavar="SELECTION", help="selection file to write (JSON)")
+    p.add_argument("--weight", metavar="EXPR", help="per-sequence weight, a SQL expression over sequences")
+    p.add_argument("--fraction", type=float, help="keep this fraction, chosen by a seeded hash of seq_id")
+    p.add_argument("--seed", type=int, default=0, help="seed of --fraction (default 0)")
+    p.add_argument("--limit", type=int, help="keep at most this many (in query order)")
+    p.add_argument("--materialize", action="store_true", help="write a standalone cache at -o instead of a selection")
+    p.add_argument("--force", action="store_true", help="replace an existing selection file (not a cache)")
+    p.set_defaults(func=select)
+
+
+def select(args: argparse.Namespace) -> int:
+    from logitstore.selection import save_selection
+    from logitstore.subset import make_selection, materialize
+
+    out = Path(args.output)
+    if out.exists() and (args.materialize or not args.force):
+        raise CacheExistsError(f"{out} exists; choose another path"
+                               + ("" if args.materialize else " or pass --force to replace the selection file"))
+    sel = make_selection(args.cache, where=args.where, query=args.query, weight=args.weight,
+                         fraction=args.fraction, seed=args.seed, limit=args.limit)
+    if not args.materialize:
+        save_selection(out, sel)
+        print(f"{out}: {len(sel.seq_ids):,} sequences of {args.cache}"
+              + (" with weights" if sel.weights is not None else ""))
+        return 0
+    if sel.weights is not None:
+        raise InvalidInputError("--materialize writes a plain cache, which has no per-sequence weights; "
+                                "drop --weight or keep the selection file")
+    m = materialize(sel, out, provenance={"selected_from": str(Path(args.cache).resolve()), "query": sel.query,
+                                          "sequences": len(sel.seq_ids)})
+    print(f"{out}: a standalone cache of {m.sequences:,} sequences, {m.positions:,} positions, {size(m.bytes)}")
+    return 0
+
+
+# ---------------------------------------------------------------- diff
+
+
+def add_diff(sub) -> None:
+    p = sub.add_parser(
+        "diff", help="compare two caches of the same data by different teachers",
+        description="Match sequences by seq_id and write per-position and per-sequence KL (both ways), JS, TVD "
+                    "and top-1 agreement to DIFF/positions.parquet and DIFF/sequences.parquet. Divergences are "
+                    "over the ids both caches store plus one bucket for the rest of each one's mass: exact for "
+                    "that pair, lower bounds of the full-vocabulary ones (as the SQL macros).")
+    p.add_argument("cache_a", metavar="CACHE_A")
+    p.add_argument("cache_b", metavar="CACHE_B")
+    p.add_argument("-o", "--output", required=True, metavar="DIFF", help="directory to write")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=diff)
+
+
+def diff(args: argparse.Namespace) -> int:
+    from logitstore.diff import diff as diff_caches
+
+    m = diff_caches(args.cache_a, args.cache_b, args.output, progress=not args.quiet)
+    print(f"{args.output}: {m['sequences']:,} sequences, {m['positions']:,} positions compared"
+          f" ({m['only_in_a']} only in A, {m['only_in_b']} only in B)")
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="a self-contained HTML report of a cache: summary, plots, telling rows",
+                       description="Write one HTML file (plots embedded, no external files) with the manifest "
+                                   "summary, histograms of teacher entropy, tail mass, NLL and lengths, the mean "
+                                   "entropy by position, correctness when the cache has verdicts, and tables of "
+                                   "the most confident wrong, highest-entropy and lowest-NLL sequences.")
+    p.add_argument("cache", metavar="CACHE", help="cache directory or selection file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="HTML file to write (e.g. report.html)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="rows of each table (default 10)")
+    p.set_defaults(func=report)
+
+
+def report(args: argparse.Namespace) -> int:
+    from logitstore.report import write_report
+
+    if args.top < 1:
+        raise InvalidInputError(f"--top {args.top}: must be >= 1 (the rows of each table)")
+    print(f"wrote {write_report(args.cache, args.output, top=args.top)}")
+    return 0

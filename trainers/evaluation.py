@@ -1,0 +1,89 @@
+"""Evaluation of a student on held-out cached sequences, and the batch-to-targets seam the loop shares.
+
+``evaluate`` streams a source once, in storage order, and reports the token-weighted label
+cross-entropy (``eval_ce``, nats) and the KL from the teacher over its stored entries plus one
+bucket for the rest (``eval_kl``: exact for that coarse-graining, a lower bound of the
+full-vocabulary KL), at temperature 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainers.config import TrainConfig
+from trainers.data import StreamingLoader
+from trainers.losses import SparseTargets, buckets, forward_kl, student_view
+from trainers.student import Student
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def batch_targets(batch: dict, sel: torch.Tensor, vocab: int, draws: int | None) -> SparseTargets:
+    """The teacher side of the positions ``sel [B, T]`` selects in a collated batch (``trainers.data``)."""
+    get = lambda k: batch[k][sel] if k in batch else None  # noqa: E731
+    return SparseTargets(ids=batch["topk_ids"][sel], valid=batch["topk_valid"][sel], logprobs=get("topk_logprobs"),
+                         tail_mass=batch["tail_mass"][sel], labels=batch["labels"][sel], vocab_size=vocab,
+                         counts=get("counts"), draws=draws)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch with its tensors on ``device``."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(student: Student, source, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Held-out label cross-entropy and bucket KL(teacher || student) at temperature 1, token-weighted."""
+    loader = StreamingLoader(source, batch_size=cfg.batch_size, max_length=cfg.max_length, shuffle=False,
+                             epochs=1, rank=0, world_size=1)
+    m = loader.manifest
+    draws = m.rule.get("draws")
+    ce_sum = kl_sum = 0.0
+    tokens = seqs = 0
+    was_training = student.model.training
+    student.model.eval()
+    for batch in loader:
+        batch = to_device(batch, device)
+        sel = batch["target_mask"]
+        h = student.hidden(batch)[sel]
+        t = batch_targets(batch, sel, m.vocab_size, draws)
+        view = student_view(h, student.head, t.ids, t.labels, chunk_size=cfg.chunk_size)
+        ce_sum += float(-view.logp_label.double().sum())
+        if t.logprobs is not None:
+            lt, ls, mask = buckets(view, t, tail="other")
+            kl_sum += float(forward_kl(lt, ls, mask).double().sum())
+        tokens += int(sel.sum())
+        seqs += len(batch["seq_ids"])
+        if cfg.eval_sequences and seqs >= cfg.eval_sequences:
+            break
+    student.model.train(was_training)
+    out = {"eval_ce": ce_sum / max(tokens, 1), "eval_tokens": tokens, "eval_sequences": seqs}
+    if m.codec.get("values") != "none":
+        out["eval_kl"] = kl_sum / max(tokens, 1)
+    return out
+
+
+def eval_and_log(student, source, cfg, device, out, step, main, world) -> dict[str, float]:
+    """Evaluate on rank 0 and append the result to ``OUT/metrics.jsonl``; every rank waits for it."""
+    res = {}
+    if main:
+        res = evaluate(student, source, cfg, device)
+        log_metrics(out, {"step": step, **res})
+        logger.info("eval at step %d: %s", step, res)
+    if world > 1:
+        dist.barrier()
+    return res
+
+
+def log_metrics(out: Path, row: dict[str, Any]) -> None:
+    """Append one JSON row to ``OUT/metrics.jsonl``."""
+    with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")

@@ -1,0 +1,71 @@
+"""What a training run reads: the damaged-cache check before training, and the train / held-out split.
+
+``check_cache`` runs ``verify`` without decoding (checksums, schema, counts) and refuses a
+damaged cache, or (``--skip-bad-shards``) returns the seq ids of its sound shards.
+``train_and_eval_sources`` gives the loader its sources: the cache or selection itself, a
+selection of the sound shards, or a seeded hash split (``--holdout``) that is the same for
+every ``--seed``, so runs with different seeds evaluate on the same sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from logitstore.errors import CorruptCacheError, InvalidInputError
+from logitstore.selection import Selection, cache_fingerprint, in_fraction
+from logitstore.verify import verify
+from trainers.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+HOLDOUT_SEED = 0x401D  # fixed, so runs with different --seed evaluate on the same held-out sequences
+
+
+def check_cache(cache, *, skip_bad: bool, what: str = "CACHE") -> list[str] | None:
+    """Refuse a damaged cache before training (``verify`` without decoding: checksums, schema, counts).
+
+    Returns None when it is sound, else (with ``skip_bad``) the seq ids of its sound shards, after
+    logging which shards are left out and why. Files the manifest does not list (a stray or
+    temporary file) are ignored: readers never look at them."""
+    listed = {s.file: i for i, s in enumerate(cache.manifest.shards)}
+    problems = [p for p in verify(cache.path, deep=False) if "not listed in the manifest" not in p.message]
+    if not problems:
+        return None
+    bad = {listed[p.file] for p in problems if p.file in listed}
+    fatal = [p for p in problems if p.file not in listed]
+    text = "; ".join(str(p) for p in problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    if fatal or not skip_bad or len(bad) == len(listed):
+        hint = "" if fatal else " (or pass --skip-bad-shards to train on the sound shards)"
+        raise CorruptCacheError(f"{what} {cache.path} is damaged, refusing to train: {text}; run `logitstore verify "
+                                f"{cache.path}` for the full list; restore the damaged shards from a copy or rebuild "
+                                f"the cache into a new directory{hint}")
+    logger.warning("skipping %d damaged shard(s) of %s: %s", len(bad), cache.path, text)
+    keep = set()
+    for i in range(len(listed)):
+        if i not in bad:
+            keep.update(cache.read(i, None, ["seq_id"], restrict=False).column(0).to_pylist())
+    return [sid for sid in cache.scalars(["seq_id"]).column(0).to_pylist() if sid in keep] if cache.selection \
+        else sorted(keep)
+
+
+def train_and_eval_sources(cfg: TrainConfig, cache, only: list[str] | None = None):
+    """(train source, eval source or None): the cache/selection itself, or a seeded hash split of it,
+    restricted to the seq ids ``only`` when given (the sound shards of a damaged cache)."""
+    if not cfg.holdout and only is None:
+        return cfg.cache, (cfg.eval or None)
+    ids = only if only is not None else cache.scalars(["seq_id"]).column(0).to_pylist()
+    w = cache.weights
+    if not cfg.holdout:
+        return Selection(cache=str(cache.path), cache_fingerprint=cache_fingerprint(cache.manifest), seq_ids=ids,
+                         weights=[w[x] for x in ids] if w else None, query="sound shards"), (cfg.eval or None)
+    parts: dict[bool, list[str]] = {True: [], False: []}
+    for sid in ids:
+        parts[in_fraction(sid, HOLDOUT_SEED, cfg.holdout)].append(sid)
+    if not parts[True] or not parts[False]:
+        raise InvalidInputError(f"--holdout {cfg.holdout} leaves {len(parts[False])} training and "
+                                f"{len(parts[True])} held-out sequences of {len(ids)}; both must be non-empty")
+    fp = cache_fingerprint(cache.manifest)
+    sel = {held: Selection(cache=str(cache.path), cache_fingerprint=fp, seq_ids=s,
+                           weights=[w[x] for x in s] if w and not held else None, query=f"holdout {cfg.holdout}")
+           for held, s in parts.items()}
+    return sel[False], sel[True]
