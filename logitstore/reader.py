@@ -30,6 +30,8 @@ from logitstore.records import Scored, SequenceRecord
 from logitstore.rules import rule_from_dict
 from logitstore.selection import Selection, check_fingerprint, is_selection_file, load_selection
 
+#: the optional per-position fields of rules that draw (Block and Sequence)
+TAIL_FIELDS = ("tail_ids", "tail_logprobs", "tail_counts", "n_tail", "proposal_log_norm")
 # What pyarrow raises on a damaged file: its own errors, OS errors, and undecodable footers.
 _READ_ERRORS = (OSError, pa.ArrowException, UnicodeDecodeError, ValueError)
 
@@ -52,6 +54,11 @@ class Block:
     logprobs: np.ndarray | None  # [P, K] float32, -inf where invalid; None when not stored (codec "none")
     n_entries: np.ndarray  # [P] int32
     counts: np.ndarray | None  # [P, K] uint16 (rule sample), 0 where invalid
+    tail_ids: np.ndarray | None = None  # [P, U] int32 (rule topk_tail), -1 where invalid
+    tail_logprobs: np.ndarray | None = None  # [P, U] float32, -inf where invalid (None: not stored)
+    tail_counts: np.ndarray | None = None  # [P, U] uint16, 0 where invalid
+    n_tail: np.ndarray | None = None  # [P] int32
+    proposal_log_norm: np.ndarray | None = None  # [P] float32 (a proposal temperature != 1)
 
     def __len__(self) -> int:
         return self.pos_offsets.size - 1
@@ -70,6 +77,7 @@ class Block:
             tail_mass=self.tail_mass[a:b], ids=self.ids[a:b],
             logprobs=None if self.logprobs is None else self.logprobs[a:b],
             n_entries=self.n_entries[a:b], counts=None if self.counts is None else self.counts[a:b],
+            **{name: None if getattr(self, name) is None else getattr(self, name)[a:b] for name in TAIL_FIELDS},
         )
 
 
@@ -98,6 +106,11 @@ class Sequence:
     logprobs: np.ndarray | None
     n_entries: np.ndarray
     counts: np.ndarray | None
+    tail_ids: np.ndarray | None = None
+    tail_logprobs: np.ndarray | None = None
+    tail_counts: np.ndarray | None = None
+    n_tail: np.ndarray | None = None
+    proposal_log_norm: np.ndarray | None = None
 
     def record_of(self) -> SequenceRecord:
         """This sequence as ``CacheWriter.add`` takes it (entries trimmed to their widest position; the stored
@@ -106,7 +119,12 @@ class Sequence:
         scored = Scored(ids=self.ids[:, :k].clip(min=0),
                         logprobs=None if self.logprobs is None else self.logprobs[:, :k],
                         n_entries=self.n_entries, counts=None if self.counts is None else self.counts[:, :k],
-                        label_logprob=self.label_logprob, entropy=self.entropy, tail_mass=self.tail_mass)
+                        label_logprob=self.label_logprob, entropy=self.entropy, tail_mass=self.tail_mass,
+                        proposal_log_norm=self.proposal_log_norm)
+        if self.tail_ids is not None:
+            u = max(1, int(self.n_tail.max(initial=1)))
+            scored.tail_ids, scored.tail_counts = self.tail_ids[:, :u].clip(min=0), self.tail_counts[:, :u]
+            scored.tail_logprobs, scored.n_tail = self.tail_logprobs[:, :u], self.n_tail
         return SequenceRecord(input_ids=self.input_ids, positions=self.pos, loss_mask=self.loss_mask, scored=scored,
                               seq_id=self.seq_id, record=int(self.record), sample=int(self.sample),
                               correct=self.correct,
@@ -140,7 +158,7 @@ class Cache:
         self.rule = rule_from_dict(self.manifest.rule)
         self.k = self.rule.k
         self.schema = F.shard_schema(rule=self.rule.name, value_codec=self.codec.values, id_codec=self.codec.ids,
-                                     scalar_dtype=self.codec.scalars)
+                                     scalar_dtype=self.codec.scalars, tempered=self.rule.tempered)
         self.id_map = read_id_map(self.path, self.manifest) if self.manifest.id_map else None
         self._index: dict[str, tuple[int, int]] | None = None  # seq_id -> (shard, row)
         self._files: dict[int, pq.ParquetFile] = {}
@@ -357,11 +375,35 @@ class Cache:
         if self.rule.name == "sample":
             counts = C.pad_flat(_flat2(col("sample_counts"))[1], mask, n_pos, k, 0)
         f32 = lambda name: _flat(col(name))[1].astype(np.float32, copy=False)  # noqa: E731
+        tail = self._decode_tail(col, n_pos) if self.rule.name == "topk_tail" else {}
+        if self.rule.tempered:
+            tail["proposal_log_norm"] = f32("proposal_log_norm")
         return Block(
             scalars=scal, token_offsets=tok_off, input_ids=input_ids, pos_offsets=pos_off, pos=pos, labels=labels,
             loss_mask=_flat(col("loss_mask"))[1], label_logprob=f32("label_logprob"), entropy=f32("entropy"),
-            tail_mass=f32("tail_mass"), ids=ids, logprobs=lps, n_entries=n_ent, counts=counts,
+            tail_mass=f32("tail_mass"), ids=ids, logprobs=lps, n_entries=n_ent, counts=counts, **tail,
         )
+
+    def _decode_tail(self, col, n_pos: int) -> dict[str, np.ndarray | None]:
+        """The tail draws of rule topk_tail, padded to ``[P, U]`` (U = the widest position, at least 1)."""
+        off, ids_flat = _flat2(col(F.id_column(self.codec.ids, "tail")))
+        n = np.diff(off).astype(np.int32)
+        u = max(1, int(n.max(initial=1)))
+        if self.id_map is not None:
+            if ids_flat.size and (ids_flat.min() < 0 or ids_flat.max() >= self.id_map.size):
+                raise CorruptCacheError(f"{self.path}: tail code outside the id map")
+            ids_flat = np.take(self.id_map, ids_flat)
+        mask = C.valid_mask(n, u)
+        lps = None
+        vname = F.tail_value_column(self.codec.values)
+        if vname is not None:
+            vals = _flat2(col(vname))[1]
+            if self.codec.values == "qdelta":
+                vals = C.dequantise_flat(vals, off[:-1][n > 0], self.codec.logprob_step)
+            lps = C.pad_flat(vals.astype(np.float32, copy=False), mask, n_pos, u, -np.inf)
+        return {"tail_ids": C.pad_flat(ids_flat.astype(np.int32, copy=False), mask, n_pos, u, -1),
+                "tail_logprobs": lps, "tail_counts": C.pad_flat(_flat2(col("tail_counts"))[1], mask, n_pos, u, 0),
+                "n_tail": n}
 
 
 def _check_layout(path: Path, md: pq.FileMetaData, size: int) -> None:

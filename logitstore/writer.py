@@ -30,14 +30,14 @@ import pyarrow.parquet as pq
 
 from logitstore import codec as C
 from logitstore import format as F
-from logitstore.contract import Contract, as_numpy
+from logitstore.contract import Contract, as_numpy, check_rule_and_codec
 from logitstore.encode import encode_rows, shard_writer
 from logitstore.errors import CacheExistsError, CacheWriteError, InvalidInputError, LogitstoreError
 from logitstore.idmap import read_id_map, write_id_map
 from logitstore.lock import LOCK_NAME, BuildLock
 from logitstore.manifest import EXACTNESS_WORDS, Manifest, ShardInfo, fsync_dir, load_manifest, now, save_manifest
 from logitstore.records import SequenceRecord
-from logitstore.rules import Rule, Sampled
+from logitstore.rules import Rule, TopKTail
 from logitstore.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -95,14 +95,14 @@ class CacheWriter:
         self.rule, self.codec = rule, codec
         self.vocab_size = int(vocab_size)
         self.shard_bytes, self.row_group_positions = int(shard_bytes), int(row_group_positions)
-        if codec.values == "none" and not isinstance(rule, Sampled):
-            raise InvalidInputError("codec values='none' (no logprobs stored) is only allowed under rule sample")
-        ex = {
-            "topk_logprobs": {"fp32": "exact", "none": "absent"}.get(codec.values, "quantised"),
-            "label_logprob": "exact" if codec.scalars == "fp32" else "quantised",
-            "entropy": "exact" if codec.scalars == "fp32" else "quantised",
-            "tail_mass": "exact" if codec.scalars == "fp32" else "quantised",
-        }
+        check_rule_and_codec(rule, codec)
+        values = {"fp32": "exact", "none": "absent"}.get(codec.values, "quantised")
+        scalars = "exact" if codec.scalars == "fp32" else "quantised"
+        ex = {"topk_logprobs": values, "label_logprob": scalars, "entropy": scalars, "tail_mass": scalars}
+        if isinstance(rule, TopKTail):
+            ex["tail_logprobs"] = values
+        if rule.tempered:
+            ex["proposal_log_norm"] = scalars
         for key, word in (exactness or {}).items():
             if key not in ex or word not in EXACTNESS_WORDS:
                 raise InvalidInputError(
@@ -119,7 +119,7 @@ class CacheWriter:
         self.id_counts = None if id_counts is None else np.asarray(id_counts, np.int64).ravel()
         self._contract = Contract(rule, codec, self.vocab_size)
         self.schema = F.shard_schema(rule=rule.name, value_codec=codec.values, id_codec=codec.ids,
-                                     scalar_dtype=codec.scalars)
+                                     scalar_dtype=codec.scalars, tempered=rule.tempered)
         self.manifest: Manifest | None = None
         self.committed_ids: set[str] = set()
         self._seen: set[str] = set()
@@ -256,6 +256,10 @@ class CacheWriter:
 
     def _check_resume_compatible(self, old: Manifest) -> None:
         new = self._new_manifest
+        if old.format_version != new.format_version:
+            raise InvalidInputError(f"cannot resume {self.path}: it is a format version {old.format_version} cache "
+                                    f"and this logitstore writes version {new.format_version}; finish it with the "
+                                    "logitstore that started it, or build into a new directory")
         diffs = [
             f"{name}: cache has {getattr(old, name)!r}, this build has {getattr(new, name)!r}"
             for name in ("vocab_size", "rule", "codec", "teacher", "tokenizer", "temperature")

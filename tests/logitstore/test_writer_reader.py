@@ -56,7 +56,7 @@ def _assert_cache_equals_refs(path, refs, rule, codec):
 
 def test_manifest_describes_the_cache(ranked_cache):
     m = read_manifest(ranked_cache.path)
-    assert m["format"] == "logitstore" and m["format_version"] == 1 == logitstore.FORMAT_VERSION
+    assert m["format"] == "logitstore" and m["format_version"] == 2 == logitstore.FORMAT_VERSION
     assert m["complete"] is True
     assert m["vocab_size"] == ranked_cache.vocab
     assert m["rule"] == {"rule": "mass", "p": 0.9, "k": 24}
@@ -102,7 +102,7 @@ def test_shards_rotate_and_manifest_matches_files(ranked_cache):
             == sum(int(r.loss_mask.sum()) for r in mine)
         # each shard describes itself
         meta = json.loads(pf.schema_arrow.metadata[b"logitstore"])
-        assert meta["format"] == "logitstore" and meta["format_version"] == 1 and meta["shard"] == i
+        assert meta["format"] == "logitstore" and meta["format_version"] == 2 and meta["shard"] == i
         assert meta["rule"] == m["rule"] and meta["codec"] == m["codec"] and meta["vocab_size"] == m["vocab_size"]
         assert meta["id_map_sha256"] == id_map_sha
     assert several_row_groups
