@@ -185,6 +185,19 @@ def test_refusals(small, sampled_cache, tmp_path):
         ds.collator(pack=True)
 
 
+def test_evaluate_reports_the_loss_of_the_held_out_batches(small, tmp_path):
+    """Trainer.evaluate on a CacheDataset: storage order, the collator, the loss only (no logits gathered)."""
+    model = tiny_student()
+    trainer = DistillationTrainer(model=model, args=hf_args(tmp_path, per_device_eval_batch_size=4),
+                                  train_dataset=CacheDataset(small, max_length=ML),
+                                  eval_dataset=CacheDataset(small, max_length=ML))
+    got = trainer.evaluate()["eval_loss"]
+    ds, kd = CacheDataset(small, max_length=ML), DistillationLoss(small)
+    with torch.no_grad():
+        want = [float(kd(model, ds.collator()([ds[i] for i in range(a, a + 4)]))[0]) for a in range(0, 16, 4)]
+    assert got == pytest.approx(float(np.mean(want)), rel=1e-5)
+
+
 @pytest.mark.parametrize("normalize", ["micro_batch", "step"])
 def test_gradient_accumulation(small, normalize, tmp_path):
     """Two accumulated micro-batches of 2 sequences: with 'micro_batch' the gradient of our loop's accumulation
