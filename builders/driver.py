@@ -20,6 +20,7 @@ from pathlib import Path
 
 import logitstore
 from builders.backends import get_backend
+from builders.backends.base import Backend
 from builders.config import BuildConfig, build_record
 from builders.data import SkipReport, data_fingerprint
 from builders.plan import Plan, sequences_to_score, window_seed
@@ -45,12 +46,36 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
         from builders.ray_build import build_ray
 
         return build_ray(teacher, data, out, config, resume=resume, progress=progress, argv=argv)
-    data_fp = data_fingerprint(data)  # also: a missing data path fails here, before the teacher loads
+    data_fp = _check_inputs(data, out)
+    backend = get_backend(config.backend)(teacher, **config.backend_options)
+    return _build_with(backend, teacher, data, data_fp, out, config, resume, progress, argv)
+
+
+def build_with(backend: Backend, teacher: str, data: str | os.PathLike, out: str | os.PathLike,
+               config: BuildConfig, *, resume: bool = False, progress: bool = True,
+               argv: list[str] | None = None) -> Manifest:
+    """``build`` with a backend already made (a model in memory, a benchmark): the same checks, plan,
+    batches and writer; ``teacher`` is the name the manifest's build record gives it."""
+    out, data = Path(out), Path(data)
+    if config.token_budget < 2:
+        raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
+    check_rule_and_codec(config.rule, config.codec)
+    data_fp = _check_inputs(data, out)
+    return _build_with(backend, teacher, data, data_fp, out, config, resume, progress, argv)
+
+
+def _check_inputs(data: Path, out: Path) -> str:
+    """The data's fingerprint, after the checks that must fail before a teacher loads."""
+    data_fp = data_fingerprint(data)  # also: a missing data path fails here
     check_unlocked(out)  # a build already writing ``out`` is named now, not after loading the teacher
     if (out / PARTS_DIR).exists():
         raise InvalidInputError(f"{out} holds the parts of a distributed build (--ray); continue it with --ray "
                                 "--resume, or choose a new output path")
-    backend = get_backend(config.backend)(teacher, **config.backend_options)
+    return data_fp
+
+
+def _build_with(backend: Backend, teacher: str, data: Path, data_fp: str, out: Path, config: BuildConfig,
+                resume: bool, progress: bool, argv: list[str] | None) -> Manifest:
     build_args = build_record(teacher, data, data_fp, config, {**config.backend_options, **backend.options()}, argv)
     # a failed first build that committed nothing leaves nothing behind: the writer removes the directory it
     # created, under its lock (so never the directory of another build that started meanwhile)
