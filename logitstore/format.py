@@ -12,9 +12,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 FORMAT_NAME = "logitstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Versions this code reads. Anything else is refused (FormatVersionError), never misread.
-READABLE_VERSIONS = (1,)
+READABLE_VERSIONS = (1, 2)
 
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"

@@ -35,7 +35,16 @@ from logitstore.encode import encode_rows, shard_writer
 from logitstore.errors import CacheExistsError, CacheWriteError, InvalidInputError, LogitstoreError
 from logitstore.idmap import read_id_map, write_id_map
 from logitstore.lock import LOCK_NAME, BuildLock
-from logitstore.manifest import EXACTNESS_WORDS, Manifest, ShardInfo, fsync_dir, load_manifest, now, save_manifest
+from logitstore.manifest import (
+    EXACTNESS_WORDS,
+    Manifest,
+    ShardInfo,
+    fsync_dir,
+    load_manifest,
+    now,
+    require_current_version,
+    save_manifest,
+)
 from logitstore.records import SequenceRecord
 from logitstore.rules import Rule, Sampled
 from logitstore.version import __version__
@@ -255,6 +264,7 @@ class CacheWriter:
         return err
 
     def _check_resume_compatible(self, old: Manifest) -> None:
+        require_current_version(old, self.path)
         new = self._new_manifest
         diffs = [
             f"{name}: cache has {getattr(old, name)!r}, this build has {getattr(new, name)!r}"

@@ -5,6 +5,7 @@ and the reference inputs."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -56,7 +57,12 @@ def _assert_cache_equals_refs(path, refs, rule, codec):
 
 def test_manifest_describes_the_cache(ranked_cache):
     m = read_manifest(ranked_cache.path)
-    assert m["format"] == "logitstore" and m["format_version"] == 1 == logitstore.FORMAT_VERSION
+    assert m["format"] == "logitstore" and m["format_version"] == 2 == logitstore.FORMAT_VERSION
+    # FORMAT.md: the last key is the sha256 of the canonical JSON (sorted keys, no whitespace) of all the others
+    assert list(m)[-1] == "checksum"
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert m["checksum"] == hashlib.sha256(canonical.encode("ascii")).hexdigest()
     assert m["complete"] is True
     assert m["vocab_size"] == ranked_cache.vocab
     assert m["rule"] == {"rule": "mass", "p": 0.9, "k": 24}
@@ -102,7 +108,7 @@ def test_shards_rotate_and_manifest_matches_files(ranked_cache):
             == sum(int(r.loss_mask.sum()) for r in mine)
         # each shard describes itself
         meta = json.loads(pf.schema_arrow.metadata[b"logitstore"])
-        assert meta["format"] == "logitstore" and meta["format_version"] == 1 and meta["shard"] == i
+        assert meta["format"] == "logitstore" and meta["format_version"] == 2 and meta["shard"] == i
         assert meta["rule"] == m["rule"] and meta["codec"] == m["codec"] and meta["vocab_size"] == m["vocab_size"]
         assert meta["id_map_sha256"] == id_map_sha
     assert several_row_groups

@@ -34,7 +34,7 @@ def test_info_json(ranked_cache, capsys, flags):
         assert d[key] == value, key
     assert d["shards"] == len(shard_files(ranked_cache.path))
     assert d["bytes"] == sum(f.stat().st_size for f in shard_files(ranked_cache.path))
-    assert d["vocab_size"] == ranked_cache.vocab and d["format_version"] == 1 and d["complete"] is True
+    assert d["vocab_size"] == ranked_cache.vocab and d["format_version"] == 2 and d["complete"] is True
     assert d["rule"] == {"rule": "mass", "p": 0.9, "k": 24}
     assert d["max_abs_logprob_error"] == 5 / 256  # FORMAT.md: step / 2 of the default qdelta step
     assert d["positions"] and d["entries_per_position"] == d["entries"] / d["positions"]
