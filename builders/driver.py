@@ -24,9 +24,10 @@ from builders.config import BuildConfig, build_record
 from builders.data import SkipReport, data_fingerprint
 from builders.plan import Plan, sequences_to_score, window_seed
 from builders.scoring import open_writer, score_items
-from logitstore.errors import InvalidInputError
+from logitstore.errors import CacheExistsError, InvalidInputError
 from logitstore.lock import check_unlocked
 from logitstore.manifest import Manifest
+from logitstore.ownership import check_output_dir
 from logitstore.parts import PARTS_DIR
 from logitstore.progress import progress_bar
 
@@ -44,10 +45,15 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
 
         return build_ray(teacher, data, out, config, resume=resume, progress=progress, argv=argv)
     data_fp = data_fingerprint(data)  # also: a missing data path fails here, before the teacher loads
-    check_unlocked(out)  # a build already writing ``out`` is named now, not after loading the teacher
+    # what ``out`` is, now rather than after loading the teacher: a build already writing it, a distributed build's
+    # directory, a file or a foreign directory (refused: nothing of a user's is written over), a cache to resume
+    check_unlocked(out)
     if (out / PARTS_DIR).exists():
         raise InvalidInputError(f"{out} holds the parts of a distributed build (--ray); continue it with --ray "
                                 "--resume, or choose a new output path")
+    if check_output_dir(out) and not resume:
+        raise CacheExistsError(f"{out} already holds a cache; pass --resume to continue it, or choose a new output "
+                               "path")
     backend = get_backend(config.backend)(teacher, **config.backend_options)
     build_args = build_record(teacher, data, data_fp, config, {**config.backend_options, **backend.options()}, argv)
     # a failed first build that committed nothing leaves nothing behind: the writer removes the directory it

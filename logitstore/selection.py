@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from logitstore.errors import InvalidInputError, LogitstoreError
+from logitstore.jsonfile import read_json
 from logitstore.manifest import Manifest, atomic_write_bytes, now
 
 SELECTION_FORMAT = "logitstore-selection"
@@ -63,12 +64,26 @@ class Selection:
 
 
 def is_selection_file(path: str | os.PathLike) -> bool:
+    """``path`` looks like a selection (its first bytes name the selection format): how ``open`` tells one from a
+    cache directory; ``load_selection`` then checks it fully."""
     p = Path(path)
     if not p.is_file():
         return False
     with open(p, "rb") as f:
         head = f.read(256)
     return SELECTION_FORMAT.encode() in head
+
+
+def is_our_selection(path: str | os.PathLike) -> bool:
+    """``path`` is a selection file written by logitstore (a JSON object whose ``format`` is the selection format,
+    however its content was edited since): the only kind of file ``select --force`` replaces."""
+    if not is_selection_file(path):
+        return False
+    try:
+        d = read_json(path, InvalidInputError)
+    except InvalidInputError:
+        return False
+    return isinstance(d, dict) and d.get("format") == SELECTION_FORMAT
 
 
 def load_selection(path: str | os.PathLike) -> Selection:

@@ -19,6 +19,7 @@ from logitstore.query import connect
 from logitstore.reader import Cache
 from logitstore.rules import rule_from_dict
 from logitstore.selection import Selection, cache_fingerprint, in_fraction
+from logitstore.sqlguard import SELECT_ONLY, check_expression, check_statements
 from logitstore.writer import CacheWriter
 
 
@@ -36,11 +37,17 @@ def make_selection(cache_path: str | os.PathLike, *, where: str | None = None, q
     cache = Cache(cache_path)
     if cache.selection is not None:
         raise InvalidInputError(f"{cache_path} is a selection; select from its cache {cache.path} instead")
-    if query is None:
-        query = f"SELECT seq_id{f', ({weight})::DOUBLE AS weight' if weight else ''} FROM sequences WHERE {where}"
+    if query is None:  # each text pasted into the query is one expression (logitstore.sqlguard), nothing more
+        check_expression(where, "--where")
+        if weight:
+            check_expression(weight, "--weight")
+        w = f", ((\n{weight}\n))::DOUBLE AS weight" if weight else ""  # on their own lines: a -- comment ends there
+        query = f"SELECT seq_id{w} FROM sequences WHERE (\n{where}\n)"
     elif weight:
         raise InvalidInputError("--weight goes with --where; with --query, return a 'weight' column instead")
-    con = connect(cache)
+    else:
+        check_statements(query, SELECT_ONLY, "--query")
+    con = connect(cache, confine_to=())
     try:
         rel = con.sql(query)
         cols = rel.columns

@@ -137,9 +137,17 @@ def add_sql(sub) -> None:
                     "tail_mass, loss_mask, topk_ids, topk_logprobs, sample_counts); tables manifest (key, value) and "
                     "exactness (field, exactness, meaning). "
                     "Macros: support_entropy(lps), top1_margin(lps), sparse_kl/sparse_js/sparse_tvd(ids_p, lps_p, "
-                    "ids_q, lps_q).")
+                    "ids_q, lps_q). What a query may do: read the cache, and the files and directories named with "
+                    "--allow-path (nothing else: DuckDB's file, network and extension access is off); statements "
+                    "SELECT (WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE), EXPLAIN, SET VARIABLE, and CREATE / INSERT / "
+                    "UPDATE / DELETE / DROP / ALTER of in-memory tables, views and macros. It never writes a file: "
+                    "COPY, EXPORT, ATTACH, INSTALL, LOAD, PRAGMA and CALL are refused (write results with --format "
+                    "csv or json and a shell redirect).")
     p.add_argument("cache", metavar="CACHE", help="cache directory or selection file")
     p.add_argument("query", metavar="QUERY", help='e.g. "SELECT seq_id, mean_entropy FROM sequences WHERE correct"')
+    p.add_argument("--allow-path", action="append", default=[], metavar="PATH",
+                   help="a file or directory the query may read besides the cache, e.g. a `logitstore score` "
+                        "directory to join (repeatable)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="output: a table (default), CSV, or JSON (an array of row objects)")
     p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default 40)")
@@ -170,15 +178,21 @@ def sql(args: argparse.Namespace) -> int:
     import duckdb
 
     from logitstore.query import connect
+    from logitstore.sqlguard import SQL_STATEMENTS, allow_paths, check_statements
 
+    check_statements(args.query, SQL_STATEMENTS, "QUERY")
+    con = connect(args.cache, confine_to=allow_paths(args.allow_path))
     try:
-        rel = connect(args.cache).sql(args.query)
+        rel = con.sql(args.query)
         if rel is None:  # a statement without a result (SET, CREATE ...)
             return 0
         if args.format == "table":
             rel.show(max_rows=args.max_rows, max_width=10_000)
             return 0
         cols, rows = rel.columns, rel.fetchall()
+    except duckdb.PermissionException as exc:
+        raise InvalidInputError(f"query refused: {' '.join(str(exc).split())} (a query reads only the cache and the "
+                                "paths given with --allow-path)") from None
     except duckdb.Error as exc:
         raise InvalidInputError(f"query failed: {' '.join(str(exc).split())}") from None
     if args.format == "csv":
@@ -211,18 +225,24 @@ def add_select(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --fraction (default 0)")
     p.add_argument("--limit", type=int, help="keep at most this many (in query order)")
     p.add_argument("--materialize", action="store_true", help="write a standalone cache at -o instead of a selection")
-    p.add_argument("--force", action="store_true", help="replace an existing selection file (not a cache)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing selection file (only a selection file: never a cache, a directory or any "
+                        "other file)")
     p.set_defaults(func=select)
 
 
 def select(args: argparse.Namespace) -> int:
-    from logitstore.selection import save_selection
+    from logitstore.selection import is_our_selection, save_selection
     from logitstore.subset import make_selection, materialize
 
     out = Path(args.output)
     if out.exists() and (args.materialize or not args.force):
         raise CacheExistsError(f"{out} exists; choose another path"
                                + ("" if args.materialize else " or pass --force to replace the selection file"))
+    if out.exists() and not is_our_selection(out):
+        what = "a directory" if out.is_dir() else "not a selection file"
+        raise CacheExistsError(f"-o {out} is {what}: --force replaces only a selection file written by logitstore "
+                               "select, never a cache, a shard, a manifest or any other file; choose another path")
     sel = make_selection(args.cache, where=args.where, query=args.query, weight=args.weight,
                          fraction=args.fraction, seed=args.seed, limit=args.limit)
     if not args.materialize:
