@@ -205,10 +205,20 @@ def _parquet_records(p: Path) -> Iterator[tuple[int, str, Any]]:
     return _table_rows(batches, p.name)
 
 
+#: what reading a damaged Parquet file or saved dataset raises (a missing .arrow file, a junk state.json or
+#: dataset_dict.json, values of the wrong type in them, garbage bytes), besides pyarrow's own errors
+_TABLE_ERRORS = (OSError, ValueError, TypeError, KeyError, RecursionError)
+
+
 def _dataset_records(p: Path) -> Iterator[tuple[int, str, Any]]:
     import datasets
+    import pyarrow as pa
 
-    ds, label = datasets.load_from_disk(str(p)), p.name
+    try:
+        ds, label = datasets.load_from_disk(str(p)), p.name
+    except _TABLE_ERRORS + (pa.ArrowException,) as exc:
+        raise DataFormatError(f"{p} is not a readable saved dataset ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]}); allowed inputs: {ALLOWED_FORMS}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds and len(ds) != 1:
             raise DataFormatError(f"{p} is a DatasetDict with splits {list(ds)} and none named 'train'; "
@@ -219,8 +229,23 @@ def _dataset_records(p: Path) -> Iterator[tuple[int, str, Any]]:
 
 
 def _table_rows(batches, label: str) -> Iterator[tuple[int, str, Any]]:
-    rows = (rec for batch in batches for rec in batch.to_pylist())
-    return ((i, f"{label} row {i}", rec) for i, rec in enumerate(rows))
+    """The rows of record batches read lazily; a batch that cannot be read (a damaged page or file) is one
+    ``DataFormatError`` naming the input and the row it stopped at."""
+    import pyarrow as pa
+
+    i = 0
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except _TABLE_ERRORS + (pa.ArrowException,) as exc:
+            raise DataFormatError(f"{label}: cannot read the rows after row {i} ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:200]})") from None
+        for rec in batch.to_pylist():
+            yield i, f"{label} row {i}", rec
+            i += 1
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import logitstore
 from builders.backends import get_backend
-from builders.config import BuildConfig, build_record
+from builders.config import BuildConfig, build_record, length_limit
 from builders.data import SkipReport, data_fingerprint
 from builders.plan import Plan, sequences_to_score, window_seed
 from builders.scoring import open_writer, score_items
@@ -56,6 +56,7 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
                                "path")
     backend = get_backend(config.backend)(teacher, **config.backend_options)
     build_args = build_record(teacher, data, data_fp, config, {**config.backend_options, **backend.options()}, argv)
+    config, build_args["length_limit"] = length_limit(config, backend.max_positions)
     # a failed first build that committed nothing leaves nothing behind: the writer removes the directory it
     # created, under its lock (so never the directory of another build that started meanwhile)
     return _run(backend, data, out, config, build_args, resume, progress)

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from builders.config import RAY_RESUME_KEYS, BuildConfig, RayOptions, build_record
+from builders.config import RAY_RESUME_KEYS, BuildConfig, RayOptions, build_record, length_limit
 from builders.data import Example, SkipReport, data_fingerprint
 from builders.plan import Item, Plan, positions_of, sequences_to_score, window_seed
 from builders.scoring import open_writer, score_items
@@ -87,7 +87,7 @@ def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, con
               resume: bool = False, progress: bool = True, argv: list[str] | None = None) -> Manifest:
     """Build (or continue) the cache ``out`` with a pool of Ray actors (``config.ray``); see the module
     docstring. ``builders.driver.build`` calls this for a config with ``ray`` set."""
-    from builders.backends.hf import load_tokenizer
+    from builders.backends.hf import load_tokenizer, teacher_max_positions
 
     ray_options = config.ray if config.ray is not None else RayOptions()
     out, data = Path(out).absolute(), Path(data)
@@ -119,6 +119,11 @@ def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, con
         tokenizer = load_tokenizer(teacher, trust_remote_code=trust)
         build_args = build_record(teacher, data, data_fp, dataclasses.replace(config, ray=ray_options),
                                   dict(config.backend_options), argv)
+        teacher_max = teacher_max_positions(teacher, trust_remote_code=trust)
+        engine_len = config.backend_options.get("max_model_len")  # vLLM's --max-model-len caps it further
+        if engine_len:
+            teacher_max = min(teacher_max or engine_len, engine_len)
+        config, build_args["length_limit"] = length_limit(config, teacher_max)
         if (out / F.MANIFEST_NAME).is_file():
             _check_resume(out, load_manifest(out), build_args)
         report = SkipReport()

@@ -28,7 +28,7 @@ from logitstore.idmap import read_id_map
 from logitstore.manifest import load_manifest
 from logitstore.records import Scored, SequenceRecord
 from logitstore.rules import rule_from_dict
-from logitstore.selection import Selection, check_fingerprint, is_selection_file, load_selection
+from logitstore.selection import Selection, check_fingerprint, check_known, is_selection_file, load_selection
 
 # What pyarrow raises on a damaged file: its own errors, OS errors, and undecodable footers.
 _READ_ERRORS = (OSError, pa.ArrowException, UnicodeDecodeError, ValueError)
@@ -117,10 +117,11 @@ class Sequence:
 class Cache:
     """A cache on disk, read through its last committed manifest."""
 
-    def __init__(self, path, *, check_totals: bool = True):
+    def __init__(self, path, *, check_totals: bool = True, allow_missing: bool = False):
         """``path``: a cache directory, a selection file, or a ``Selection`` (opened on its cache).
         ``check_totals=False`` (for ``verify``, which reports it) accepts a manifest whose totals disagree with
-        its shard list; a reader refuses it, since a dropped shard entry would make sequences vanish."""
+        its shard list; a reader refuses it, since a dropped shard entry would make sequences vanish. A selection
+        file's seq ids must all be in the cache, unless ``allow_missing`` (then those that are are used)."""
         self.selection = None  # a Selection when opened through one
         self._subset: frozenset[str] | None = None
         if isinstance(path, Selection) or is_selection_file(path):
@@ -130,7 +131,6 @@ class Cache:
             check_fingerprint(self.selection, self.manifest, "the selection" if isinstance(path, Selection)
                               else Path(path), self.path)
             self._subset = frozenset(self.selection.seq_ids)
-            self._subset_values = pa.array(sorted(self._subset), pa.string())  # for filtering, built once
         else:
             self.path = Path(path)
             self.manifest = load_manifest(self.path)
@@ -145,6 +145,11 @@ class Cache:
         self._index: dict[str, tuple[int, int]] | None = None  # seq_id -> (shard, row)
         self._files: dict[int, pq.ParquetFile] = {}
         self._shard_numbers: list[int] | None = None
+        if self.selection is not None and not isinstance(path, Selection):  # a file may be edited by hand
+            self.selection = check_known(self.selection, self.index, path, self.path, allow_missing=allow_missing)
+            self._subset = frozenset(self.selection.seq_ids)
+        if self._subset is not None:
+            self._subset_values = pa.array(sorted(self._subset), pa.string())  # for filtering, built once
 
     # ------------------------------------------------------------ summary
     def __len__(self) -> int:
@@ -155,6 +160,14 @@ class Cache:
         if self._subset is None:
             return self.manifest.positions
         return int(sum(self.scalars(["n_positions"]).column(0).to_pylist()))
+
+    @property
+    def source(self) -> Path | Selection:
+        """What opens this same view again (the loader, its DataLoader workers): the cache directory, or the
+        selection (already checked) with its cache's absolute path."""
+        if self.selection is None:
+            return self.path.resolve()
+        return dataclasses.replace(self.selection, cache=str(self.path.resolve()))
 
     @property
     def weights(self) -> dict[str, float] | None:
@@ -404,6 +417,7 @@ def _flat2(a: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
     return inner - inner[0], values
 
 
-def open(path: str | os.PathLike) -> Cache:  # noqa: A001 - the natural name, as in logitstore.open
-    """Open the cache at ``path`` (a directory with ``manifest.json``), or a selection file of one."""
-    return Cache(path)
+def open(path: str | os.PathLike, *, allow_missing: bool = False) -> Cache:  # noqa: A001 - as in logitstore.open
+    """Open the cache at ``path`` (a directory with ``manifest.json``), or a selection file of one (whose seq ids
+    must all be in its cache unless ``allow_missing``)."""
+    return Cache(path, allow_missing=allow_missing)

@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from logitstore.errors import CacheExistsError, CacheNotFoundError, InvalidInputError
+from logitstore.errors import CacheExistsError, CacheNotFoundError, InvalidInputError, LogitstoreError
 from tools.cli.text import size
 
 # ---------------------------------------------------------------- info
@@ -25,13 +25,15 @@ def add_info(sub) -> None:
     p.add_argument("cache", metavar="CACHE", help="cache directory or selection file")
     p.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
     p.add_argument("--json", action="store_true", help="same as --format json")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="a selection whose seq ids are not all in its cache: use those that are (default: refuse)")
     p.set_defaults(func=info)
 
 
 def info(args: argparse.Namespace) -> int:
     from logitstore.reader import Cache
 
-    cache = Cache(args.cache)
+    cache = Cache(args.cache, allow_missing=args.allow_missing)
     m = cache.manifest
     d = {
         "path": str(cache.path),
@@ -101,6 +103,7 @@ def add_verify(sub) -> None:
 
 def verify(args: argparse.Namespace) -> int:
     from logitstore.format import MANIFEST_NAME
+    from logitstore.manifest import load_manifest
     from logitstore.progress import progress_bar
     from logitstore.verify import verify as verify_cache
 
@@ -118,10 +121,19 @@ def verify(args: argparse.Namespace) -> int:
         bar.close()
     for p in problems:
         print(f"FAIL {p}")
+    unfinished = ""
+    try:
+        m = load_manifest(args.cache)
+        if not m.complete:
+            unfinished = (f"; the build is not finished (complete: false in its manifest: still running or "
+                          f"interrupted): its {m.sequences:,} committed sequences were checked, `logitstore build ... "
+                          "--resume` continues it")
+    except LogitstoreError:  # a damaged manifest: its problem is in the list above
+        pass
     if problems:
-        print(f"{args.cache}: {len(problems)} problem(s) found")
+        print(f"{args.cache}: {len(problems)} problem(s) found{unfinished}")
         return 1
-    print(f"{args.cache}: OK")
+    print(f"{args.cache}: OK{unfinished}")
     return 0
 
 
@@ -151,6 +163,8 @@ def add_sql(sub) -> None:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="output: a table (default), CSV, or JSON (an array of row objects)")
     p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default 40)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="a selection whose seq ids are not all in its cache: use those that are (default: refuse)")
     p.set_defaults(func=sql)
 
 
@@ -178,10 +192,11 @@ def sql(args: argparse.Namespace) -> int:
     import duckdb
 
     from logitstore.query import connect
+    from logitstore.reader import Cache
     from logitstore.sqlguard import SQL_STATEMENTS, allow_paths, check_statements
 
     check_statements(args.query, SQL_STATEMENTS, "QUERY")
-    con = connect(args.cache, confine_to=allow_paths(args.allow_path))
+    con = connect(Cache(args.cache, allow_missing=args.allow_missing), confine_to=allow_paths(args.allow_path))
     try:
         rel = con.sql(args.query)
         if rel is None:  # a statement without a result (SET, CREATE ...)
