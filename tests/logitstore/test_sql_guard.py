@@ -87,6 +87,19 @@ def test_select_still_takes_expressions_and_subqueries_over_the_views(ranked_cac
     assert sel["weights"] == [by_id[s].input_ids.size / 2 for s in sel["seq_ids"]]
 
 
+def test_select_query_joins_a_file_named_with_allow_path(ranked_cache, here, capsys, tmp_path):
+    """A diff or score directory joined in --query (docs/recipes.md) is read when named with --allow-path."""
+    d = tmp_path / "ab"
+    d.mkdir()
+    keep = sorted(r.seq_id for r in ranked_cache.refs)[::3]
+    pq.write_table(pa.table({"seq_id": keep, "js": [0.01] * len(keep)}), d / "sequences.parquet")
+    q = f"SELECT s.seq_id FROM sequences s JOIN read_parquet('{d}/sequences.parquet') x USING (seq_id) WHERE x.js < 0.1"
+    assert main(["select", str(ranked_cache.path), "--query", q, "-o", "s.json"]) == 2
+    assert "--allow-path" in _one_line_error(capsys, "select")
+    assert main(["select", str(ranked_cache.path), "--query", q, "--allow-path", str(d), "-o", "s.json"]) == 0
+    assert sorted(json.loads((here[0] / "s.json").read_text())["seq_ids"]) == keep
+
+
 def test_check_expression_accepts_one_expression_only():
     assert check_expression("a < 1 AND (b OR c IN (SELECT x FROM sequences))", "--where")
     for bad in ("", "   ", "1) FROM sequences WHERE (true", "1 WHERE true", "(SELECT 1); SELECT 2",

@@ -243,11 +243,15 @@ def add_select(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace an existing selection file (only a selection file: never a cache, a directory or any "
                         "other file)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="PATH",
+                   help="a file or directory a --query may read besides the cache, e.g. a diff or score directory "
+                        "to join (repeatable); --where and --weight are expressions over the views and read no file")
     p.set_defaults(func=select)
 
 
 def select(args: argparse.Namespace) -> int:
     from logitstore.selection import is_our_selection, save_selection
+    from logitstore.sqlguard import allow_paths
     from logitstore.subset import make_selection, materialize
 
     out = Path(args.output)
@@ -259,7 +263,8 @@ def select(args: argparse.Namespace) -> int:
         raise CacheExistsError(f"-o {out} is {what}: --force replaces only a selection file written by logitstore "
                                "select, never a cache, a shard, a manifest or any other file; choose another path")
     sel = make_selection(args.cache, where=args.where, query=args.query, weight=args.weight,
-                         fraction=args.fraction, seed=args.seed, limit=args.limit)
+                         fraction=args.fraction, seed=args.seed, limit=args.limit,
+                         allow_paths=tuple(allow_paths(args.allow_path)))
     if not args.materialize:
         save_selection(out, sel)
         print(f"{out}: {len(sel.seq_ids):,} sequences of {args.cache}"
