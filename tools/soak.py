@@ -562,7 +562,7 @@ def bad_input_soak(a) -> int:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
         print(f"bad inputs: the command line against generated bad inputs for {a.bad_inputs:.0f} s", flush=True)
-        res = bad_inputs(work, a.bad_inputs, a.seed, env)
+        res = bad_inputs(work, a.bad_inputs, a.seed, env, make_teacher, make_data)
         print(json.dumps(res, indent=1), flush=True)
         print(f"\nSUMMARY  bad inputs: {res['runs']} runs of the command line over {res['classes']} classes in "
               f"{res['seconds']} s; tracebacks {res['tracebacks']}, lost or mixed data {res['lost_or_mixed']}; "

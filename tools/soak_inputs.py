@@ -434,14 +434,12 @@ def run_case(case: Case, env: dict) -> tuple[subprocess.CompletedProcess, str | 
     return r, crash, lost
 
 
-def setup(work: Path, rng: np.random.Generator, env: dict) -> World:
-    """The tiny teacher, a teacher with a head smaller than its tokenizer, data, a sound cache, a selection, saved
-    datasets and a student config."""
+def setup(work: Path, rng: np.random.Generator, env: dict, make_teacher, make_data) -> World:
+    """The tiny teacher (``make_teacher(dir)``), a teacher with a head smaller than its tokenizer, data
+    (``make_data(path, n, rng)``), a sound cache, a selection, saved datasets and a student config."""
     import datasets
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tools.soak import make_data, make_teacher
 
     teacher = make_teacher(work / "teacher")
     torch.manual_seed(1)
@@ -465,10 +463,11 @@ def setup(work: Path, rng: np.random.Generator, env: dict) -> World:
     return World(work, teacher, data, cache, student, rng)
 
 
-def bad_inputs(work: Path, seconds: float, seed: int, env: dict) -> dict:
-    """Run the classes round-robin, each with drawn details, until ``seconds`` have passed; the counts."""
+def bad_inputs(work: Path, seconds: float, seed: int, env: dict, make_teacher, make_data) -> dict:
+    """Run the classes round-robin, each with drawn details, until ``seconds`` have passed; the counts. The soak's
+    own ``make_teacher`` and ``make_data`` (``tools.soak``) make the teacher and the data."""
     rng = np.random.default_rng(seed)
-    w = setup(work, rng, env)
+    w = setup(work, rng, env, make_teacher, make_data)
     counts = {c.__name__: {"runs": 0, "tracebacks": 0, "lost_or_mixed": 0} for c in CLASSES}
     problems: list[str] = []
     t0, i = time.time(), 0
