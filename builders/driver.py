@@ -21,7 +21,8 @@ from pathlib import Path
 import logitstore
 from builders.backends import get_backend
 from builders.config import BuildConfig, build_record, length_limit
-from builders.data import SkipReport, data_fingerprint
+from builders.data import SkipReport
+from builders.inputs import data_fingerprint
 from builders.plan import Plan, sequences_to_score, window_seed
 from builders.scoring import open_writer, score_items
 from logitstore.errors import CacheExistsError, InvalidInputError

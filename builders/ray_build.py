@@ -44,7 +44,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builders.config import RAY_RESUME_KEYS, BuildConfig, RayOptions, build_record, length_limit
-from builders.data import Example, SkipReport, data_fingerprint
+from builders.data import Example, SkipReport
+from builders.inputs import data_fingerprint
 from builders.plan import Item, Plan, positions_of, sequences_to_score, window_seed
 from builders.scoring import open_writer, score_items
 from logitstore import format as F
