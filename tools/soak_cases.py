@@ -49,10 +49,12 @@ class World:
     student: Path
     rng: np.random.Generator
     n: int = 0
+    last: Path | None = None
 
     def fresh(self, name: str) -> Path:
+        """A new directory for one round (``last``: where its run's stdout and stderr go too)."""
         self.n += 1
-        d = self.work / "rounds" / f"{self.n:04d}-{name}"
+        self.last = d = self.work / "rounds" / f"{self.n:04d}-{name}"
         d.mkdir(parents=True)
         return d
 

@@ -9,6 +9,7 @@ than its tokenizer, data, a sound cache, a selection, saved datasets and a stude
 
 from __future__ import annotations
 
+import json
 import resource
 import signal
 import subprocess
@@ -29,10 +30,87 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
 
 
-def run_case(case: Case, env: dict) -> tuple[subprocess.CompletedProcess, str | None, str | None]:
-    """(the finished process, a traceback or wrong exit if any, lost or mixed data if any)."""
-    r = subprocess.run([sys.executable, "-m", "tools.cli", *case.argv], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600, preexec_fn=_limit_file_size if case.full_disk else None)
+class ForkServer:
+    """A process that imports the command line and what it loads (torch, transformers, DuckDB, pyarrow) once and
+    then runs each case in a fresh child forked from it: ``tools.cli.main(argv)``, what the ``logitstore`` console
+    script runs, with its own stdout, stderr and exit code. So a run costs its own work, not Python's start-up and
+    imports (8-20 s on a loaded 2-core machine). Nothing is computed in the server before it forks."""
+
+    def __init__(self, env: dict):
+        self.p = subprocess.Popen([sys.executable, "-m", "tools.soak_inputs", "--serve"], cwd=ROOT, env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, case: Case, log: Path) -> subprocess.CompletedProcess:
+        """Run ``case``; its stdout and stderr are kept as ``log.stdout`` and ``log.stderr``."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        job = {"argv": case.argv, "full_disk": case.full_disk, "stdout": str(log.with_suffix(".stdout")),
+               "stderr": str(log.with_suffix(".stderr"))}
+        self.p.stdin.write(json.dumps(job) + "\n")
+        self.p.stdin.flush()
+        code = json.loads(self.p.stdout.readline())["code"]
+        return subprocess.CompletedProcess(case.argv, code, Path(job["stdout"]).read_text(errors="replace"),
+                                           Path(job["stderr"]).read_text(errors="replace"))
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def serve() -> None:
+    """The server's side (``python -m tools.soak_inputs --serve``): one JSON job per stdin line, one reply each."""
+    import os
+    import traceback
+
+    import duckdb  # noqa: F401 - imported once here, for every child
+    import pyarrow.parquet  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import builders.backends.hf  # noqa: F401
+    import builders.driver  # noqa: F401
+    import logitstore.query  # noqa: F401
+    import trainers.loop  # noqa: F401
+    from tools.cli import main
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        out = os.open(job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        err = os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        pid = os.fork()
+        if pid == 0:  # the child: a fresh process with the command line already imported
+            code = 1
+            try:
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                os.dup2(out, 1)
+                os.dup2(err, 2)
+                if job["full_disk"]:
+                    _limit_file_size()
+                sys.argv = ["logitstore", *job["argv"]]
+                code = main(job["argv"])
+            except SystemExit as exc:  # argparse's usage errors, as the console script ends on them
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # noqa: BLE001 - the console script would print it: the soak counts it
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(out)
+        os.close(err)
+        deadline = time.time() + 600
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.time() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+def run_case(case: Case, server: ForkServer, log: Path) -> tuple[subprocess.CompletedProcess, str | None, str | None]:
+    """(the finished run, a traceback or wrong exit if any, lost or mixed data if any)."""
+    r = server.run(case, log)
     crash = None
     if "Traceback (most recent call last)" in r.stderr:
         crash = "traceback: " + r.stderr.strip().splitlines()[-1][:200]
@@ -80,12 +158,13 @@ def bad_inputs(work: Path, seconds: float, seed: int, env: dict, make_teacher, m
     w = setup(work, rng, env, make_teacher, make_data)
     counts = {c.__name__: {"runs": 0, "tracebacks": 0, "lost_or_mixed": 0} for c in CLASSES}
     problems: list[str] = []
+    server = ForkServer(env)
     t0, i = time.time(), 0
     while time.time() - t0 < seconds:
         make = CLASSES[i % len(CLASSES)]
         i += 1
         case = make(w)
-        r, crash, lost = run_case(case, env)
+        r, crash, lost = run_case(case, server, w.work / "logs" / w.last.name)
         c = counts[make.__name__]
         c["runs"] += 1
         c["tracebacks"] += crash is not None
@@ -94,6 +173,12 @@ def bad_inputs(work: Path, seconds: float, seed: int, env: dict, make_teacher, m
         print(f"{i:4d} {make.__name__:22s} exit {r.returncode}  {status}", flush=True)
         if crash or lost:
             problems.append(f"{make.__name__} {' '.join(case.argv)[:300]}: {status}")
+    server.close()
     total = {k: sum(c[k] for c in counts.values()) for k in ("runs", "tracebacks", "lost_or_mixed")}
     return {"seconds": round(time.time() - t0), "classes": len(CLASSES), **total, "by_class": counts,
             "problems": problems, "ok": total["tracebacks"] == 0 and total["lost_or_mixed"] == 0}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
