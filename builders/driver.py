@@ -25,6 +25,7 @@ from builders.data import SkipReport
 from builders.inputs import data_fingerprint
 from builders.plan import Plan, sequences_to_score, window_seed
 from builders.scoring import open_writer, score_items
+from logitstore.contract import check_rule_and_codec
 from logitstore.errors import CacheExistsError, InvalidInputError
 from logitstore.lock import check_unlocked
 from logitstore.manifest import Manifest
@@ -41,6 +42,7 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
     out, data = Path(out), Path(data)
     if config.token_budget < 2:
         raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
+    check_rule_and_codec(config.rule, config.codec)  # before any model loads
     if config.ray is not None:
         from builders.ray_build import build_ray
 

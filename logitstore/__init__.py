@@ -23,7 +23,7 @@ from logitstore.errors import (
 from logitstore.format import FORMAT_VERSION
 from logitstore.reader import Block, Cache, Sequence, open  # noqa: A004
 from logitstore.records import Scored, SequenceRecord
-from logitstore.rules import MassTopK, Sampled, TopK, sparsify
+from logitstore.rules import MassTopK, Sampled, TopK, TopKTail, sparsify
 from logitstore.version import __version__
 from logitstore.writer import CacheWriter, sequence_id
 
@@ -31,5 +31,5 @@ __all__ = [
     "FORMAT_VERSION", "Block", "Cache", "CacheExistsError", "CacheLockedError", "CacheNotFoundError",
     "CacheWriteError", "CacheWriter", "Codec", "CorruptCacheError", "FormatVersionError", "InvalidInputError",
     "LogitstoreError", "MassTopK", "Sampled", "Scored", "Sequence", "SequenceRecord", "TokenizerMismatchError",
-    "TopK", "__version__", "open", "sequence_id", "sparsify",
+    "TopK", "TopKTail", "__version__", "open", "sequence_id", "sparsify",
 ]

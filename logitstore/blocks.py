@@ -10,6 +10,9 @@ import numpy as np
 
 from logitstore.records import Scored, SequenceRecord
 
+#: the optional per-position fields of rules that draw (Block and Sequence)
+TAIL_FIELDS = ("tail_ids", "tail_logprobs", "tail_counts", "n_tail", "proposal_log_norm")
+
 
 @dataclasses.dataclass
 class Block:
@@ -29,6 +32,11 @@ class Block:
     logprobs: np.ndarray | None  # [P, K] float32, -inf where invalid; None when not stored (codec "none")
     n_entries: np.ndarray  # [P] int32
     counts: np.ndarray | None  # [P, K] uint16 (rule sample), 0 where invalid
+    tail_ids: np.ndarray | None = None  # [P, U] int32 (rule topk_tail), -1 where invalid
+    tail_logprobs: np.ndarray | None = None  # [P, U] float32, -inf where invalid (None: not stored)
+    tail_counts: np.ndarray | None = None  # [P, U] uint16, 0 where invalid
+    n_tail: np.ndarray | None = None  # [P] int32
+    proposal_log_norm: np.ndarray | None = None  # [P] float32 (a proposal temperature != 1)
 
     def __len__(self) -> int:
         return self.pos_offsets.size - 1
@@ -47,6 +55,7 @@ class Block:
             tail_mass=self.tail_mass[a:b], ids=self.ids[a:b],
             logprobs=None if self.logprobs is None else self.logprobs[a:b],
             n_entries=self.n_entries[a:b], counts=None if self.counts is None else self.counts[a:b],
+            **{name: None if getattr(self, name) is None else getattr(self, name)[a:b] for name in TAIL_FIELDS},
         )
 
 
@@ -75,6 +84,11 @@ class Sequence:
     logprobs: np.ndarray | None
     n_entries: np.ndarray
     counts: np.ndarray | None
+    tail_ids: np.ndarray | None = None
+    tail_logprobs: np.ndarray | None = None
+    tail_counts: np.ndarray | None = None
+    n_tail: np.ndarray | None = None
+    proposal_log_norm: np.ndarray | None = None
 
     def record_of(self) -> SequenceRecord:
         """This sequence as ``CacheWriter.add`` takes it (entries trimmed to their widest position; the stored
@@ -83,7 +97,12 @@ class Sequence:
         scored = Scored(ids=self.ids[:, :k].clip(min=0),
                         logprobs=None if self.logprobs is None else self.logprobs[:, :k],
                         n_entries=self.n_entries, counts=None if self.counts is None else self.counts[:, :k],
-                        label_logprob=self.label_logprob, entropy=self.entropy, tail_mass=self.tail_mass)
+                        label_logprob=self.label_logprob, entropy=self.entropy, tail_mass=self.tail_mass,
+                        proposal_log_norm=self.proposal_log_norm)
+        if self.tail_ids is not None:
+            u = max(1, int(self.n_tail.max(initial=1)))
+            scored.tail_ids, scored.tail_counts = self.tail_ids[:, :u].clip(min=0), self.tail_counts[:, :u]
+            scored.tail_logprobs, scored.n_tail = self.tail_logprobs[:, :u], self.n_tail
         return SequenceRecord(input_ids=self.input_ids, positions=self.pos, loss_mask=self.loss_mask, scored=scored,
                               seq_id=self.seq_id, record=int(self.record), sample=int(self.sample),
                               correct=self.correct,

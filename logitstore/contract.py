@@ -4,7 +4,8 @@
 ``SequenceRecord``: ``arrays`` converts it to numpy (torch tensors without importing torch)
 and checks its shapes, ``check`` enforces the per-position invariants vectorised (ids in
 range and distinct, logprobs finite, ``<= 0`` and descending, tail mass in ``[0, 1]``,
-counts under rule sample, what the codec can represent), and ``row`` makes the buffered
+counts under rule sample, tail draws under rule topk_tail (distinct, outside the head, counts
+summing to the draws), what the codec can represent), and ``row`` makes the buffered
 row with the per-sequence aggregates computed from the full-precision inputs. ``verify``
 checks the same invariants on decoded shards (``has_repeats`` is shared).
 """
@@ -19,7 +20,7 @@ import numpy as np
 from logitstore import codec as C
 from logitstore.errors import InvalidInputError
 from logitstore.records import SequenceRecord
-from logitstore.rules import Rule, Sampled
+from logitstore.rules import Rule, Sampled, TopKTail
 
 LP_TOL = 1e-4  # logprobs/entropies this far past their bound are rounding noise and get clamped
 
@@ -51,6 +52,19 @@ class RecordArrays:
     valid: np.ndarray | None = None  # [N, K] bool
     ids_v: np.ndarray | None = None  # the valid entries' ids, flat
     lp_v: np.ndarray | None = None  # the valid entries' logprobs, flat
+    drawn: TailArrays | None = None  # rule topk_tail: the tail draws
+    log_norm: np.ndarray | None = None  # [N] float32, a tempered proposal's log Z
+
+
+@dataclasses.dataclass
+class TailArrays:
+    """The tail draws of one record under rule topk_tail: padded ``[N, U]`` and their valid entries, flat."""
+
+    ids: np.ndarray  # [N, U]
+    lp: np.ndarray  # [N, U] float32
+    counts: np.ndarray  # [N, U]
+    n: np.ndarray  # [N] int32, valid entries per position (0 where the tail has no mass)
+    valid: np.ndarray  # [N, U] bool
 
 
 class Contract:
@@ -101,7 +115,38 @@ class Contract:
         a.fixed = not N or int(n_ent.min()) == K  # every position has K entries: no masks, no copies
         a.valid = np.ones((N, K), bool) if a.fixed else np.arange(K)[None, :] < n_ent[:, None]
         a.ids_v, a.lp_v = (ids.reshape(-1), lp.reshape(-1)) if a.fixed else (ids[a.valid], lp[a.valid])
+        a.drawn = self._tail_arrays(sid, sc, N)
+        tempered = getattr(self.rule, "tempered", False)
+        if tempered != (sc.proposal_log_norm is not None):
+            raise InvalidInputError(f"seq {sid}: proposal_log_norm is required with a proposal temperature != 1 "
+                                    "and only there")
+        if tempered:
+            a.log_norm = as_numpy(sc.proposal_log_norm, np.float32).ravel()
+            if a.log_norm.size != N:
+                raise InvalidInputError(f"seq {sid}: proposal_log_norm has {a.log_norm.size} values for {N} positions")
         return a
+
+    def _tail_arrays(self, sid: str, sc, N: int) -> TailArrays | None:
+        given = [name for name in ("tail_ids", "tail_logprobs", "tail_counts") if getattr(sc, name) is not None]
+        if not isinstance(self.rule, TopKTail):
+            if given or sc.n_tail is not None:
+                raise InvalidInputError(f"seq {sid}: tail draws ({', '.join(given) or 'n_tail'}) belong to rule "
+                                        f"topk_tail only; this cache's rule is {self.rule.name}")
+            return None
+        if len(given) != 3:
+            raise InvalidInputError(f"seq {sid}: rule topk_tail needs tail_ids, tail_logprobs and tail_counts")
+        ids, lp, cnt = as_numpy(sc.tail_ids), as_numpy(sc.tail_logprobs, np.float32), as_numpy(sc.tail_counts)
+        if ids.ndim != 2 or ids.shape[0] != N or lp.shape != ids.shape or cnt.shape != ids.shape or ids.shape[1] < 1:
+            raise InvalidInputError(f"seq {sid}: tail_ids {ids.shape}, tail_logprobs {lp.shape} and tail_counts "
+                                    f"{cnt.shape} must all be [N, U] with N={N} and U >= 1")
+        U = ids.shape[1]
+        if U > self.rule.tail_draws:
+            raise InvalidInputError(f"seq {sid}: {U} tail entries per position, more than tail_draws="
+                                    f"{self.rule.tail_draws}")
+        n = np.full(N, U, np.int32) if sc.n_tail is None else as_numpy(sc.n_tail).astype(np.int32).ravel()
+        if n.size != N or (N and (n.min() < 0 or n.max() > U)):
+            raise InvalidInputError(f"seq {sid}: n_tail must be [N] within [0, {U}]")
+        return TailArrays(ids=ids, lp=lp, counts=cnt, n=n, valid=np.arange(U)[None, :] < n[:, None])
 
     def check(self, sid: str, a: RecordArrays) -> None:
         """The data contract of FORMAT.md's invariants, vectorised over the sequence's entries."""
@@ -134,6 +179,40 @@ class Contract:
                                 or (np.where(valid, cnt, 0).sum(axis=1) > self.rule.draws).any()):
             raise InvalidInputError(f"seq {sid}: counts must be [N, K], >= 1 on valid entries and sum to at most "
                                     f"draws={self.rule.draws} per position")
+        if a.drawn is not None:
+            self._check_tail(sid, a)
+        if a.log_norm is not None:
+            ok = np.isfinite(a.log_norm)
+            if a.drawn is not None:
+                ok |= np.isneginf(a.log_norm) & (a.drawn.n == 0)
+            if not ok.all():
+                raise InvalidInputError(f"seq {sid}: proposal_log_norm must be finite (-inf only where no tail is "
+                                        "drawn)")
+
+    def _check_tail(self, sid: str, a: RecordArrays) -> None:
+        """Tail draws: ids in range, distinct and outside the head; logprobs finite, <= 0, descending and no more
+        likely than the head's last entry; counts >= 1 summing to exactly tail_draws where the tail is drawn."""
+        t, D = a.drawn, self.rule.tail_draws
+        ids_v, lp_v = t.ids[t.valid], t.lp[t.valid]
+        if ids_v.size and (ids_v.min() < 0 or ids_v.max() >= self.vocab_size):
+            raise InvalidInputError(f"seq {sid}: tail ids outside [0, {self.vocab_size})")
+        if not np.isfinite(lp_v).all() or (lp_v.size and lp_v.max() > LP_TOL):
+            raise InvalidInputError(f"seq {sid}: tail logprobs must be finite and <= 0")
+        if t.ids.shape[1] > 1 and ((t.lp[:, 1:] > t.lp[:, :-1]) & t.valid[:, 1:]).any():
+            raise InvalidInputError(f"seq {sid}: tail draws must be sorted by logprob, most likely first")
+        both = np.concatenate([a.ids, t.ids], 1)
+        if has_repeats(both, np.concatenate([a.valid, t.valid], 1)):
+            raise InvalidInputError(f"seq {sid}: a tail id repeats another tail id or a head entry of its position")
+        head_min = np.where(a.valid, a.lp, np.inf).min(axis=1)
+        if (np.where(t.valid, t.lp, -np.inf).max(axis=1, initial=-np.inf) > head_min + LP_TOL).any():
+            raise InvalidInputError(f"seq {sid}: a tail draw is more likely than the head's last entry (the head is "
+                                    "the top k)")
+        sums = np.where(t.valid, t.counts, 0).sum(axis=1)
+        if (t.counts[t.valid] < 1).any() or (sums != np.where(t.n > 0, D, 0)).any():
+            raise InvalidInputError(f"seq {sid}: tail counts must be >= 1 and sum to tail_draws={D} per position "
+                                    "(0 where no tail is drawn)")
+        if self.codec.values == "qdelta" and lp_v.size and lp_v.min() < -C.QDELTA_MAX * self.codec.logprob_step:
+            raise InvalidInputError(f"seq {sid}: tail logprobs do not fit the qdelta codec")
 
     def row(self, sid: str, tok: np.ndarray, rec: SequenceRecord, a: RecordArrays) -> dict[str, Any]:
         """The buffered row of one sequence: copies of its values (a caller may reuse its arrays) and the
@@ -159,10 +238,21 @@ class Contract:
             pos=a.pos, loss_mask=mask, label_logprob=np.minimum(a.label_lp, 0), entropy=np.maximum(a.entropy, 0),
             tail_mass=np.clip(a.tail, 0, 1), ids=a.ids_v.astype(np.int32), lp=lp_v.copy() if a.fixed else lp_v,
             n_ent=a.n_ent, counts=None if a.counts is None else a.counts[a.valid].astype(np.uint16), n_targets=nt,
+            tail_ids=None if a.drawn is None else a.drawn.ids[a.drawn.valid].astype(np.int32),
+            tail_lp=None if a.drawn is None else np.minimum(a.drawn.lp[a.drawn.valid], 0),
+            tail_counts=None if a.drawn is None else a.drawn.counts[a.drawn.valid].astype(np.uint16),
+            n_tail=None if a.drawn is None else a.drawn.n.copy(),
+            log_norm=None if a.log_norm is None else a.log_norm.copy(),
             **agg,
         )
 
-    # ------------------------------------------------------------ writing
+
+def check_rule_and_codec(rule: Rule, codec: C.Codec) -> None:
+    """Refuse a rule and codec that cannot go together (before any work: the writer and the build driver call it)."""
+    if codec.values == "none" and not (isinstance(rule, Sampled) and not rule.tempered):
+        raise InvalidInputError("codec values='none' (--values none: no logprobs stored) is only allowed under rule "
+                                "sample at proposal temperature 1 (the other rules' estimators need the exact "
+                                "logprobs)")
 
 
 def has_repeats(ids: np.ndarray, valid: np.ndarray | None) -> bool:

@@ -24,7 +24,8 @@ from logitstore import format as F
 
 DATA_PAGE_BYTES = 2 << 20  # Parquet data page target: 2 MiB measured smallest at k=50 (BENCHMARKS.md)
 _SPLIT = ("input_ids", "label_logprob", "entropy", "tail_mass", "topk_ids", "topk_codes", "topk_logprobs",
-          "topk_logprob_deltas", "sample_counts")
+          "topk_logprob_deltas", "sample_counts", "tail_ids", "tail_codes", "tail_logprobs", "tail_logprob_deltas",
+          "tail_counts", "proposal_log_norm")
 
 
 def encode_rows(buf: list[dict[str, Any]], *, schema: pa.Schema, codec: C.Codec, code_of: np.ndarray | None
@@ -69,7 +70,35 @@ def encode_rows(buf: list[dict[str, Any]], *, schema: pa.Schema, codec: C.Codec,
         cols[vname] = per_entry(encode_values(cat("lp"), ent_offsets[:-1], codec), vname)
     if "sample_counts" in schema.names:
         cols["sample_counts"] = per_entry(cat("counts"), "sample_counts")
+    if F.id_column(codec.ids, "tail") in schema.names:
+        cols.update(_tail_columns(buf, schema, codec, code_of, pos_off))
+    if "proposal_log_norm" in schema.names:
+        cols["proposal_log_norm"] = per_pos(cat("log_norm").astype(ftype, copy=False), "proposal_log_norm")
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+
+
+def _tail_columns(buf: list[dict[str, Any]], schema: pa.Schema, codec: C.Codec, code_of: np.ndarray | None,
+                  pos_off: pa.Array) -> dict[str, pa.Array]:
+    """The tail draws' ids (codes), logprobs and counts, one list per position (empty where none was drawn)."""
+    n_tail = np.concatenate([b["n_tail"] for b in buf])
+    off = np.zeros(n_tail.size + 1, np.int64)
+    np.cumsum(n_tail, out=off[1:])
+    inner_off = pa.array(off.astype(np.int32))
+
+    def per_entry(values_np, field):
+        t = schema.field(field).type
+        inner = pa.ListArray.from_arrays(inner_off, pa.array(values_np), type=t.value_type)
+        return pa.ListArray.from_arrays(pos_off, inner, type=t)
+
+    ids = np.concatenate([b["tail_ids"] for b in buf])
+    out = {F.id_column(codec.ids, "tail"): per_entry(code_of[ids] if codec.ids == "ranked" else ids,
+                                                     F.id_column(codec.ids, "tail")),
+           "tail_counts": per_entry(np.concatenate([b["tail_counts"] for b in buf]), "tail_counts")}
+    vname = F.tail_value_column(codec.values)
+    if vname is not None:
+        starts = off[:-1][n_tail > 0]  # positions without draws have no run
+        out[vname] = per_entry(encode_values(np.concatenate([b["tail_lp"] for b in buf]), starts, codec), vname)
+    return out
 
 
 def encode_values(lp: np.ndarray, starts: np.ndarray, codec: C.Codec) -> np.ndarray:

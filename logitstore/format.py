@@ -13,7 +13,8 @@ import pyarrow as pa
 
 FORMAT_NAME = "logitstore"
 FORMAT_VERSION = 2
-#: Versions this code reads. Anything else is refused (FormatVersionError), never misread.
+#: Versions this code reads. Anything else is refused (FormatVersionError), never misread. Version 1
+#: caches have no tail columns and no manifest checksum; everything they hold reads as it did.
 READABLE_VERSIONS = (1, 2)
 
 MANIFEST_NAME = "manifest.json"
@@ -23,7 +24,9 @@ SHARD_PATTERN = "shard-{index:06d}.parquet"
 PARQUET_META_KEY = b"logitstore"
 
 #: Sparse-entry rules a cache can be built with.
-RULES = ("topk", "mass", "sample")
+RULES = ("topk", "mass", "sample", "topk_tail")
+#: Rules that draw (their manifest rule may carry a proposal_temperature, and then shards a proposal_log_norm).
+SAMPLING_RULES = ("sample", "topk_tail")
 #: Encodings of the entry token ids. "ranked": per-cache codes, most frequent id first
 #: (``id_map.parquet`` maps code -> token id); "raw": the token ids themselves.
 ID_CODECS = ("ranked", "raw")
@@ -69,6 +72,14 @@ POSITION_COLUMNS = [
     ("topk_logprobs", None, False, "logprobs of the entries (codec fp16/fp32), descending"),
     ("topk_logprob_deltas", None, False, "codec qdelta: d[0] = round(-lp[0]/step), d[j] = q[j] - q[j-1] >= 0"),
     ("sample_counts", None, False, "rule sample: how many of the draws hit each entry"),
+    ("tail_ids", _list(_list(_I32)), False, "rule topk_tail, id codec raw: token ids of the tail draws (unique, "
+     "none in the head), most likely first"),
+    ("tail_codes", _list(_list(_I32)), False, "rule topk_tail, id codec ranked: codes of the tail draws"),
+    ("tail_logprobs", None, False, "rule topk_tail, codec fp16/fp32: logprobs of the tail draws, descending"),
+    ("tail_logprob_deltas", None, False, "rule topk_tail, codec qdelta: the tail draws' logprobs as deltas"),
+    ("tail_counts", None, False, "rule topk_tail: how many of the tail_draws hit each tail id"),
+    ("proposal_log_norm", None, False, "rules with proposal_temperature != 1: log Z of the proposal "
+     "q_x = exp(logprob_x / T - log Z) over its support; float32 or float16"),
 ]
 SCALAR_COLUMNS = tuple(name for name, t, _, _ in SEQUENCE_COLUMNS if name != "input_ids")
 
@@ -86,18 +97,29 @@ def value_column(value_codec: str) -> tuple[str | None, pa.DataType | None]:
     raise ValueError(f"value codec {value_codec!r} is not one of {VALUE_CODECS}")
 
 
-def id_column(id_codec: str) -> str:
+def id_column(id_codec: str, prefix: str = "topk") -> str:
+    """The column of the entry ids (``prefix="tail"``: of the tail draws) under ``id_codec``."""
     if id_codec not in ID_CODECS:
         raise ValueError(f"id codec {id_codec!r} is not one of {ID_CODECS}")
-    return "topk_codes" if id_codec == "ranked" else "topk_ids"
+    return f"{prefix}_codes" if id_codec == "ranked" else f"{prefix}_ids"
 
 
-def shard_schema(*, rule: str, value_codec: str, id_codec: str, scalar_dtype: str) -> pa.Schema:
-    """The Arrow schema of a shard written under sparse-entry ``rule`` with the given codecs."""
+def tail_value_column(value_codec: str) -> str | None:
+    """The column of the tail draws' logprobs under ``value_codec`` (same codec as the head's)."""
+    name = value_column(value_codec)[0]
+    return None if name is None else name.replace("topk_", "tail_", 1)
+
+
+def shard_schema(*, rule: str, value_codec: str, id_codec: str, scalar_dtype: str, tempered: bool = False
+                 ) -> pa.Schema:
+    """The Arrow schema of a shard written under sparse-entry ``rule`` with the given codecs; ``tempered``: the
+    rule draws from a proposal with temperature != 1 (then the shard has ``proposal_log_norm``)."""
     if rule not in RULES:
         raise ValueError(f"rule {rule!r} is not one of {RULES}")
-    if value_codec == "none" and rule != "sample":
-        raise ValueError("value codec 'none' is only allowed under rule 'sample'")
+    if value_codec == "none" and (rule != "sample" or tempered):
+        raise ValueError("value codec 'none' is only allowed under rule 'sample' at proposal temperature 1")
+    if tempered and rule not in SAMPLING_RULES:
+        raise ValueError(f"rule {rule!r} draws nothing, so it has no proposal temperature")
     if scalar_dtype not in SCALAR_DTYPES:
         raise ValueError(f"scalar dtype {scalar_dtype!r} is not one of {SCALAR_DTYPES}")
     vname, vtype = value_column(value_codec)
@@ -118,5 +140,15 @@ def shard_schema(*, rule: str, value_codec: str, id_codec: str, scalar_dtype: st
             if rule != "sample":
                 continue
             t = _list(_list(pa.uint16()))
+        elif name.startswith("tail_"):
+            if rule != "topk_tail" or name not in (id_column(id_codec, "tail"), tail_value_column(value_codec),
+                                                   "tail_counts"):
+                continue
+            t = vtype if name == tail_value_column(value_codec) else _list(_list(pa.uint16())) \
+                if name == "tail_counts" else t
+        elif name == "proposal_log_norm":
+            if not tempered:
+                continue
+            t = ftype
         fields.append(pa.field(name, t, nullable=nl))
     return pa.schema(fields)

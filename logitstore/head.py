@@ -3,7 +3,7 @@
 ``Head.of(model)`` takes a transformers causal LM's output embedding (weight, bias) and the
 post-head transforms its config names (Cohere's ``logit_scale``, Granite's ``logits_scaling``,
 Gemma 2's ``final_logit_softcapping``), so that code which applies the head itself, in chunks
-of positions (``builders.extract`` for teachers, ``trainers.losses.student_view`` for
+of positions (``builders.extract`` for teachers, ``trainers.view.student_view`` for
 students), computes exactly the model's logits without a ``[B, T, V]`` tensor. Calling a
 ``Head`` is differentiable (training); ``into`` writes into preallocated float32 buffers
 (inference). This module needs torch; the rest of the store does not import it.

@@ -62,7 +62,7 @@ class Cache:
         self.rule = rule_from_dict(self.manifest.rule)
         self.k = self.rule.k
         self.schema = F.shard_schema(rule=self.rule.name, value_codec=self.codec.values, id_codec=self.codec.ids,
-                                     scalar_dtype=self.codec.scalars)
+                                     scalar_dtype=self.codec.scalars, tempered=self.rule.tempered)
         self.id_map = read_id_map(self.path, self.manifest) if self.manifest.id_map else None
         self._index: dict[str, tuple[int, int]] | None = None  # seq_id -> (shard, row)
         self._files: dict[int, pq.ParquetFile] = {}
@@ -292,11 +292,35 @@ class Cache:
         if self.rule.name == "sample":
             counts = C.pad_flat(_flat2(col("sample_counts"))[1], mask, n_pos, k, 0)
         f32 = lambda name: _flat(col(name))[1].astype(np.float32, copy=False)  # noqa: E731
+        tail = self._decode_tail(col, n_pos) if self.rule.name == "topk_tail" else {}
+        if self.rule.tempered:
+            tail["proposal_log_norm"] = f32("proposal_log_norm")
         return Block(
             scalars=scal, token_offsets=tok_off, input_ids=input_ids, pos_offsets=pos_off, pos=pos, labels=labels,
             loss_mask=_flat(col("loss_mask"))[1], label_logprob=f32("label_logprob"), entropy=f32("entropy"),
-            tail_mass=f32("tail_mass"), ids=ids, logprobs=lps, n_entries=n_ent, counts=counts,
+            tail_mass=f32("tail_mass"), ids=ids, logprobs=lps, n_entries=n_ent, counts=counts, **tail,
         )
+
+    def _decode_tail(self, col, n_pos: int) -> dict[str, np.ndarray | None]:
+        """The tail draws of rule topk_tail, padded to ``[P, U]`` (U = the widest position, at least 1)."""
+        off, ids_flat = _flat2(col(F.id_column(self.codec.ids, "tail")))
+        n = np.diff(off).astype(np.int32)
+        u = max(1, int(n.max(initial=1)))
+        if self.id_map is not None:
+            if ids_flat.size and (ids_flat.min() < 0 or ids_flat.max() >= self.id_map.size):
+                raise CorruptCacheError(f"{self.path}: tail code outside the id map")
+            ids_flat = np.take(self.id_map, ids_flat)
+        mask = C.valid_mask(n, u)
+        lps = None
+        vname = F.tail_value_column(self.codec.values)
+        if vname is not None:
+            vals = _flat2(col(vname))[1]
+            if self.codec.values == "qdelta":
+                vals = C.dequantise_flat(vals, off[:-1][n > 0], self.codec.logprob_step)
+            lps = C.pad_flat(vals.astype(np.float32, copy=False), mask, n_pos, u, -np.inf)
+        return {"tail_ids": C.pad_flat(ids_flat.astype(np.int32, copy=False), mask, n_pos, u, -1),
+                "tail_logprobs": lps, "tail_counts": C.pad_flat(_flat2(col("tail_counts"))[1], mask, n_pos, u, 0),
+                "n_tail": n}
 
 
 def _check_layout(path: Path, md: pq.FileMetaData, size: int) -> None:

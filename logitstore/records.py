@@ -12,6 +12,8 @@ Shapes, per sequence with T tokens and N cached positions, K entry slots:
 - ``input_ids [T]``; ``positions [N]`` (default ``1..T-1``); ``loss_mask [N]`` (default all true)
 - ``ids``, ``logprobs`` ``[N, K]`` sorted by logprob descending within ``n_entries [N]`` (default K)
 - ``label_logprob``, ``entropy``, ``tail_mass``, ``argmax`` ``[N]``; ``counts [N, K]`` under rule sample
+- rule topk_tail: ``tail_ids``, ``tail_logprobs``, ``tail_counts`` ``[N, U]`` within ``n_tail [N]``
+- a proposal temperature != 1: ``proposal_log_norm [N]``
 """
 
 from __future__ import annotations
@@ -34,13 +36,20 @@ class Scored:
     n_entries: Any | None = None  # [N] int; None: every position has K
     argmax: Any | None = None  # [N] int, the teacher's most likely token; None: ids[:, 0] (needed under rule sample)
     counts: Any | None = None  # [N, K] int, rule sample only
+    tail_ids: Any | None = None  # [N, U] int, rule topk_tail: the unique tail draws, by logprob descending
+    tail_logprobs: Any | None = None  # [N, U] float, their full-vocabulary logprobs
+    tail_counts: Any | None = None  # [N, U] int, draws per tail id (summing to tail_draws where the tail has mass)
+    n_tail: Any | None = None  # [N] int, valid tail entries per position; None: U everywhere
+    proposal_log_norm: Any | None = None  # [N] float, rules with proposal_temperature != 1: log Z of the proposal
 
     @classmethod
     def of(cls, entries: Entries, *, label_logprob, entropy, argmax=None) -> Scored:
         """The entries a rule kept (``rules.sparsify``/``cut``) with the exact per-position fields."""
         return cls(ids=entries.ids, logprobs=entries.logprobs, n_entries=entries.n_entries,
                    tail_mass=entries.tail_mass, counts=entries.counts, label_logprob=label_logprob,
-                   entropy=entropy, argmax=argmax)
+                   entropy=entropy, argmax=argmax, tail_ids=entries.tail_ids, tail_logprobs=entries.tail_logprobs,
+                   tail_counts=entries.tail_counts, n_tail=entries.n_tail,
+                   proposal_log_norm=entries.proposal_log_norm)
 
 
 @dataclasses.dataclass

@@ -3,19 +3,31 @@
 - ``TopK(k)``: the k most likely tokens.
 - ``MassTopK(p, k)``: the smallest prefix of the sorted distribution whose mass is
   >= p, capped at k entries.
-- ``Sampled(draws, k)``: ``draws`` ids drawn with replacement from the full
-  distribution; the unique ones are kept (at most k, most likely first) with their
-  counts, so ``counts / draws`` is an unbiased estimate of the teacher
-  distribution (Anshumann et al., "Sparse Logit Sampling", ACL 2025).
+- ``Sampled(draws, k, proposal_temperature=T)``: ``draws`` ids drawn with replacement from
+  the proposal ``q ∝ p^(1/T)`` over the full vocabulary (T = 1: the teacher itself); the
+  unique ones are kept (at most k, most likely first) with their counts.
+- ``TopKTail(k, tail_draws, proposal_temperature=T)``: the exact top k (as ``TopK``) plus
+  ``tail_draws`` ids drawn with replacement from the proposal restricted to the *tail*
+  (the tokens outside the top k, renormalised), kept as unique tail ids with counts.
 
-``sparsify`` is the reference implementation over full-vocabulary logprobs in
-numpy; backends may compute the same thing faster (in torch, in chunks), and the
-tests hold them to it.
+The estimators (Anshumann et al., "Sparse Logit Sampling", ACL 2025; FORMAT.md, "Sparse
+entries"): with the stored exact logprobs ``lp`` and the per-position log-normaliser of the
+proposal, ``log Z = logsumexp(lp / T)`` over the proposal's support, a draw ``x`` has
+``q_x = exp(lp_x / T - log Z)`` and importance weight ``p_x / q_x = exp(lp_x (1 - 1/T) + log Z)``.
+Then ``(c_x / D) * p_x / q_x`` is an unbiased estimate of ``p_x`` on the support (for T = 1 and
+the full vocabulary, ``c_x / D``; for the tail at T = 1, ``m c_x / D`` with m the tail mass), and
+the head's exact ``p_j`` plus the tail's estimates is an unbiased estimate of the whole
+distribution with less variance than sampling everything.
+
+``sparsify`` is the reference implementation over full-vocabulary logprobs in numpy
+(inverse-CDF draws); backends compute the same thing faster (in torch, in chunks) and the
+tests hold them to it (exactly for the deterministic rules, in distribution for the sampled ones).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -27,6 +39,9 @@ from logitstore.errors import InvalidInputError
 class TopK:
     k: int
     name = "topk"
+    draws = 0
+    tempered = False
+    proposal_temperature = 1.0
 
     def __post_init__(self):
         _check_k(self.k)
@@ -40,6 +55,9 @@ class MassTopK:
     p: float
     k: int
     name = "mass"
+    draws = 0
+    tempered = False
+    proposal_temperature = 1.0
 
     def __post_init__(self):
         _check_k(self.k)
@@ -55,20 +73,59 @@ class Sampled:
     draws: int
     k: int = 0
     """cap on unique entries kept; 0 means ``draws`` (no cap can bind)"""
+    proposal_temperature: float = 1.0
+    """draw from q ∝ p^(1/T); T > 1 gives more distinct tokens per draw (importance weights correct for it)"""
     name = "sample"
 
     def __post_init__(self):
-        if not (1 <= self.draws <= 65535):
-            raise InvalidInputError(f"draws={self.draws} must be in [1, 65535] (counts are uint16)")
+        _check_draws("draws", self.draws)
         if self.k == 0:
             object.__setattr__(self, "k", self.draws)
         _check_k(self.k)
+        _check_temperature(self.proposal_temperature)
+
+    @property
+    def tempered(self) -> bool:
+        return self.proposal_temperature != 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": "sample", "draws": self.draws, "k": self.k}
+        d: dict[str, Any] = {"rule": "sample", "draws": self.draws, "k": self.k}
+        if self.tempered:
+            d["proposal_temperature"] = self.proposal_temperature
+        return d
 
 
-Rule = TopK | MassTopK | Sampled
+@dataclasses.dataclass(frozen=True)
+class TopKTail:
+    k: int
+    """the exact head: the k most likely tokens"""
+    tail_draws: int
+    """draws with replacement from the tail (the tokens outside the head), per position"""
+    proposal_temperature: float = 1.0
+    """draw from the tail of q ∝ p^(1/T)"""
+    name = "topk_tail"
+
+    def __post_init__(self):
+        _check_k(self.k)
+        _check_draws("tail_draws", self.tail_draws)
+        _check_temperature(self.proposal_temperature)
+
+    @property
+    def draws(self) -> int:
+        return self.tail_draws
+
+    @property
+    def tempered(self) -> bool:
+        return self.proposal_temperature != 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"rule": "topk_tail", "k": self.k, "tail_draws": self.tail_draws}
+        if self.tempered:
+            d["proposal_temperature"] = self.proposal_temperature
+        return d
+
+
+Rule = TopK | MassTopK | Sampled | TopKTail
 
 
 def _check_k(k: int) -> None:
@@ -76,49 +133,91 @@ def _check_k(k: int) -> None:
         raise InvalidInputError(f"k={k} must be in [1, 65535]")
 
 
+def _check_draws(name: str, draws: int) -> None:
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or not (1 <= draws <= 65535):
+        raise InvalidInputError(f"{name}={draws!r} must be an integer in [1, 65535] (counts are uint16)")
+
+
+def _check_temperature(t: float) -> None:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+        raise InvalidInputError(f"proposal_temperature={t!r} must be a finite number > 0 (q ∝ p^(1/T))")
+
+
 def rule_from_dict(d: dict[str, Any]) -> Rule:
     kind = d.get("rule")
+    t = float(d.get("proposal_temperature", 1.0))
     if kind == "topk":
         return TopK(int(d["k"]))
     if kind == "mass":
         return MassTopK(float(d["p"]), int(d["k"]))
     if kind == "sample":
-        return Sampled(int(d["draws"]), int(d["k"]))
-    raise InvalidInputError(f"unknown sparse-entry rule {kind!r}; allowed: topk, mass, sample")
+        return Sampled(int(d["draws"]), int(d["k"]), t)
+    if kind == "topk_tail":
+        return TopKTail(int(d["k"]), int(d["tail_draws"]), t)
+    raise InvalidInputError(f"unknown sparse-entry rule {kind!r}; allowed: topk, mass, sample, topk_tail")
 
 
 @dataclasses.dataclass
 class Entries:
-    """Sparse entries of N positions, padded to ``[N, K]`` (``n_entries`` valid per row)."""
+    """Sparse entries of N positions, padded to ``[N, K]`` (``n_entries`` valid per row), and, under
+    ``TopKTail``, the tail draws padded to ``[N, U]`` (``n_tail`` valid per row)."""
 
     ids: np.ndarray  # [N, K] int32
     logprobs: np.ndarray  # [N, K] float32, descending in the valid prefix
     n_entries: np.ndarray  # [N] int32
-    tail_mass: np.ndarray  # [N] float64: 1 - sum(p) over the valid entries
+    tail_mass: np.ndarray  # [N] float64: 1 - sum(p) over the valid entries (the head under TopKTail)
     counts: np.ndarray | None = None  # [N, K] uint16 for Sampled
+    tail_ids: np.ndarray | None = None  # [N, U] int32, unique, outside the head, by logprob descending
+    tail_logprobs: np.ndarray | None = None  # [N, U] float32
+    tail_counts: np.ndarray | None = None  # [N, U] uint16, summing to tail_draws (0 where the tail is empty)
+    n_tail: np.ndarray | None = None  # [N] int32
+    proposal_log_norm: np.ndarray | None = None  # [N] float64: logsumexp(lp / T) over the proposal's support
 
 
 def sparsify(logprobs: np.ndarray, rule: Rule, rng: np.random.Generator | None = None) -> Entries:
     """Reference: full-vocabulary ``[N, V]`` logprobs -> the entries ``rule`` keeps."""
     lp = np.asarray(logprobs, dtype=np.float64)
     n, v = lp.shape
-    order = np.argsort(-lp, axis=1, kind="stable")
+    rng = rng or np.random.default_rng(0)
     if isinstance(rule, Sampled):
-        rng = rng or np.random.default_rng(0)
-        p = np.exp(lp)
-        cdf = np.cumsum(p, axis=1)
-        u = rng.random((n, rule.draws)) * cdf[:, -1:]
-        draws = np.array([np.searchsorted(cdf[i], u[i], side="right") for i in range(n)],
-                         dtype=np.int64).reshape(n, rule.draws).clip(0, v - 1)
-        return entries_from_draws(lp, draws, rule.k)
+        support = np.ones((n, v), bool)
+        draws, log_norm = draw(lp, support, rule.draws, rule.proposal_temperature, rng)
+        e = entries_from_draws(lp, draws, rule.k)
+        e.proposal_log_norm = log_norm if rule.tempered else None
+        return e
+    order = np.argsort(-lp, axis=1, kind="stable")
     k = min(rule.k, v)
-    return cut(order[:, :k], np.take_along_axis(lp, order[:, :k], axis=1), rule)
+    e = cut(order[:, :k], np.take_along_axis(lp, order[:, :k], axis=1), rule)
+    if isinstance(rule, TopKTail):
+        support = np.ones((n, v), bool)
+        np.put_along_axis(support, order[:, :k], False, axis=1)
+        draws, log_norm = draw(lp, support, rule.tail_draws, rule.proposal_temperature, rng)
+        t = entries_from_draws(lp, np.where(support.any(1, keepdims=True), draws, -1), rule.tail_draws)
+        e.tail_ids, e.tail_logprobs, e.tail_counts, e.n_tail = t.ids, t.logprobs, t.counts, t.n_entries
+        e.proposal_log_norm = log_norm if rule.tempered else None
+    return e
+
+
+def draw(lp: np.ndarray, support: np.ndarray, d: int, temperature: float, rng: np.random.Generator
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """``d`` inverse-CDF draws per row from ``q ∝ exp(lp / T)`` restricted to ``support [N, V]``, and each row's
+    ``log Z = logsumexp(lp / T)`` over the support (-inf, and draws -1, where the support has no mass)."""
+    n, _ = lp.shape
+    w = np.where(support, np.exp(lp / temperature), 0.0)
+    cdf = np.cumsum(w, axis=1)
+    total = cdf[:, -1]
+    u = rng.random((n, d)) * total[:, None]
+    out = np.array([np.searchsorted(cdf[i], u[i], side="right") for i in range(n)], np.int64).reshape(n, d)
+    out = np.where(total[:, None] > 0, np.minimum(out, lp.shape[1] - 1), -1)
+    with np.errstate(divide="ignore"):
+        return out, np.log(total)
 
 
 def cut(ids: np.ndarray, logprobs: np.ndarray, rule: Rule) -> Entries:
-    """The entries ``rule`` (top-k or mass) keeps of candidates ``[N, C]`` already sorted by logprob, most
-    likely first (-inf pads missing ones): the first k, or the smallest prefix with mass >= p capped at k.
-    ``sparsify`` passes the whole vocabulary's top k; a backend that only sees the top C passes those."""
+    """The entries ``rule`` (top-k, mass, or the head of topk_tail) keeps of candidates ``[N, C]`` already sorted
+    by logprob, most likely first (-inf pads missing ones): the first k, or the smallest prefix with mass >= p
+    capped at k. ``sparsify`` passes the whole vocabulary's top k; a backend that only sees the top C passes
+    those."""
     if isinstance(rule, Sampled):
         raise InvalidInputError("rule sample draws from the full distribution; it cannot be cut from top-k candidates")
     n, c = ids.shape
@@ -141,11 +240,12 @@ def cut(ids: np.ndarray, logprobs: np.ndarray, rule: Rule) -> Entries:
 
 
 def entries_from_draws(logprobs: np.ndarray, draws: np.ndarray, cap: int) -> Entries:
-    """Full ``[N, V]`` logprobs and ``[N, D]`` drawn ids -> unique ids with counts, most likely first."""
+    """Full ``[N, V]`` logprobs and ``[N, D]`` drawn ids (-1: no draw) -> unique ids with counts, most likely first;
+    ``tail_mass`` is the mass outside the unique ids."""
     lp = np.asarray(logprobs, dtype=np.float64)
     n = lp.shape[0]
-    uniq = [np.unique(d, return_counts=True) for d in np.asarray(draws)]
-    kk = min(cap, max((len(u) for u, _ in uniq), default=1))
+    uniq = [np.unique(d[d >= 0], return_counts=True) for d in np.asarray(draws)]
+    kk = max(1, min(cap, max((len(u) for u, _ in uniq), default=1)))
     ids = np.zeros((n, kk), np.int32)
     vals = np.full((n, kk), -np.inf, np.float32)
     counts = np.zeros((n, kk), np.uint16)

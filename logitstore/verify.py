@@ -129,7 +129,43 @@ def _invariants(cache: Cache, b) -> list[str]:
     if b.counts is not None:
         if (b.counts[valid] < 1).any() or (np.where(valid, b.counts, 0).sum(axis=1) > cache.rule.draws).any():
             bad.append(f"sample_counts must be >= 1 and sum to at most draws={cache.rule.draws} per position")
+    if b.tail_ids is not None:
+        bad += _tail_invariants(cache, b)
+    if cache.rule.tempered:
+        ok = np.isfinite(b.proposal_log_norm)
+        if b.n_tail is not None:
+            ok |= np.isneginf(b.proposal_log_norm) & (b.n_tail == 0)
+        if not ok.all():
+            bad.append("proposal_log_norm must be finite (-inf only where no tail is drawn)")
     bad += _sequence_invariants(cache, b)
+    return bad
+
+
+def _tail_invariants(cache: Cache, b) -> list[str]:
+    """Rule topk_tail: tail ids in range, distinct, outside the head; counts >= 1 summing to tail_draws where the
+    tail is drawn; logprobs finite, <= 0, descending, no more likely than the head's last entry (within the codec)."""
+    V, D, bad = cache.manifest.vocab_size, cache.rule.tail_draws, []
+    tv = np.arange(b.tail_ids.shape[1])[None, :] < b.n_tail[:, None]
+    ids = b.tail_ids[tv]
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        bad.append(f"tail ids outside [0, {V})")
+    if has_repeats(np.concatenate([b.ids, b.tail_ids], 1), np.concatenate([b.valid, tv], 1)):
+        bad.append("a tail id repeats another tail id or a head entry of its position")
+    sums = np.where(tv, b.tail_counts, 0).sum(axis=1)
+    if (b.tail_counts[tv] < 1).any() or (sums != np.where(b.n_tail > 0, D, 0)).any():
+        bad.append(f"tail_counts must be >= 1 and sum to tail_draws={D} where the tail is drawn")
+    lp = b.tail_logprobs
+    if lp is not None:
+        if not np.isfinite(lp[tv]).all() or (lp[tv] > 0).any():
+            bad.append("tail logprobs must be finite and <= 0")
+        if lp.shape[1] > 1 and ((lp[:, 1:] > lp[:, :-1]) & tv[:, 1:]).any():
+            bad.append("tail draws not sorted by logprob, most likely first")
+        head_min = np.where(b.valid, b.logprobs, np.inf).min(axis=1)
+        tol = 2 * cache.codec.logprob_error_bound() + 1e-4  # both sides decoded within the bound
+        if cache.codec.values == "fp16":
+            tol = tol + 2.0**-10 * np.abs(head_min)
+        if (np.where(tv, lp, -np.inf).max(axis=1, initial=-np.inf) > head_min + tol).any():
+            bad.append("a tail draw is more likely than the head's last entry")
     return bad
 
 

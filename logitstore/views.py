@@ -10,7 +10,10 @@
 - ``tokens`` has one row per cached position: ``seq_id``, ``pos``, ``label``,
   ``label_logprob``, ``entropy``, ``tail_mass``, ``loss_mask``, ``topk_ids``,
   ``topk_logprobs`` (decoded: token ids through the id map, logprobs from the quantised
-  deltas), and ``sample_counts`` for sampled caches (NULL otherwise).
+  deltas), ``sample_counts`` for sampled caches (NULL otherwise), and ``tail_ids``,
+  ``tail_logprobs``, ``tail_counts`` (the tail draws of a ``topk_tail`` cache, decoded the same
+  way; empty lists where a cache has no tail draws), and ``proposal_log_norm`` (rules drawn at a
+  proposal temperature != 1, NULL otherwise).
 - ``manifest`` is one row per manifest key (``key``, ``value`` as JSON text), e.g.
   ``SELECT value FROM manifest WHERE key = 'teacher'``.
 - ``exactness`` is one row per stored field (``field``, ``exactness``: exact, quantised,
@@ -127,27 +130,42 @@ def _tokens_sql(cache, src: str, con) -> str:
     that names only scalar fields neither reads nor unpacks the entry lists (19x faster than unnesting
     every list at 2M positions; BENCHMARKS.md)."""
     codec = cache.codec
-    id_col = F.id_column(codec.ids)
-    vname = F.value_column(codec.values)[0]
     from_ = f"(SELECT *, unnest(range(1, len(pos) + 1)) AS _i FROM {src})"
     if cache.id_map is not None:
         # the code -> token id table as a one-row constant list (1-based), joined once
         con.execute("CREATE OR REPLACE TABLE logitstore_id_map AS SELECT list(token_id ORDER BY code) AS _id_map "
                     f"FROM read_parquet({_sql_str(str(cache.path / cache.manifest.id_map['file']))})")
-        ids = f"list_transform({id_col}[_i], lambda c: _id_map[c + 1]) AS topk_ids"
         from_ += ", logitstore_id_map"
-    else:
-        ids = f"{id_col}[_i] AS topk_ids"
-    if codec.values == "qdelta":  # logprob[j] = -step * (d[1] + ... + d[j])
-        step = repr(float(codec.logprob_step))
-        lps = (f"list_transform(range(1, len({vname}[_i]) + 1), "
-               f"lambda j: (-{step} * list_sum({vname}[_i][1:j]))::FLOAT) AS topk_logprobs")
-    elif vname:
-        lps = f"list_transform({vname}[_i], lambda x: x::FLOAT) AS topk_logprobs"
-    else:
-        lps = "NULL::FLOAT[] AS topk_logprobs"
+    head = (_ids_sql(cache, F.id_column(codec.ids), "topk_ids"),
+            _logprobs_sql(codec, F.value_column(codec.values)[0], "topk_logprobs"))
     counts = ("list_transform(sample_counts[_i], lambda x: x::INTEGER) AS sample_counts"
               if cache.rule.name == "sample" else "NULL::INTEGER[] AS sample_counts")
+    if cache.rule.name == "topk_tail":
+        tail = (_ids_sql(cache, F.id_column(codec.ids, "tail"), "tail_ids"),
+                _logprobs_sql(codec, F.tail_value_column(codec.values), "tail_logprobs"),
+                "list_transform(tail_counts[_i], lambda x: x::INTEGER) AS tail_counts")
+    else:  # empty lists where a cache has no tail draws
+        tail = ("[]::INTEGER[] AS tail_ids", "[]::FLOAT[] AS tail_logprobs", "[]::INTEGER[] AS tail_counts")
+    norm = "proposal_log_norm[_i]::FLOAT" if cache.rule.tempered else "NULL::FLOAT"
     return (f"SELECT seq_id, pos[_i] AS pos, input_ids[pos[_i] + 1] AS label, "
             f"label_logprob[_i]::FLOAT AS label_logprob, entropy[_i]::FLOAT AS entropy, "
-            f"tail_mass[_i]::FLOAT AS tail_mass, loss_mask[_i] AS loss_mask, {ids}, {lps}, {counts} FROM {from_}")
+            f"tail_mass[_i]::FLOAT AS tail_mass, loss_mask[_i] AS loss_mask, {', '.join(head)}, {counts}, "
+            f"{', '.join(tail)}, {norm} AS proposal_log_norm FROM {from_}")
+
+
+def _ids_sql(cache, column: str, alias: str) -> str:
+    """A position's token ids from ``column``: through the id map for ranked codes."""
+    if cache.id_map is not None:
+        return f"list_transform({column}[_i], lambda c: _id_map[c + 1]) AS {alias}"
+    return f"{column}[_i] AS {alias}"
+
+
+def _logprobs_sql(codec, column: str | None, alias: str) -> str:
+    """A position's decoded logprobs from ``column`` (qdelta: ``logprob[j] = -step * (d[1] + ... + d[j])``)."""
+    if column is None:
+        return f"NULL::FLOAT[] AS {alias}"
+    if codec.values == "qdelta":
+        step = repr(float(codec.logprob_step))
+        return (f"list_transform(range(1, len({column}[_i]) + 1), "
+                f"lambda j: (-{step} * list_sum({column}[_i][1:j]))::FLOAT) AS {alias}")
+    return f"list_transform({column}[_i], lambda x: x::FLOAT) AS {alias}"

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from logitstore import codec as C
 from logitstore import format as F
-from logitstore.contract import Contract, as_numpy
+from logitstore.contract import Contract, as_numpy, check_rule_and_codec
 from logitstore.encode import encode_rows, shard_writer
 from logitstore.errors import CacheExistsError, CacheWriteError, InvalidInputError, LogitstoreError
 from logitstore.idmap import read_id_map, write_id_map
@@ -47,7 +47,7 @@ from logitstore.manifest import (
 )
 from logitstore.ownership import check_output_dir, remove_own_files, rmdir_if_empty, stray_shard_files
 from logitstore.records import SequenceRecord
-from logitstore.rules import Rule, Sampled
+from logitstore.rules import Rule, TopKTail
 from logitstore.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -105,14 +105,14 @@ class CacheWriter:
         self.rule, self.codec = rule, codec
         self.vocab_size = int(vocab_size)
         self.shard_bytes, self.row_group_positions = int(shard_bytes), int(row_group_positions)
-        if codec.values == "none" and not isinstance(rule, Sampled):
-            raise InvalidInputError("codec values='none' (no logprobs stored) is only allowed under rule sample")
-        ex = {
-            "topk_logprobs": {"fp32": "exact", "none": "absent"}.get(codec.values, "quantised"),
-            "label_logprob": "exact" if codec.scalars == "fp32" else "quantised",
-            "entropy": "exact" if codec.scalars == "fp32" else "quantised",
-            "tail_mass": "exact" if codec.scalars == "fp32" else "quantised",
-        }
+        check_rule_and_codec(rule, codec)
+        values = {"fp32": "exact", "none": "absent"}.get(codec.values, "quantised")
+        scalars = "exact" if codec.scalars == "fp32" else "quantised"
+        ex = {"topk_logprobs": values, "label_logprob": scalars, "entropy": scalars, "tail_mass": scalars}
+        if isinstance(rule, TopKTail):
+            ex["tail_logprobs"] = values
+        if rule.tempered:
+            ex["proposal_log_norm"] = scalars
         for key, word in (exactness or {}).items():
             if key not in ex or word not in EXACTNESS_WORDS:
                 raise InvalidInputError(
@@ -129,7 +129,7 @@ class CacheWriter:
         self.id_counts = None if id_counts is None else np.asarray(id_counts, np.int64).ravel()
         self._contract = Contract(rule, codec, self.vocab_size)
         self.schema = F.shard_schema(rule=rule.name, value_codec=codec.values, id_codec=codec.ids,
-                                     scalar_dtype=codec.scalars)
+                                     scalar_dtype=codec.scalars, tempered=rule.tempered)
         self.manifest: Manifest | None = None
         self.committed_ids: set[str] = set()
         self._seen: set[str] = set()

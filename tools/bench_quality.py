@@ -1,26 +1,37 @@
-"""Benchmark, the headline: does a student trained from the cache come close to one trained with the teacher online?
+"""Benchmark, the headline: is a student trained from the cache as good as one trained with the teacher online?
 
-Teacher: the embedded SmolLM2-135M-Instruct. Data: English text that ships with
-Python (``pydoc_data.topics``), cut into records of about ``--length`` tokens; the
-last ``--eval-seqs`` records are held out. One small student config (the teacher's
-tokenizer), one seed, the same batches in the same order, the same steps and
-optimiser for every run:
+Teacher: the embedded SmolLM2-135M-Instruct. Data: English text that ships with Python
+(``pydoc_data.topics``) cut into records of <= 128 tokens; 48 further records are held out.
+Student: a 3-layer Llama (hidden 192, the teacher's tokenizer) from scratch. Two regimes:
 
-  (a) ce        cross-entropy on the labels only
-  (b) fkl-k8    forward KL from a top-8 cache, tail bucket     (``logitstore build --top-k 8``)
-      fkl-k32   forward KL from a top-32 cache, tail bucket    (``logitstore build --top-k 32``)
-  (c) sampled   the unbiased estimator from a 50-draw sampled cache (``logitstore build --sample 50``)
-  (d) online    forward KL against the teacher's full distribution, computed by running the teacher
-                at every step (the ideal that caching approximates)
+  short   200 records, 200 steps of batch 4 (~100k training tokens)
+  long    1000 records, 1000 steps of batch 4 (5x the records and the tokens)
 
-(a)-(c) run through ``trainers.loop.train``; (d) is written here, plainly, with the
-trainer's optimiser, schedule and loader so that only the target differs. Reported on
-the held-out records: label cross-entropy and the exact full-vocabulary KL(teacher ||
-student) (the teacher's logits computed here), and for (b) and (c) the fraction of
-(d)'s improvement over (a) they recover, ``(a - x) / (a - d)`` (target >= 90%).
+Configurations (``--only``): ``ce`` (labels only: the floor, a), ``online`` (forward KL against the
+teacher's full distribution at every step: the ceiling, d; the teacher's logprobs are computed once
+into a float32 memmap and read back, which is the same target as a forward pass per step), and
+caches built with ``logitstore build`` trained with ``logitstore train`` (``CONFIGS``: top-k with
+each tail policy, sampled, exact head + tail draws, tempered proposals). Every configuration runs
+with ``--seeds`` seeds (student init and data order); each seed's recovered fraction is paired
+with the same seed's (a) and (d): ``(a - x) / (a - d)``.
 
-    python tools/bench_quality.py            # about 30 minutes on 2 CPU cores
-    python tools/bench_quality.py --quick    # a few minutes, for a smoke test
+Reported per configuration: held-out label CE and the exact full-vocabulary KL(teacher || student)
+(both from the teacher's and the student's logits), the student's expected calibration error (top-1
+next-token confidence, 15 equal-width bins), the cache's bytes per token (all fields; the shards,
+without the id map's fixed ~0.4 MB), and, from ``--angles``, RS-KD's gradient diagnostic: for a
+fixed student (the seed-0 CE student of the short regime) and a fixed batch (the first 32
+training records), the angle between the gradient w.r.t. the student's logits of the cached loss
+and that of the full forward KL (one concatenated [N x V] vector, each loss averaged over
+positions as in training), and the ratio of their norms.
+
+    python tools/bench_quality.py --regime short            # all configurations, 3 seeds
+    python tools/bench_quality.py --regime long --only ce,online,k32-label,t8-d24
+    python tools/bench_quality.py --angles                  # the gradient diagnostic (no training)
+    python tools/bench_quality.py --report --plot docs/quality.png   # tables from every result so far
+    python tools/bench_quality.py --quick                   # a smoke run: tiny regime, 1 seed
+
+Results are one JSON file per (regime, configuration, seed) under ``WORKDIR/results``; a run skips
+what is there, so runs combine and resume. Caches, teacher logprobs and students stay in WORKDIR.
 """
 
 from __future__ import annotations
@@ -29,7 +40,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,78 +47,193 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STUDENT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=3,
                num_key_value_heads=1, vocab_size=49152, max_position_embeddings=1024, tie_word_embeddings=True)
+LENGTH, EVAL_RECORDS, LR, BATCH = 128, 48, 3e-3, 4
+REGIMES = {"short": (200, 200), "long": (1000, 1000), "quick": (24, 12)}  # records, steps
+#: name -> (build flags as a dict of BuildConfig pieces, train loss, tail policy); None: no cache
+CONFIGS = {
+    "ce": (None, "ce", "other"),
+    "online": (None, "forward_kl", "full"),
+    "k32-other": ({"top_k": 32}, "forward_kl", "other"),
+    "k32-label": ({"top_k": 32}, "forward_kl", "label"),
+    "k32-residual": ({"top_k": 32}, "forward_kl", "residual"),
+    "k8-other": ({"top_k": 8}, "forward_kl", "other"),
+    "s50": ({"sample": 50}, "forward_kl", "sampled"),
+    "s50-T2": ({"sample": 50, "T": 2.0}, "forward_kl", "sampled"),
+    "t8-d24": ({"top_k": 8, "tail_draws": 24}, "forward_kl", "sampled"),
+    "t16-d16": ({"top_k": 16, "tail_draws": 16}, "forward_kl", "sampled"),
+    "t8-d24-T2": ({"top_k": 8, "tail_draws": 24, "T": 2.0}, "forward_kl", "sampled"),
+    "t4-d16-T2": ({"top_k": 4, "tail_draws": 16, "T": 2.0}, "forward_kl", "sampled"),
+}
 
 
-def records(tokenizer, n: int, length: int) -> list[str]:
-    """``n`` texts of about ``length`` tokens each, from pydoc_data.topics, in a fixed order."""
+def records(tokenizer, n: int) -> list[str]:
+    """``n`` texts of about LENGTH tokens from pydoc_data.topics, in a fixed order."""
     from pydoc_data.topics import topics
 
     words = " ".join(" ".join(topics[k].split()) for k in sorted(topics)).split()
-    out, i, step = [], 0, max(8, int(length * 0.7))
+    out, i, step = [], 0, int(LENGTH * 0.7)
     while len(out) < n and i < len(words):
-        text = " ".join(words[i:i + step])
-        ids = tokenizer(text)["input_ids"][:length]
-        out.append(tokenizer.decode(ids))
+        out.append(tokenizer.decode(tokenizer(" ".join(words[i:i + step]))["input_ids"][:LENGTH]))
         i += step
     return out
 
 
-def teacher_logprobs(teacher, tokenizer, texts: list[str], length: int):
-    """[(input_ids, full-vocabulary teacher log-softmax [T-1, V])] in float32 (the reference)."""
-    import torch
+def token_ids(path: Path, tokenizer) -> list[list[int]]:
+    """The token ids a build gives the records of ``path`` (the builder's own tokenisation and truncation)."""
+    from builders.data import load_examples
 
-    out = []
-    with torch.inference_mode():
-        for t in texts:
-            ids = torch.tensor(tokenizer(t)["input_ids"][:length])[None]
-            out.append((ids, torch.log_softmax(teacher(ids).logits[0, :-1].float(), -1)))
-    return out
+    return [ex.input_ids.tolist() for ex in load_examples(path, tokenizer, max_length=LENGTH)]
 
 
-def evaluate(model, ref) -> dict[str, float]:
-    """Held-out label CE and exact full-vocabulary KL(teacher || student), per target token."""
-    import torch
+def rule_of(spec: dict):
+    from logitstore.rules import Sampled, TopK, TopKTail
 
+    t = spec.get("T", 1.0)
+    if "sample" in spec:
+        return Sampled(spec["sample"], proposal_temperature=t)
+    if "tail_draws" in spec:
+        return TopKTail(spec["top_k"], spec["tail_draws"], t)
+    return TopK(spec["top_k"])
+
+
+class Bench:
+    """The shared pieces of one regime: data, teacher logprobs (memmaps), caches, student config."""
+
+    def __init__(self, work: Path, regime: str):
+        import numpy as np
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+        from builders.embedded import prepare_embedded_teacher
+
+        self.work, self.regime = work, regime
+        self.n_train, self.steps = REGIMES[regime]
+        self.tdir = prepare_embedded_teacher()
+        tok = AutoTokenizer.from_pretrained(self.tdir)
+        texts = records(tok, REGIMES["long"][0] + EVAL_RECORDS)
+        self.data = work / f"train-{regime}.jsonl"
+        for path, part in ((self.data, texts[:self.n_train]), (work / "eval.jsonl", texts[-EVAL_RECORDS:])):
+            if not path.exists():
+                path.write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+        # every regime's records are a prefix of the long regime's: the teacher's logprobs of record i are shared
+        self.train_ids, self.eval_ids = token_ids(self.data, tok), token_ids(work / "eval.jsonl", tok)
+        self.scfg = work / "student" / "config.json"
+        self.scfg.parent.mkdir(parents=True, exist_ok=True)
+        LlamaConfig(**STUDENT).to_json_file(str(self.scfg))
+        self._teacher = None
+        self.np, self.torch = np, torch
+        self.AutoModel = AutoModelForCausalLM
+
+    def teacher(self):
+        if self._teacher is None:
+            self._teacher = self.AutoModel.from_pretrained(self.tdir, dtype=self.torch.float32).eval()
+        return self._teacher
+
+    def teacher_logprobs(self, name: str, seqs: list[list[int]]):
+        """``[rows, LENGTH - 1, V]`` float32 memmap of the teacher's full log-softmax of ``seqs`` (row i: seqs[i]),
+        computed once per row: a sparse file of the long regime's size whose computed rows are listed beside it."""
+        np, torch = self.np, self.torch
+        rows = REGIMES["long"][0] if name == "train" else len(seqs)
+        path, done_file = self.work / f"teacher-{name}.f32", self.work / f"teacher-{name}.done.json"
+        shape = (rows, LENGTH - 1, STUDENT["vocab_size"])
+        done = set(json.loads(done_file.read_text())) if done_file.exists() and path.exists() else set()
+        mm = np.memmap(path, np.float32, "r+" if path.exists() else "w+", shape=shape)
+        todo = [i for i in range(len(seqs)) if i not in done]
+        if todo:
+            t = time.perf_counter()
+            with torch.inference_mode():
+                for i in todo:
+                    s = seqs[i]
+                    mm[i, :len(s) - 1] = torch.log_softmax(
+                        self.teacher()(torch.tensor(s)[None]).logits[0, :-1].float(), -1).numpy()
+            mm.flush()
+            done_file.write_text(json.dumps(sorted(done | set(todo))))
+            print(f"  teacher logprobs of {len(todo)} {name} records in {time.perf_counter() - t:.0f} s", flush=True)
+        return mm
+
+    def cache(self, spec: dict) -> Path:
+        from builders.config import BuildConfig
+        from builders.driver import build
+
+        key = "-".join(f"{k}{v}" for k, v in sorted(spec.items()))
+        path = self.work / f"cache-{self.regime}-{key}"
+        if not (path / "manifest.json").exists():
+            t = time.perf_counter()
+            build(str(self.tdir), self.data, path, BuildConfig(rule=rule_of(spec), max_length=LENGTH), progress=False)
+            print(f"  built {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
+        return path
+
+
+def bytes_per_token(cache: Path) -> float:
+    """Shard bytes per cached position: every per-token field (ids, values, counts, label logprob, entropy, tail
+    mass, positions, masks, input ids) and the per-sequence columns; not the id map, a fixed ~0.4 MB per cache."""
+    import logitstore
+
+    m = logitstore.open(cache).manifest
+    return m.bytes / m.positions
+
+
+def evaluate(model, bench: Bench) -> dict[str, float]:
+    """Held-out label CE, exact full-vocabulary KL(teacher || student) and top-1 ECE (15 bins), per token."""
+    np, torch = bench.np, bench.torch
+    lt_all = bench.teacher_logprobs("eval", bench.eval_ids)
     ce = kl = 0.0
-    n = 0
+    conf, hit = [], []
     model.eval()
     with torch.inference_mode():
-        for ids, lt in ref:
+        for i, s in enumerate(bench.eval_ids):
+            ids = torch.tensor(s)[None]
             ls = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-            lt = lt.double()
+            lt = torch.from_numpy(np.asarray(lt_all[i, :len(s) - 1])).double()
             ce += float(-ls.gather(1, ids[0, 1:, None]).sum())
             kl += float((lt.exp() * (lt - ls)).sum())
-            n += ids.shape[1] - 1
-    model.train()
-    return {"ce": ce / n, "kl": kl / n}
+            top = ls.max(-1)
+            conf.append(top.values.exp().numpy())
+            hit.append((top.indices == ids[0, 1:]).numpy())
+    n = sum(len(s) - 1 for s in bench.eval_ids)
+    return {"ce": ce / n, "kl": kl / n, "ece": ece(np.concatenate(conf), np.concatenate(hit))}
 
 
-def online_kd(cache: Path, student_cfg: Path, teacher, out: Path, steps: int, batch: int, length: int, lr: float):
-    """(d): the trainer's optimiser, schedule and batches; the target is the teacher's full distribution,
-    recomputed by a teacher forward at every step."""
-    import torch
+def ece(confidence, correct, bins: int = 15) -> float:
+    """Expected calibration error of top-1 predictions: sum_b n_b / N |accuracy_b - confidence_b|."""
+    import numpy as np
 
+    b = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for k in range(bins):
+        m = b == k
+        if m.any():
+            total += m.mean() * abs(correct[m].mean() - confidence[m].mean())
+    return float(total)
+
+
+def train_online(bench: Bench, out: Path, seed: int):
+    """(d): the trainer's optimiser, schedule and batches; the target is the teacher's full distribution."""
     import logitstore
+    from logitstore.writer import sequence_id
     from trainers.config import TrainConfig
     from trainers.data import StreamingLoader
     from trainers.loop import Body, lr_schedule, make_optimizer
     from trainers.student import load_student
 
-    cfg = TrainConfig(cache=str(cache), student=str(student_cfg), output=str(out), max_steps=steps,
-                      batch_size=batch, max_length=length, lr=lr)
-    student = load_student(str(student_cfg), manifest=logitstore.open(cache).manifest, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
+    np, torch = bench.np, bench.torch
+    lt_all = bench.teacher_logprobs("train", bench.train_ids)
+    row_of = {sequence_id(np.asarray(s, np.int32)): i for i, s in enumerate(bench.train_ids)}
+    cache = bench.cache({"top_k": 8})  # any cache of the data: the batches (order, padding) come from it
+    cfg = TrainConfig(cache=str(cache), student=str(bench.scfg), output=str(out), max_steps=bench.steps,
+                      batch_size=BATCH, max_length=LENGTH, lr=LR, seed=seed)
+    student = load_student(str(bench.scfg), manifest=logitstore.open(cache).manifest, seed=seed)
+    torch.manual_seed(seed)
     body = Body(student)
     opt = make_optimizer(student.model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))
-    it = iter(StreamingLoader(str(cache), batch_size=batch, max_length=length, seed=cfg.seed))
+    it = iter(StreamingLoader(str(cache), batch_size=BATCH, max_length=LENGTH, seed=seed))
     student.model.train()
-    for _ in range(steps):
+    for _ in range(bench.steps):
         b = next(it)
         sel = b["target_mask"]
-        with torch.inference_mode():
-            lt = torch.log_softmax(teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[sel]
-                                   .float(), -1)
+        rows = torch.tensor([row_of[s] for s in b["seq_ids"]])[:, None].expand_as(sel)[sel]
+        lt = torch.from_numpy(np.stack([lt_all[r, p - 1] for r, p in zip(rows.tolist(), b["pos"][sel].tolist())]))
         ls = torch.log_softmax(student.head(body(b)[sel]), -1)
         loss = (lt.exp() * (lt - ls)).sum(-1).mean()
         loss.backward()
@@ -119,86 +244,175 @@ def online_kd(cache: Path, student_cfg: Path, teacher, out: Path, steps: int, ba
     return student.model
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train-seqs", type=int, default=200)
-    ap.add_argument("--eval-seqs", type=int, default=24)
-    ap.add_argument("--length", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--quick", action="store_true", help="40 train records, 8 held out, 30 steps")
-    ap.add_argument("--workdir", help="keep the caches and students here (default: a temporary directory)")
-    ap.add_argument("--json", help="also write the results to this file")
-    a = ap.parse_args(argv)
-    if a.quick:
-        a.train_seqs, a.eval_seqs, a.steps = 40, 8, 30
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from builders.config import BuildConfig
-    from builders.driver import build
-    from builders.embedded import prepare_embedded_teacher
-    from logitstore import Sampled, TopK
+def run_one(bench: Bench, name: str, seed: int) -> dict:
     from trainers.config import TrainConfig
     from trainers.loop import train
 
-    t_all = time.perf_counter()
-    tdir = prepare_embedded_teacher()
-    tok = AutoTokenizer.from_pretrained(tdir)
-    teacher = AutoModelForCausalLM.from_pretrained(tdir, dtype=torch.float32).eval()
-    texts = records(tok, a.train_seqs + a.eval_seqs, a.length)
-    train_texts, eval_texts = texts[:a.train_seqs], texts[a.train_seqs:]
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(a.workdir or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        data = work / "train.jsonl"
-        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in train_texts))
-        scfg = work / "student" / "config.json"
-        scfg.parent.mkdir(exist_ok=True)
-        LlamaConfig(**STUDENT).to_json_file(str(scfg))
-        caches, times = {}, {}
-        for name, rule in (("k8", TopK(8)), ("k32", TopK(32)), ("sampled", Sampled(draws=50))):
-            t = time.perf_counter()
-            caches[name] = work / f"cache-{name}"
-            if not (caches[name] / "manifest.json").exists():
-                build(str(tdir), data, caches[name], BuildConfig(rule=rule, max_length=a.length), progress=False)
-            times[f"build {name}"] = time.perf_counter() - t
-            print(f"built {name}: {time.perf_counter() - t:.0f} s", flush=True)
-        ref = teacher_logprobs(teacher, tok, eval_texts, a.length)
-        results = {}
-        runs = [("(a) ce", "k32", "ce"), ("(b) fkl-k8", "k8", "forward_kl"), ("(b) fkl-k32", "k32", "forward_kl"),
-                ("(c) sampled", "sampled", "forward_kl")]
-        for name, cache, loss in runs:
-            t = time.perf_counter()
-            out = work / name.split()[1]
-            train(TrainConfig(cache=str(caches[cache]), student=str(scfg), output=str(out), loss=loss,
-                              max_steps=a.steps, batch_size=a.batch, max_length=a.length, lr=a.lr, quiet=True,
-                              log_every=a.steps, resume=(out / "checkpoints").exists()))
-            results[name] = evaluate(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ref)
-            times[name] = time.perf_counter() - t
-            print(f"{name:14s} held-out CE {results[name]['ce']:.4f}  KL {results[name]['kl']:.4f}  "
-                  f"({times[name]:.0f} s)", flush=True)
-        t = time.perf_counter()
-        model = online_kd(caches["k32"], scfg, teacher, work / "online", a.steps, a.batch, a.length, a.lr)
-        results["(d) online"] = evaluate(model, ref)
-        times["(d) online"] = time.perf_counter() - t
-        print(f"{'(d) online':14s} held-out CE {results['(d) online']['ce']:.4f}  KL "
-              f"{results['(d) online']['kl']:.4f}  ({times['(d) online']:.0f} s)", flush=True)
-    a_, d_ = results["(a) ce"], results["(d) online"]
-    print(f"\nteacher SmolLM2-135M-Instruct; student {STUDENT['num_hidden_layers']} layers x "
-          f"{STUDENT['hidden_size']}; {a.train_seqs} records x <= {a.length} tokens, {a.steps} steps of batch "
-          f"{a.batch}, lr {a.lr}; {a.eval_seqs} held-out records")
-    print(f"{'run':14s} {'held-out CE':>12s} {'KL(teacher||student)':>21s} {'recovered (CE)':>15s} "
-          f"{'recovered (KL)':>15s}")
-    for name, r in results.items():
-        rec = {m: (a_[m] - r[m]) / (a_[m] - d_[m]) if not math.isclose(a_[m], d_[m]) else float("nan")
-               for m in ("ce", "kl")}
-        r["recovered"] = rec
-        print(f"{name:14s} {r['ce']:12.4f} {r['kl']:21.4f} {100 * rec['ce']:14.1f}% {100 * rec['kl']:14.1f}%")
-    print(f"total {time.perf_counter() - t_all:.0f} s")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "results": results, "seconds": times}, indent=1))
+    spec, loss, tail = CONFIGS[name]
+    out = bench.work / "students" / bench.regime / f"{name}-seed{seed}"
+    t = time.perf_counter()
+    res: dict = {"regime": bench.regime, "config": name, "seed": seed, "loss": loss, "tail": tail}
+    if name == "online":
+        model = train_online(bench, out, seed)
+    else:
+        cache = bench.cache(spec or {"top_k": 8})
+        if spec is not None:
+            res.update(bytes_per_token=bytes_per_token(cache), rule=rule_of(spec).to_dict())
+        train(TrainConfig(cache=str(cache), student=str(bench.scfg), output=str(out), loss=loss, tail=tail,
+                          max_steps=bench.steps, batch_size=BATCH, max_length=LENGTH, lr=LR, seed=seed, quiet=True,
+                          log_every=bench.steps, resume=(out / "checkpoints").exists()))
+        model = bench.AutoModel.from_pretrained(out, dtype=bench.torch.float32)
+    res.update(evaluate(model, bench), seconds=time.perf_counter() - t)
+    return res
+
+
+def angles(bench: Bench) -> list[dict]:
+    """RS-KD's diagnostic: angle and norm ratio of each cached loss's gradient w.r.t. the student's logits
+    against the full forward KL's, for the seed-0 CE student of the short regime on the first 32 training records
+    of each cache (the same records in every cache: builds order them deterministically)."""
+    import logitstore
+    from logitstore.writer import sequence_id
+    from trainers.data import StreamingLoader
+    from trainers.evaluation import batch_targets
+    from trainers.losses import Objective
+    from trainers.view import student_view_from_logits
+
+    np, torch = bench.np, bench.torch
+    student = bench.AutoModel.from_pretrained(bench.work / "students" / "short" / "ce-seed0", dtype=torch.float32)
+    lt_all = bench.teacher_logprobs("train", bench.train_ids)
+    row_of = {sequence_id(np.asarray(s, np.int32)): i for i, s in enumerate(bench.train_ids)}
+    out = []
+    for name, (spec, loss, tail) in CONFIGS.items():
+        if spec is None:
+            continue
+        cache = bench.cache(spec)
+        b = next(iter(StreamingLoader(str(cache), batch_size=32, max_length=LENGTH, shuffle=False, epochs=1)))
+        sel = b["target_mask"]
+        with torch.no_grad():
+            z0 = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[sel].double()
+        rows = torch.tensor([row_of[s] for s in b["seq_ids"]])[:, None].expand_as(sel)[sel]
+        lt = torch.from_numpy(np.stack([lt_all[r, p - 1] for r, p in zip(rows.tolist(), b["pos"][sel].tolist())]))
+        g_full = (torch.softmax(z0, -1) - lt.double().exp()) / z0.shape[0]
+        t = batch_targets(b, sel, logitstore.open(cache).manifest.vocab_size, logitstore.open(cache).rule)
+        z = z0.clone().requires_grad_(True)
+        view = student_view_from_logits(z, t.support()[0], t.labels)
+        Objective(loss, tail=tail).kd(view, t).mean().backward()
+        g = z.grad
+        cos = float((g * g_full).sum() / (g.norm() * g_full.norm()))
+        out.append({"config": name, "angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
+                    "norm_ratio": float(g.norm() / g_full.norm()), "positions": int(z0.shape[0])})
+        print(f"  {name:14s} angle {out[-1]['angle_deg']:6.1f} deg  norm ratio {out[-1]['norm_ratio']:.3f}",
+              flush=True)
+    return out
+
+
+def report(work: Path, plot: str | None) -> None:
+    import numpy as np
+
+    rows = [json.loads(p.read_text()) for p in sorted((work / "results").rglob("*.json"))]
+    ang = {a["config"]: a for a in json.loads((work / "angles.json").read_text())} \
+        if (work / "angles.json").exists() else {}
+    for regime in REGIMES:
+        got = [r for r in rows if r["regime"] == regime]
+        if not got:
+            continue
+        by = {}
+        for r in got:
+            by.setdefault(r["config"], {})[r["seed"]] = r
+        base, top = by.get("ce", {}), by.get("online", {})
+        print(f"\nregime {regime}: {REGIMES[regime][0]} records x <= {LENGTH} tokens, {REGIMES[regime][1]} steps of "
+              f"batch {BATCH}; held out {EVAL_RECORDS} records; mean ± std over seeds")
+        print(f"{'config':14s} {'seeds':>5s} {'B/token':>8s} {'held-out CE':>15s} {'KL':>15s} {'ECE':>13s} "
+              f"{'recov. CE':>14s} {'recov. KL':>14s} {'angle':>6s}")
+        for name in CONFIGS:
+            if name not in by:
+                continue
+            seeds = sorted(by[name])
+            vals = {m: np.array([by[name][s][m] for s in seeds]) for m in ("ce", "kl", "ece")}
+            rec = {}
+            for m in ("ce", "kl"):
+                paired = [(base[s][m] - by[name][s][m]) / (base[s][m] - top[s][m]) for s in seeds
+                          if s in base and s in top and not math.isclose(base[s][m], top[s][m])]
+                rec[m] = np.array(paired)
+                for s, v in zip(seeds, paired):
+                    by[name][s][f"recovered_{m}"] = v
+            bpt = by[name][seeds[0]].get("bytes_per_token")
+            f = lambda a, d=4: f"{a.mean():.{d}f}±{a.std():.{d}f}" if a.size else "-"  # noqa: E731
+            pct = lambda a: f"{100 * a.mean():5.1f}±{100 * a.std():4.1f}%" if a.size else "-"  # noqa: E731
+            print(f"{name:14s} {len(seeds):5d} {bpt or 0:8.1f} {f(vals['ce']):>15s} {f(vals['kl']):>15s} "
+                  f"{f(vals['ece'], 3):>13s} {pct(rec['ce']):>14s} {pct(rec['kl']):>14s} "
+                  f"{ang.get(name, {}).get('angle_deg', float('nan')):6.1f}")
+            if name not in ("ce", "online"):
+                print(f"{'':14s} per seed (CE, KL recovered): " + ", ".join(
+                    f"s{s} {100 * by[name][s].get('recovered_ce', float('nan')):.1f}% "
+                    f"{100 * by[name][s].get('recovered_kl', float('nan')):.1f}%" for s in seeds))
+        if plot and regime == ("long" if any(r["regime"] == "long" for r in rows) else "short"):
+            _plot(by, plot, regime)
+
+
+def _plot(by: dict, path: str, regime: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, seeds in by.items():
+        pts = [s.get("recovered_kl") for s in seeds.values() if s.get("recovered_kl") is not None]
+        bpt = next(iter(seeds.values())).get("bytes_per_token")
+        if not pts or bpt is None:
+            continue
+        ax.errorbar(bpt, 100 * np.mean(pts), yerr=100 * np.std(pts), fmt="o", capsize=3)
+        ax.annotate(name, (bpt, 100 * np.mean(pts)), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(100, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("bytes per cached token (all fields)")
+    ax.set_ylabel("recovered KL gain of online KD (%)")
+    ax.set_title(f"student quality against cache size ({regime} regime, mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--regime", choices=["short", "long", "both"], default="short")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    ap.add_argument("--only", help="comma-separated configurations (default all): " + ", ".join(CONFIGS))
+    ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "logitstore" / "bench-quality"))
+    ap.add_argument("--angles", action="store_true", help="only the gradient diagnostic (needs the short ce run)")
+    ap.add_argument("--report", action="store_true", help="only print the tables of the results so far")
+    ap.add_argument("--plot", help="with --report: write the bytes/token vs recovered-KL plot here (PNG)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 24 records, 12 steps, 1 seed")
+    a = ap.parse_args(argv)
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if a.report:
+        report(work, a.plot)
+        return 0
+    if a.angles:
+        (work / "angles.json").write_text(json.dumps(angles(Bench(work, "short")), indent=1))
+        return 0
+    names = a.only.split(",") if a.only else list(CONFIGS)
+    bad = [n for n in names if n not in CONFIGS]
+    if bad:
+        ap.error(f"--only {','.join(bad)}: unknown; choose from {', '.join(CONFIGS)}")
+    regimes = ["quick"] if a.quick else ["short", "long"] if a.regime == "both" else [a.regime]
+    seeds = 1 if a.quick else a.seeds
+    for regime in regimes:
+        bench = Bench(work, regime)
+        for seed in range(seeds):
+            for name in names:
+                res_path = work / "results" / regime / f"{name}-seed{seed}.json"
+                if res_path.exists():
+                    continue
+                print(f"{regime} {name} seed {seed} ...", flush=True)
+                res = run_one(bench, name, seed)
+                res_path.parent.mkdir(parents=True, exist_ok=True)
+                res_path.write_text(json.dumps(res, indent=1))
+                print(f"  CE {res['ce']:.4f}  KL {res['kl']:.4f}  ECE {res['ece']:.4f}  ({res['seconds']:.0f} s)",
+                      flush=True)
+    report(work, None)
     return 0
 
 

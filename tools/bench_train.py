@@ -76,7 +76,7 @@ def step_overhead(cache: Path, student_dir: Path, batch: int, length: int, repea
     labels = torch.where(b["attention_mask"].bool(), b["input_ids"], -100)
 
     def kd_step():
-        loss, _ = micro_loss(body, student, b, cfg, obj, manifest.vocab_size, None)
+        loss, _ = micro_loss(body, student, b, cfg, obj, manifest.vocab_size, ls.TopK(manifest.rule["k"]))
         loss.backward()
         opt_kd.step()
         opt_kd.zero_grad(set_to_none=True)
@@ -114,7 +114,9 @@ def memory_probe(mode: str, n: int, vocab: int, hidden: int, chunk: int) -> None
     """Runs in a child process: prints the peak RSS growth (MB) of one head + loss forward/backward."""
     import torch
 
-    from trainers.losses import Objective, SparseTargets, student_view, student_view_from_logits
+    from trainers.losses import Objective
+    from trainers.targets import SparseTargets
+    from trainers.view import student_view, student_view_from_logits
 
     torch.manual_seed(0)
     k = 32

@@ -18,7 +18,7 @@ from logitstore.errors import InvalidInputError
 #: The distillation losses and tail policies, by name: the one list (trainers.losses implements each; this
 #: module stays free of torch, so the command line builds its parser fast).
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "taid", "ce")
-TAILS = ("other", "renormalize", "sampled")
+TAILS = ("other", "renormalize", "sampled", "label", "residual")
 
 KEEP_BY = ("teacher_entropy", "student_entropy")  # or "score:<column>" of a `logitstore score` directory
 ROUTES = ("none", "correctness")
@@ -37,9 +37,10 @@ class TrainConfig:
     output: str = _f("", "OUT directory: the final model (save_pretrained), checkpoints, metrics.jsonl")
     loss: str = _f("forward_kl", f"distillation loss: {', '.join(LOSSES)}")
     tail: str = _f("auto", "teacher tail handling: 'other' (an exact bucket for the mass outside the stored "
-                           "entries), 'renormalize' (both sides restricted to the stored entries), 'sampled' "
-                           "(the unbiased estimator of a sampled cache); auto: sampled for sampled caches with "
-                           "forward_kl, else other")
+                           "entries), 'label' (the label's own exact bucket, then 'other'), 'renormalize' (both "
+                           "sides restricted to the stored entries), 'sampled' (the unbiased estimator of a cache "
+                           "with draws: --sample or --tail-draws; forward_kl), 'residual' (RS-KD: the tail mass on "
+                           "the label; forward_kl); auto: sampled for caches with draws and forward_kl, else other")
     temperature: float = _f(1.0, "distillation temperature tau: teacher and student re-tempered, KD term scaled "
                                  "by tau^2 (the cache holds temperature-1 logprobs)")
     ce_weight: float = _f(0.0, "weight lambda of the label cross-entropy: loss = (1-lambda) KD + lambda CE")
@@ -102,7 +103,8 @@ class TrainConfig:
     def resolved_tail(self, rule: str) -> str:
         if self.tail != "auto":
             return self.tail
-        return "sampled" if rule == "sample" and self.loss == "forward_kl" else "other"
+        return "sampled" if rule in ("sample", "topk_tail") and self.loss == "forward_kl" and \
+            self.temperature == 1.0 else "other"
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps > 0 else max(0, self.max_steps // 20)

@@ -39,7 +39,9 @@ Collation (predicted-token layout: index ``t`` of a row holds the teacher entry 
 ``position_ids`` (restarting per packed sequence), ``segment_ids`` (0 padding, 1.. per
 packed sequence), ``target_mask`` (cached position with ``loss_mask``), ``labels``,
 ``topk_ids``, ``topk_valid``, ``topk_logprobs`` (absent when the cache stores none),
-``counts`` (rule sample), ``tail_mass``, ``teacher_entropy``, ``label_logprob``,
+``counts`` (rule sample), ``tail_ids``, ``tail_valid``, ``tail_logprobs``, ``tail_counts``
+(``[B, T, U]``, rule topk_tail), ``proposal_log_norm`` (a proposal temperature != 1),
+``tail_mass``, ``teacher_entropy``, ``label_logprob``,
 ``weight`` (selection weight on the sequence's tokens), ``correct`` (1/0/-1), ``pos``
 (-1 where none), ``score_<name>`` (NaN where missing), plus ``seq_ids`` and ``epoch``.
 """
@@ -95,6 +97,8 @@ class _Source:
         self.reopen = cache.source
         self.values = cache.codec.values != "none"
         self.sampled = cache.rule.name == "sample"
+        self.tail = cache.rule.name == "topk_tail"
+        self.tempered = cache.rule.tempered
         keep = None if cache.selection is None else pa.array(sorted(set(cache.selection.seq_ids)), pa.string())
         ids, ntok, rows, self.groups = [], [], [], []
         for s in range(cache.num_shards):  # the seq_id and n_tokens columns only
@@ -225,6 +229,12 @@ class _Source:
             o["topk_logprobs"] = z(np.float32, -np.inf, K)
         if self.sampled:
             o["counts"] = z(np.float32, 0, K)
+        if self.tail:
+            U = max(windows[w][0].tail_ids.shape[1] for w in range(a // buf, (b - 1) // buf + 1))
+            o.update(tail_ids=z(np.int64, 0, U), tail_valid=z(bool, False, U), tail_logprobs=z(np.float32, -np.inf, U),
+                     tail_counts=z(np.float32, 0, U))
+        if self.tempered:
+            o["proposal_log_norm"] = z(np.float32)
         slot_all = np.arange(n)
         for w in range(a // buf, (b - 1) // buf + 1):
             blk, where = windows[w]
@@ -256,6 +266,15 @@ class _Source:
                 o["topk_logprobs"][dst, :kb] = np.where(valid, blk.logprobs[src], -np.inf)
             if self.sampled:
                 o["counts"][dst, :kb] = blk.counts[src]
+            if self.tail:
+                ub = blk.tail_ids.shape[1]
+                tv = np.arange(ub)[None, :] < blk.n_tail[src][:, None]
+                o["tail_ids"][dst, :ub] = np.where(tv, blk.tail_ids[src], 0)
+                o["tail_valid"][dst, :ub] = tv
+                o["tail_logprobs"][dst, :ub] = np.where(tv, blk.tail_logprobs[src], -np.inf)
+                o["tail_counts"][dst, :ub] = blk.tail_counts[src]
+            if self.tempered:
+                o["proposal_log_norm"][dst] = blk.proposal_log_norm[src]
         if self.score_names:
             vals = np.full((B * T, len(self.score_names)), np.nan, np.float32)
             got = [(i, *self.scores[sid]) for i, sid in enumerate(self.seq_ids[seq]) if sid in self.scores]

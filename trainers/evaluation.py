@@ -16,22 +16,30 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from logitstore.rules import Rule, rule_from_dict
 from trainers.config import TrainConfig
 from trainers.data import StreamingLoader
-from trainers.losses import SparseTargets, buckets, forward_kl, student_view
+from trainers.losses import buckets, forward_kl
 from trainers.student import Student
+from trainers.targets import SparseTargets
+from trainers.view import student_view
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def batch_targets(batch: dict, sel: torch.Tensor, vocab: int, draws: int | None) -> SparseTargets:
-    """The teacher side of the positions ``sel [B, T]`` selects in a collated batch (``trainers.data``)."""
+def batch_targets(batch: dict, sel: torch.Tensor, vocab: int, rule: Rule) -> SparseTargets:
+    """The teacher side of the positions ``sel [B, T]`` selects in a collated batch (``trainers.data``) of a cache
+    with sparse-entry ``rule``."""
     get = lambda k: batch[k][sel] if k in batch else None  # noqa: E731
     return SparseTargets(ids=batch["topk_ids"][sel], valid=batch["topk_valid"][sel], logprobs=get("topk_logprobs"),
                          tail_mass=batch["tail_mass"][sel], labels=batch["labels"][sel], vocab_size=vocab,
-                         counts=get("counts"), draws=draws)
+                         counts=get("counts"), draws=rule.draws or None, label_logprob=batch["label_logprob"][sel],
+                         tail_ids=get("tail_ids"), tail_valid=get("tail_valid"), tail_logprobs=get("tail_logprobs"),
+                         tail_counts=get("tail_counts"),
+                         proposal_temperature=getattr(rule, "proposal_temperature", 1.0),
+                         proposal_log_norm=get("proposal_log_norm"))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -45,7 +53,7 @@ def evaluate(student: Student, source, cfg: TrainConfig, device: torch.device) -
     loader = StreamingLoader(source, batch_size=cfg.batch_size, max_length=cfg.max_length, shuffle=False,
                              epochs=1, rank=0, world_size=1)
     m = loader.manifest
-    draws = m.rule.get("draws")
+    rule = rule_from_dict(m.rule)
     ce_sum = kl_sum = 0.0
     tokens = seqs = 0
     was_training = student.model.training
@@ -54,8 +62,8 @@ def evaluate(student: Student, source, cfg: TrainConfig, device: torch.device) -
         batch = to_device(batch, device)
         sel = batch["target_mask"]
         h = student.hidden(batch)[sel]
-        t = batch_targets(batch, sel, m.vocab_size, draws)
-        view = student_view(h, student.head, t.ids, t.labels, chunk_size=cfg.chunk_size)
+        t = batch_targets(batch, sel, m.vocab_size, rule)
+        view = student_view(h, student.head, t.support()[0], t.labels, chunk_size=cfg.chunk_size)
         ce_sum += float(-view.logp_label.double().sum())
         if t.logprobs is not None:
             lt, ls, mask = buckets(view, t, tail="other")

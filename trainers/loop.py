@@ -2,7 +2,7 @@
 
 Per optimiser step, for each of ``grad_accum`` micro-batches of the streaming loader:
 the student's body gives hidden states ``[B, T, H]``; the target positions are
-gathered (``[N, H]``); ``trainers.losses.student_view`` applies the LM head and
+gathered (``[N, H]``); ``trainers.view.student_view`` applies the LM head and
 log-softmax in chunks of positions; ``trainers.weighting`` decides which tokens count
 and with which loss; ``trainers.losses.Objective`` gives the loss. Then AdamW with a
 linear warm-up and a cosine decay, gradient clipping, and every so often metrics
@@ -29,14 +29,16 @@ import torch
 import torch.distributed as dist
 
 from logitstore.errors import InvalidInputError, LogitstoreError
+from logitstore.rules import Rule
 from trainers import checkpoint as ckpt
 from trainers.config import TrainConfig
 from trainers.data import StreamingLoader
 from trainers.evaluation import METRICS_FILE, batch_targets, eval_and_log, log_metrics, to_device
-from trainers.losses import Objective, student_view
+from trainers.losses import Objective
 from trainers.rundir import SUMMARY_FILE, RunDir, student_identity
 from trainers.sources import check_cache, check_usable, train_and_eval_sources
 from trainers.student import Student, check_student, load_student, save_tokenizer
+from trainers.view import student_view
 from trainers.weighting import coefficients
 
 logger = logging.getLogger(__name__)
@@ -151,9 +153,10 @@ class _Run:
             if c is not None:
                 check_usable(c, flag, cfg.allow_incomplete)
         rule = self.manifest.rule["rule"]
-        if cfg.resolved_tail(rule) == "sampled" and rule != "sample":
-            raise InvalidInputError(f"--tail sampled needs a sampled cache (built with --sample N); {cfg.cache} has "
-                                    f"rule {rule!r}: use --tail other or renormalize")
+        if cfg.resolved_tail(rule) == "sampled" and rule not in ("sample", "topk_tail"):
+            raise InvalidInputError(f"--tail sampled needs a cache with draws (built with --sample D or --top-k K "
+                                    f"--tail-draws D); {cfg.cache} has rule {rule!r}: use --tail other, label or "
+                                    "renormalize")
         only = None
         if not cfg.skip_verify:
             if self.main:
@@ -256,7 +259,7 @@ class _Run:
             last = self.world == 1 or micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else self.body.no_sync(), _autocast(cfg, device):
                 loss, m = micro_loss(self.body, self.student, batch, cfg, self.objective, self.manifest.vocab_size,
-                                     self.manifest.rule.get("draws"))
+                                     self.cache.rule)
                 (loss / cfg.grad_accum).backward()
             for k, v in m.items():
                 acc[k] = acc.get(k, 0.0) + v / cfg.grad_accum
@@ -317,7 +320,7 @@ class _Run:
 
 
 def micro_loss(body, student: Student, batch: dict, cfg: TrainConfig, objective: Objective, vocab: int,
-                draws: int | None) -> tuple[torch.Tensor, dict[str, float]]:
+               rule: Rule) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one collated micro-batch (and its metrics): the student's body, its head over the target
     positions in chunks (``student_view``), the token weights and the objective."""
     h = body(batch)
@@ -326,11 +329,11 @@ def micro_loss(body, student: Student, batch: dict, cfg: TrainConfig, objective:
     if hs.shape[0] == 0:  # nothing to learn here; keep every parameter in the graph for DDP
         zero = h.sum() * 0 + student.head.weight.sum() * 0
         return zero, {"loss": 0.0}
-    t = batch_targets(batch, sel, vocab, draws)
+    t = batch_targets(batch, sel, vocab, rule)
     need_entropy = cfg.keep_fraction < 1 and cfg.keep_by == "student_entropy"
     recompute = hs.shape[0] * student.head.vocab_size * 4 > cfg.head_memory_mb * 2**20
-    view = student_view(hs, student.head, t.ids, t.labels, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
-                        need_entropy=need_entropy, recompute=recompute)
+    view = student_view(hs, student.head, t.support()[0], t.labels, temperature=cfg.temperature,
+                        chunk_size=cfg.chunk_size, need_entropy=need_entropy, recompute=recompute)
     weight, kd, ce = coefficients(batch, sel, cfg, view.entropy)
     return objective(view, t, weight, kd, ce)
 

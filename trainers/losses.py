@@ -49,163 +49,21 @@ temperature-1 logprobs ``lp`` and the tail mass ``m = 1 - sum exp(lp)`` outside 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from collections.abc import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from logitstore.errors import InvalidInputError
+from trainers.checks import choice, number
 from trainers.config import LOSSES, TAILS
+from trainers.targets import SparseTargets
+from trainers.view import StudentView
 
 logger = logging.getLogger(__name__)
 
 #: Stands in for log 0 inside a logsumexp: exp underflows to 0 yet every gradient stays finite.
 _NEG = -1e30
-
-
-@dataclasses.dataclass
-class SparseTargets:
-    """The teacher side of N cached positions (K entry columns, padded)."""
-
-    ids: torch.Tensor  # [N, K] long, most likely first; any value where ~valid
-    valid: torch.Tensor  # [N, K] bool
-    logprobs: torch.Tensor | None  # [N, K] full-vocabulary log-softmax at T = 1, -inf where ~valid
-    tail_mass: torch.Tensor  # [N] 1 - sum exp(logprobs) over the valid entries
-    labels: torch.Tensor  # [N] long, the actual next tokens
-    vocab_size: int  # V of the teacher
-    counts: torch.Tensor | None = None  # [N, K] draws that hit each id (sampled caches), 0 where ~valid
-    draws: int | None = None  # D, the draws per position
-
-    def __post_init__(self):
-        nk = tuple(self.ids.shape)
-        want = {"ids": nk, "valid": nk, "logprobs": nk, "counts": nk, "tail_mass": nk[:1], "labels": nk[:1]}
-        for name, shape in want.items():
-            t = getattr(self, name)
-            if len(nk) != 2 or (t is not None and tuple(t.shape) != shape):
-                raise InvalidInputError(f"{name} has shape {tuple(t.shape)}; ids must be [N, K] and {name} {shape}")
-        if self.counts is not None and not (isinstance(self.draws, int) and self.draws >= 1):
-            raise InvalidInputError(f"draws={self.draws!r} with counts given; it must be an int >= 1")
-
-
-@dataclasses.dataclass
-class StudentView:
-    """What the losses need of the student's full-vocabulary distribution at N positions."""
-
-    logp_ids: torch.Tensor  # [N, K] log_softmax(z / tau) at targets.ids (grad flows)
-    logp_label: torch.Tensor  # [N] log_softmax(z) at the labels (grad flows)
-    entropy: torch.Tensor | None  # [N] entropy of softmax(z), no grad; None unless asked
-
-
-def _number(name: str, value, lo: float, hi: float, *, lo_open=False, hi_open=False) -> float:
-    """``value`` as a float in the given interval, else InvalidInputError naming both."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"{name}={value!r} is not a number") from None
-    ok = math.isfinite(x) and (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi)
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise InvalidInputError(f"{name}={value!r} is not allowed; it must be in {interval}")
-    return x
-
-
-def _choice(name: str, value, allowed: tuple) -> str:
-    if value not in allowed:
-        raise InvalidInputError(f"{name}={value!r} is not allowed; choose from {', '.join(allowed)}")
-    return value
-
-
-class _GatheredLogSoftmax(torch.autograd.Function):
-    """``log_softmax(z)`` at the columns ``idx`` only: ``[c, V], [c, M] -> [c, M]``.
-
-    The backward pass writes ``dz = -softmax(z) * sum(g) + scatter(g at idx)`` into one new
-    ``[c, V]`` tensor, where autograd's logsumexp + gather would allocate, fill and add several
-    (this keeps a KD step within a few percent of a plain cross-entropy step)."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        ctx.save_for_backward(z, lse, idx)
-        return z.gather(1, idx) - lse
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        z, lse, idx = ctx.saved_tensors
-        dz = torch.sub(z, lse).exp_().mul_(-g.sum(1, keepdim=True))
-        return dz.scatter_add_(1, idx, g), None
-
-
-def _view(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, tau: float,
-          need_entropy: bool) -> tuple[torch.Tensor, ...]:
-    """logits [c, V] -> (logp_ids [c, K], logp_label [c][, entropy [c]]); float64 stays float64."""
-    z = logits if logits.dtype == torch.float64 else logits.float()
-    v = z.shape[-1]
-    ids, labels = ids.clamp(0, v - 1), labels.clamp(0, v - 1)
-    if tau == 1.0:  # one fused gather of the entries and the label
-        both = _GatheredLogSoftmax.apply(z, torch.cat([ids, labels.unsqueeze(1)], dim=1))
-        logp_ids, logp_label = both[:, :-1], both[:, -1]
-    else:
-        lse = torch.logsumexp(z, dim=-1)
-        logp_ids = z.gather(1, ids) / tau - torch.logsumexp(z / tau, dim=-1, keepdim=True)
-        logp_label = z.gather(1, labels.unsqueeze(1)).squeeze(1) - lse
-    if not need_entropy:
-        return logp_ids, logp_label
-    with torch.no_grad():
-        lp = torch.log_softmax(z, dim=-1)
-        entropy = -(lp.exp() * lp).sum(-1)
-    return logp_ids, logp_label, entropy
-
-
-def _check_view_args(n: int, ids: torch.Tensor, labels: torch.Tensor, temperature) -> float:
-    if ids.dim() != 2 or ids.shape[0] != n or labels.shape != (n,):
-        raise InvalidInputError(f"ids {tuple(ids.shape)} and labels {tuple(labels.shape)} must be [N, K] and [N] "
-                                f"with N = {n} rows of the student input")
-    return _number("temperature", temperature, 0.0, math.inf, lo_open=True, hi_open=True)
-
-
-def student_view(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor,
-                 labels: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = 1024,
-                 need_entropy: bool = False, recompute: bool = True) -> StudentView:
-    """The student at N positions from its last hidden states, chunked and checkpointed.
-
-    ``hidden`` [N, H]; ``head`` maps [c, H] to raw logits [c, V_student] (any float dtype,
-    upcast to float32); ``ids`` [N, K] (values outside [0, V_student) are clamped, so padding is
-    safe: callers mask it); ``labels`` [N]. Each chunk of ``chunk_size`` rows is recomputed in
-    the backward pass (``torch.utils.checkpoint``, non-reentrant), so memory is one [chunk, V]
-    (under ``torch.no_grad`` the chunks run without checkpointing: nothing is kept anyway).
-    ``recompute=False`` keeps every chunk's logits for the backward pass instead: memory
-    ``[N, V]`` (as a plain ``model(...).logits`` step), and no second head matmul.
-    """
-    if hidden.dim() != 2:
-        raise InvalidInputError(f"hidden has shape {tuple(hidden.shape)}; it must be [N, H]")
-    tau = _check_view_args(hidden.shape[0], ids, labels, temperature)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InvalidInputError(f"chunk_size={chunk_size!r} is not allowed; it must be an int >= 1")
-
-    def run(h, i, lab):
-        return _view(head(h), i, lab, tau, need_entropy)
-
-    n = hidden.shape[0]
-    parts = []
-    for s in range(0, max(n, 1), chunk_size):
-        args = (hidden[s:s + chunk_size], ids[s:s + chunk_size], labels[s:s + chunk_size])
-        ckpt = recompute and torch.is_grad_enabled()
-        parts.append(checkpoint(run, *args, use_reentrant=False) if ckpt else run(*args))
-    cols = [torch.cat(c) for c in zip(*parts)]
-    return StudentView(cols[0], cols[1], cols[2] if need_entropy else None)
-
-
-def student_view_from_logits(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, *,
-                             temperature: float = 1.0, need_entropy: bool = False) -> StudentView:
-    """``student_view`` from full logits [N, V] (no chunking): for small vocabularies and tests."""
-    if logits.dim() != 2:
-        raise InvalidInputError(f"logits has shape {tuple(logits.shape)}; it must be [N, V]")
-    tau = _check_view_args(logits.shape[0], ids, labels, temperature)
-    out = _view(logits, ids, labels, tau, need_entropy)
-    return StudentView(out[0], out[1], out[2] if need_entropy else None)
 
 
 def _masked_lse(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -222,27 +80,52 @@ def buckets(student: StudentView, targets: SparseTargets, *, tail: str = "other"
             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher and student as distributions over the same buckets: (log_t, log_s, mask), each [N, B].
 
-    B = K + 1 for ``tail="other"``, K for ``"renormalize"`` (see the module docstring);
-    ``student`` must have been computed at the same ``temperature``. Needs teacher logprobs.
+    The support S is every id the cache names (``targets.support()``: the head, and the tail draws
+    of a topk_tail cache, each with its exact logprob); ``student.logp_ids`` must be at those ids and
+    at the same ``temperature``. B = |S| + 1 for ``tail="other"`` (one bucket for the rest of the
+    mass), |S| + 2 for ``"label"`` (the label's own bucket where it is outside S, then the rest),
+    |S| for ``"renormalize"``. See the module docstring. Needs teacher logprobs.
     """
-    _choice("tail", tail, ("other", "renormalize"))
-    tau = _number("temperature", temperature, 0.0, math.inf, lo_open=True, hi_open=True)
-    if targets.logprobs is None:
+    choice("tail", tail, ("other", "renormalize", "label"))
+    tau = number("temperature", temperature, 0.0, math.inf, lo_open=True, hi_open=True)
+    ids, valid, lp = targets.support()
+    if lp is None:
         raise InvalidInputError("targets.logprobs is None: the cache stores only sampled ids and counts, so only "
                                 "forward_kl with tail 'sampled' (the sampled estimator) or loss 'ce' apply")
-    valid = targets.valid.to(student.logp_ids.device)
+    dev = student.logp_ids.device
+    valid = valid.to(dev)
     dtype = torch.promote_types(student.logp_ids.dtype, torch.float32)
+    eps = torch.finfo(dtype).eps
     ls = torch.where(valid, student.logp_ids.to(dtype), 0.0)
-    lt = torch.where(valid, targets.logprobs.to(ls.device, dtype) / tau, 0.0)
+    lt = torch.where(valid, lp.to(dev, dtype) / tau, 0.0)
     if tail == "renormalize":
         return _log_normalize(lt, valid), _log_normalize(ls, valid), valid
+    # the teacher's mass outside S (the tail mass counts the head only: take the tail draws off)
+    m = targets.tail_mass.to(dev, dtype)
+    if targets.tail_ids is not None:
+        m = m - torch.where(targets.tail_valid.to(dev), torch.exp(targets.tail_logprobs.to(dev, dtype)), 0.0).sum(-1)
+    m = m.clamp(0.0, 1.0)
     unseen = (targets.vocab_size - valid.sum(-1)).to(dtype)
-    m = targets.tail_mass.to(ls.device, dtype).clamp(0.0, 1.0)
-    has_other = (unseen > 0) & (m > 0)
-    unseen, m = torch.where(has_other, unseen, 1.0), torch.where(has_other, m, 1.0)
-    other_t = torch.log(m) / tau + (1.0 - 1.0 / tau) * torch.log(unseen)  # log((V-n) (m/(V-n))^(1/tau))
+    if tail == "label":
+        if tau != 1.0:
+            raise InvalidInputError(f"tail 'label' with temperature={temperature!r}: the label bucket uses the "
+                                    "temperature-1 label logprobs; use temperature 1 or tail 'other'")
+        if targets.label_logprob is None:
+            raise InvalidInputError("tail 'label' needs targets.label_logprob (the teacher's exact label logprob)")
+        outside = ~((ids.to(dev) == targets.labels.to(dev)[:, None]) & valid).any(-1) & (unseen > 0)
+        lt_lab = targets.label_logprob.to(dev, dtype)
+        m = torch.where(outside, (m - lt_lab.exp()).clamp(0.0, 1.0), m)
+        unseen = unseen - outside.to(dtype)
+        valid = torch.cat([valid, outside[:, None]], 1)
+        lt = torch.cat([lt, torch.where(outside, lt_lab, 0.0)[:, None]], 1)
+        ls = torch.cat([ls, torch.where(outside, student.logp_label.to(dtype), 0.0)[:, None]], 1)
+    # the rest: present wherever some token is outside the buckets, even when the teacher puts (almost) no mass
+    # there, so the student's mass outside is always penalised; the teacher's is floored at eps (continuous as m -> 0)
+    has_other = unseen > 0
+    unseen = torch.where(has_other, unseen, 1.0)
+    other_t = torch.log(m.clamp(min=eps)) / tau + (1.0 - 1.0 / tau) * torch.log(unseen)  # (V-n) (m/(V-n))^(1/tau)
     support_s = _masked_lse(ls, valid).clamp(max=0.0)
-    other_s = torch.log((-torch.expm1(support_s)).clamp(min=torch.finfo(dtype).eps))
+    other_s = torch.log((-torch.expm1(support_s)).clamp(min=eps))
     mask = torch.cat([valid, has_other.unsqueeze(1)], dim=1)
     log_t = _log_normalize(torch.cat([lt, other_t.unsqueeze(1)], dim=1), mask)
     log_s = torch.where(mask, torch.cat([ls, other_s.unsqueeze(1)], dim=1), 0.0)
@@ -270,7 +153,7 @@ def reverse_kl(log_t: torch.Tensor, log_s: torch.Tensor, mask: torch.Tensor) -> 
 
 def jsd(log_t: torch.Tensor, log_s: torch.Tensor, mask: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
     """Generalized JSD (GKD): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; beta in (0, 1)."""
-    beta = _number("beta", beta, 0.0, 1.0, lo_open=True, hi_open=True)
+    beta = number("beta", beta, 0.0, 1.0, lo_open=True, hi_open=True)
     log_m = _mix(log_t, log_s, beta)
     return beta * forward_kl(log_t, log_m, mask) + (1.0 - beta) * forward_kl(log_s, log_m, mask)
 
@@ -282,19 +165,19 @@ def tvd(log_t: torch.Tensor, log_s: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 def skew_kl(log_t: torch.Tensor, log_s: torch.Tensor, mask: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """DistiLLM's skew KL: KL(p || alpha p + (1 - alpha) q), alpha in [0, 1); alpha = 0 is forward KL."""
-    alpha = _number("alpha", alpha, 0.0, 1.0, hi_open=True)
+    alpha = number("alpha", alpha, 0.0, 1.0, hi_open=True)
     return forward_kl(log_t, log_s if alpha == 0.0 else _mix(log_t, log_s, alpha), mask)
 
 
 def skew_rkl(log_t: torch.Tensor, log_s: torch.Tensor, mask: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """DistiLLM's skew reverse KL: KL(q || alpha q + (1 - alpha) p), alpha in [0, 1); alpha = 0 is reverse KL."""
-    alpha = _number("alpha", alpha, 0.0, 1.0, hi_open=True)
+    alpha = number("alpha", alpha, 0.0, 1.0, hi_open=True)
     return forward_kl(log_s, log_t if alpha == 0.0 else _mix(log_s, log_t, alpha), mask)
 
 
 def taid(log_t: torch.Tensor, log_s: torch.Tensor, mask: torch.Tensor, t: float) -> torch.Tensor:
     """TAID: KL(p_t || q) with log p_t = log_softmax((1 - t) sg(log q) + t log p) over the buckets; t in [0, 1]."""
-    t = _number("t", t, 0.0, 1.0)
+    t = number("t", t, 0.0, 1.0)
     log_pt = _log_normalize((1.0 - t) * log_s.detach() + t * log_t, mask)
     return forward_kl(log_pt, log_s, mask)
 
@@ -305,28 +188,45 @@ def ce(student: StudentView) -> torch.Tensor:
 
 
 def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperature: float = 1.0) -> torch.Tensor:
-    """Sparse Logit Sampling's forward KL estimator, [N]: ``sum_j (c_j / D) (lp_j - log q_j)``.
+    """The unbiased forward-KL estimator of a cache with draws, [N]: ``sum_x p_hat_x (lp_x - log q_x)``.
 
-    ``log q_j`` is the student's full-vocabulary logprob (``logp_ids``; not renormalised, no
-    tail bucket). Unbiased for the value and the gradient of KL(p || q) at T = 1. Without
-    teacher logprobs it is the cross-entropy ``-sum_j (c_j / D) log q_j``: same gradient, but
-    the value also holds the teacher entropy. Only temperature 1: the draws were made at T = 1.
+    ``p_hat`` is ``targets.estimate()`` on the support (sampled cache: ``(c/D) * p/q``; topk_tail:
+    the exact head plus ``(c/D) * p/q`` on the tail draws, ``p/q = m`` at proposal temperature 1), and
+    ``log q_x`` the student's full-vocabulary logprob (``logp_ids`` at the support; not
+    renormalised, no other bucket). ``E[p_hat] = p``, so the value and the gradient are unbiased
+    for KL(p || q) at T = 1. Without teacher logprobs (a sampled cache stored with ``values none``)
+    it is the cross-entropy ``-sum_x p_hat_x log q_x``: the same gradient, but the value also holds
+    the teacher entropy. Only temperature 1: the draws were made from the temperature-1 teacher.
     """
     if temperature != 1.0:
         raise InvalidInputError(f"temperature={temperature!r} with the sampled estimator; only 1.0 is allowed "
                                 "because the cached draws were made from the temperature-1 teacher")
-    if targets.counts is None or targets.draws is None:
-        raise InvalidInputError("the sampled estimator needs targets.counts and targets.draws (a cache built with "
-                                "rule 'sample'); these targets have none: use tail 'other' or 'renormalize'")
+    if not targets.sampled:
+        raise InvalidInputError("the sampled estimator needs draws (a cache built with --sample D or --top-k K "
+                                "--tail-draws D); these targets have none: use tail 'other', 'label' or 'renormalize'")
     ls = student.logp_ids
     dtype = torch.promote_types(ls.dtype, torch.float32)
-    counts = targets.counts.to(ls.device, dtype)
-    use = targets.valid.to(ls.device) & (counts > 0)
-    w = counts / targets.draws
-    if targets.logprobs is None:
+    _, valid, lp = targets.support()
+    w = targets.estimate(dtype).to(ls.device)
+    use = valid.to(ls.device) & (w > 0)
+    if lp is None:
         return _sum(use, -w * ls)
-    lp = torch.where(use, targets.logprobs.to(ls.device, dtype), 0.0)
-    return _sum(use, w * (lp - ls))
+    return _sum(use, w * (torch.where(use, lp.to(ls.device, dtype), 0.0) - ls))
+
+
+def residual_forward_kl(student: StudentView, targets: SparseTargets, *, temperature: float = 1.0) -> torch.Tensor:
+    """RS-KD's top-k baseline with the residual mass on the ground truth, [N]: ``KL(t || q)`` with
+    ``t`` = the head's ``p_j`` plus the tail mass ``m`` on the label (``targets.residual()``) and ``q`` the
+    student's full-vocabulary distribution. A biased target (the tail's mass all on one token)."""
+    if temperature != 1.0:
+        raise InvalidInputError(f"tail 'residual' with temperature={temperature!r}: only 1.0 is allowed")
+    _, t, valid = targets.residual()
+    k = targets.ids.shape[1]
+    ls = torch.cat([student.logp_ids[:, :k], student.logp_label[:, None]], 1)
+    dtype = torch.promote_types(ls.dtype, torch.float32)
+    t, valid = t.to(ls.device, dtype), valid.to(ls.device)
+    use = valid & (t > 0)
+    return _sum(use, t * (torch.log(torch.where(use, t, 1.0)) - ls.to(dtype)))
 
 
 def reduce(per_position: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -362,20 +262,23 @@ class Objective:
     def __init__(self, loss: str, *, tail: str = "other", temperature: float = 1.0, ce_weight: float = 0.0,
                  beta: float = 0.5, alpha: float = 0.1, taid_start: float = 0.4, taid_end: float = 1.0,
                  taid_alpha: float = 5e-4, taid_beta: float = 0.99, total_steps: int | None = None):
-        self.loss = _choice("loss", loss, LOSSES)
-        self.tail = _choice("tail", tail, TAILS)
-        self.temperature = _number("temperature", temperature, 0.0, math.inf, lo_open=True, hi_open=True)
-        if tail == "sampled" and (loss != "forward_kl" or self.temperature != 1.0):
-            raise InvalidInputError(f"tail='sampled' with loss={loss!r}, temperature={temperature!r}: the sampled "
-                                    "estimator exists only for loss 'forward_kl' at temperature 1 (the cached draws "
-                                    "were made at T = 1); use tail 'other' or 'renormalize' otherwise")
-        self.ce_weight = _number("ce_weight", ce_weight, 0.0, 1.0)
-        self.beta = _number("beta", beta, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.alpha = _number("alpha", alpha, 0.0, 1.0, hi_open=True)
-        self.taid_start = _number("taid_start", taid_start, 0.0, 1.0, hi_open=True)
-        self.taid_end = _number("taid_end", taid_end, self.taid_start, 1.0, lo_open=True)
-        self.taid_alpha = _number("taid_alpha", taid_alpha, 0.0, 1.0)
-        self.taid_beta = _number("taid_beta", taid_beta, 0.0, 1.0, hi_open=True)
+        self.loss = choice("loss", loss, LOSSES)
+        self.tail = choice("tail", tail, TAILS)
+        self.temperature = number("temperature", temperature, 0.0, math.inf, lo_open=True, hi_open=True)
+        if tail in ("sampled", "residual") and (loss != "forward_kl" or self.temperature != 1.0):
+            raise InvalidInputError(f"tail={tail!r} with loss={loss!r}, temperature={temperature!r}: that target "
+                                    "exists only for loss 'forward_kl' at temperature 1 (the cached draws and "
+                                    "label logprobs are at T = 1); use tail 'other', 'label' or 'renormalize'")
+        if tail == "label" and self.temperature != 1.0:
+            raise InvalidInputError(f"tail='label' with temperature={temperature!r}: the label bucket uses the "
+                                    "temperature-1 label logprob; use temperature 1 or tail 'other'")
+        self.ce_weight = number("ce_weight", ce_weight, 0.0, 1.0)
+        self.beta = number("beta", beta, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.alpha = number("alpha", alpha, 0.0, 1.0, hi_open=True)
+        self.taid_start = number("taid_start", taid_start, 0.0, 1.0, hi_open=True)
+        self.taid_end = number("taid_end", taid_end, self.taid_start, 1.0, lo_open=True)
+        self.taid_alpha = number("taid_alpha", taid_alpha, 0.0, 1.0)
+        self.taid_beta = number("taid_beta", taid_beta, 0.0, 1.0, hi_open=True)
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 1):
             raise InvalidInputError(f"total_steps={total_steps!r} is not allowed; it must be None or an int >= 1")
@@ -400,6 +303,8 @@ class Objective:
         """The KD divergence per position, [N] (not scaled by tau**2)."""
         if self.tail == "sampled":
             return sampled_forward_kl(student, targets, temperature=self.temperature)
+        if self.tail == "residual":
+            return residual_forward_kl(student, targets, temperature=self.temperature)
         b = buckets(student, targets, tail=self.tail, temperature=self.temperature)
         extra = {"jsd": {"beta": self.beta}, "skew_kl": {"alpha": self.alpha}, "skew_rkl": {"alpha": self.alpha},
                  "taid": {"t": self._t}}.get(self.loss, {})
@@ -472,6 +377,6 @@ class Objective:
     def load_state_dict(self, d: dict) -> None:
         if set(d) != {"t", "momentum", "prev_loss"}:
             raise InvalidInputError(f"objective state has keys {sorted(d)}; expected momentum, prev_loss, t")
-        self._t = _number("t", d["t"], 0.0, 1.0)
+        self._t = number("t", d["t"], 0.0, 1.0)
         self._momentum = float(d["momentum"])
         self._prev_loss = None if d["prev_loss"] is None else float(d["prev_loss"])

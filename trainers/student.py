@@ -16,7 +16,7 @@ against the cache it will learn from:
   ``vocab_size``, the cache is scanned once for its largest id.
 
 The body (``model.base_model``) produces hidden states; the LM head is applied by the
-losses in chunks of positions (``trainers.losses.student_view``), so no ``[B, T, V]``
+losses in chunks of positions (``trainers.view.student_view``), so no ``[B, T, V]``
 logits tensor is ever built.
 """
 

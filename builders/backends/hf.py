@@ -121,8 +121,24 @@ class TransformersBackend:
                  trust_remote_code: bool = False):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidInputError(f"--device {device}: CUDA is not available on this machine")
-        self.model, self.tokenizer, self.identity = load_teacher(teacher, dtype=dtype, device=device,
-                                                                 trust_remote_code=trust_remote_code)
+        model, tokenizer, identity = load_teacher(teacher, dtype=dtype, device=device,
+                                                  trust_remote_code=trust_remote_code)
+        self._setup(teacher, model, tokenizer, identity, device=device, dtype=dtype, extract_mb=extract_mb)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, identity: dict[str, Any], *, name: str, device: str = "cpu",
+                   dtype: str = "fp32", extract_mb: int = 96) -> TransformersBackend:
+        """A backend around a model already in memory (benchmarks of random-weight models of real shapes; a
+        caller that loaded the model itself), with the same checks as a loaded teacher. ``name`` names it in
+        errors; ``identity`` is its manifest record."""
+        backend = cls.__new__(cls)
+        backend._setup(name, model.to(device).eval(), tokenizer, dict(identity), device=device, dtype=dtype,
+                       extract_mb=extract_mb)
+        return backend
+
+    def _setup(self, teacher: str, model, tokenizer, identity: dict[str, Any], *, device: str, dtype: str,
+               extract_mb: int) -> None:
+        self.model, self.tokenizer, self.identity = model, tokenizer, identity
         self.device = torch.device(device)
         self.body = self.model.base_model
         head = Head.of(self.model)

@@ -40,7 +40,7 @@ import numpy as np
 from logitstore.errors import InvalidInputError, LogitstoreError
 from logitstore.identity import model_identity, tokenizer_record
 from logitstore.records import Scored
-from logitstore.rules import Rule, Sampled, cut
+from logitstore.rules import Rule, Sampled, TopKTail, cut
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +187,9 @@ class VLLMBackend:
         return self._vllm.SamplingParams(detokenize=False, **kw)
 
     def _check_rule(self, rule: Rule) -> int:
-        if isinstance(rule, Sampled):
-            raise InvalidInputError("rule sample (--sample) draws from the full distribution, which vLLM does not "
-                                    "return; use --top-k/--mass, or --backend transformers")
+        if isinstance(rule, (Sampled, TopKTail)):
+            raise InvalidInputError(f"rule {rule.name} (--sample / --tail-draws) draws from the full distribution, "
+                                    "which vLLM does not return; use --top-k/--mass, or --backend transformers")
         if rule.k > self.max_logprobs:
             raise InvalidInputError(f"the rule keeps up to {rule.k} entries but this vLLM engine was started with "
                                     f"max_logprobs={self.max_logprobs}")

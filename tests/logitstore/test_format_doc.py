@@ -37,10 +37,11 @@ def test_version_is_documented():
 def test_every_schema_variant_is_documented_with_its_types():
     documented = doc_columns()
     seen: dict[str, set[str]] = {}
-    for rule, values, ids, scalars in itertools.product(F.RULES, F.VALUE_CODECS, F.ID_CODECS, F.SCALAR_DTYPES):
-        if values == "none" and rule != "sample":
+    for rule, values, ids, scalars, tempered in itertools.product(F.RULES, F.VALUE_CODECS, F.ID_CODECS,
+                                                                   F.SCALAR_DTYPES, (False, True)):
+        if (values == "none" and (rule != "sample" or tempered)) or (tempered and rule not in F.SAMPLING_RULES):
             continue
-        schema = F.shard_schema(rule=rule, value_codec=values, id_codec=ids, scalar_dtype=scalars)
+        schema = F.shard_schema(rule=rule, value_codec=values, id_codec=ids, scalar_dtype=scalars, tempered=tempered)
         for field in schema:
             seen.setdefault(field.name, set()).add(short(field.type))
     assert set(seen) == set(documented), "columns in code vs FORMAT.md"

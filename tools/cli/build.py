@@ -54,6 +54,13 @@ def _rule_flags(b) -> None:
     r.add_argument("--mass", type=float, metavar="P",
                    help="keep the smallest prefix with mass >= P (cap: --top-k, default 64)")
     r.add_argument("--sample", type=int, metavar="DRAWS", help="keep the unique ids of DRAWS samples with their counts")
+    r.add_argument("--tail-draws", type=int, metavar="D",
+                   help="with --top-k K: the exact top K plus D draws from the rest of the distribution (the tail), "
+                        "kept as unique ids with counts and exact logprobs: an unbiased estimate of the whole "
+                        "distribution")
+    r.add_argument("--proposal-temperature", type=float, metavar="T",
+                   help="--sample / --tail-draws draw from q ∝ p^(1/T) instead of p (T > 1: more distinct tokens per "
+                        "draw); importance weights from the stored logprobs keep the estimate unbiased (default 1)")
 
 
 def _teacher_flags(b) -> None:
@@ -71,7 +78,7 @@ def _teacher_flags(b) -> None:
     t.add_argument("--extract-mb", type=int, default=96, help="memory for the LM head/softmax chunks, MiB (default 96)")
     t.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model repository's own Python code to run")
-    t.add_argument("--seed", type=int, default=0, help="seed of --sample draws")
+    t.add_argument("--seed", type=int, default=0, help="seed of the --sample and --tail-draws draws")
     v = b.add_argument_group("vLLM backend (--backend vllm; pip install 'logitstore[vllm]')")
     v.add_argument("--max-logprobs", type=int, metavar="K", help="the engine's max_logprobs (default: the rule's k)")
     v.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="GPUs per model (default 1)")
@@ -128,16 +135,33 @@ def _storage_flags(b) -> None:
 
 
 def _rule(args: argparse.Namespace):
-    from logitstore.rules import MassTopK, Sampled, TopK
+    """The sparse-entry rule the flags name, each flag checked by name (what was given, what is allowed)."""
+    from logitstore.rules import MassTopK, Sampled, TopK, TopKTail
 
-    if args.mass is not None and args.sample is not None:
-        raise InvalidInputError("--mass and --sample are two different rules; give at most one")
+    given = [f for f, v in (("--mass", args.mass), ("--sample", args.sample), ("--tail-draws", args.tail_draws))
+             if v is not None]
+    if len(given) > 1:
+        raise InvalidInputError(f"{' and '.join(given)} are different rules; give at most one")
+    for flag, v in (("--top-k", args.top_k), ("--sample", args.sample), ("--tail-draws", args.tail_draws)):
+        if v is not None and not 1 <= v <= 65535:
+            raise InvalidInputError(f"{flag} {v}: must be an integer in [1, 65535]")
+    t = args.proposal_temperature
+    if t is not None and not (math.isfinite(t) and t > 0):
+        raise InvalidInputError(f"--proposal-temperature {t}: must be a finite number > 0 (draws from q ∝ p^(1/T))")
+    if t is not None and args.sample is None and args.tail_draws is None:
+        raise InvalidInputError("--proposal-temperature shapes the draws of --sample or --tail-draws; give one of them")
+    t = 1.0 if t is None else t
     if args.sample is not None:
-        return Sampled(args.sample, args.top_k or 0)
+        return Sampled(args.sample, args.top_k or 0, t)
+    if args.tail_draws is not None:
+        if args.top_k is None:
+            raise InvalidInputError(f"--tail-draws {args.tail_draws} draws from the tail of an exact top-k head: give "
+                                    "--top-k K too (e.g. --top-k 16 --tail-draws 16)")
+        return TopKTail(args.top_k, args.tail_draws, t)
     if args.mass is not None:
         return MassTopK(args.mass, args.top_k or 64)
     if args.top_k is None:
-        raise InvalidInputError("--top-k K is required (or --mass P / --sample DRAWS)")
+        raise InvalidInputError("--top-k K is required (or --mass P / --sample DRAWS / --top-k K --tail-draws D)")
     return TopK(args.top_k)
 
 

@@ -1,0 +1,113 @@
+"""``logitstore build --top-k K --tail-draws D [--proposal-temperature T]`` and ``--sample D`` end to end.
+
+The head entries, label logprob and entropy are checked against the plain full-vocabulary
+reference of the tiny teacher; the tail draws are outside the head, carry the reference's
+logprobs, and are reproducible for a seed; bad flags are refused with one line and nothing written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import logitstore
+from logitstore.verify import verify
+from tests.builders.conftest import reference_logprobs
+from tests.builders.test_driver import write_jsonl
+from tests.conftest import FP32_ATOL
+from tools.cli import main
+
+
+def test_a_tail_draw_build_matches_the_reference(tiny_teacher, tmp_path):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, 6)
+    out = tmp_path / "c"
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "6", "--tail-draws", "20",
+                 "--proposal-temperature", "1.5", "--values", "fp32", "-q"]) == 0
+    assert verify(out) == []
+    cache = logitstore.open(out)
+    assert cache.manifest.rule == {"rule": "topk_tail", "k": 6, "tail_draws": 20, "proposal_temperature": 1.5}
+    assert cache.manifest.exactness["tail_logprobs"] == "exact"
+    for seq in cache:
+        ref = reference_logprobs(tiny_teacher, seq.input_ids)[seq.pos - 1]
+        head = np.sort(ref, -1)[:, ::-1][:, :6]
+        np.testing.assert_allclose(seq.logprobs, head, atol=FP32_ATOL)
+        for i in range(len(seq.pos)):
+            n = int(seq.n_tail[i])
+            assert n >= 1 and int(seq.tail_counts[i, :n].sum()) == 20
+            ids = seq.tail_ids[i, :n]
+            np.testing.assert_allclose(seq.tail_logprobs[i, :n], ref[i, ids], atol=FP32_ATOL)
+            assert ref[i, ids].max() <= head[i, -1] + 2 * FP32_ATOL  # tail draws are no head entry
+            rest = np.ones(ref.shape[1], bool)
+            rest[np.argsort(-ref[i])[:6]] = False
+            want = np.log(np.exp(ref[i][rest] / 1.5).sum())
+            assert abs(float(seq.proposal_log_norm[i]) - want) < 10 * FP32_ATOL
+
+
+def test_draws_are_reproducible_for_a_seed_and_change_with_it(tiny_teacher, tmp_path):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, 4)
+
+    def tails(out, seed):
+        assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "--tail-draws", "8",
+                     "--seed", str(seed), "-q"]) == 0
+        return {s.seq_id: (s.tail_ids.tolist(), s.tail_counts.tolist()) for s in logitstore.open(out)}
+
+    a, b, c = tails(tmp_path / "a", 1), tails(tmp_path / "b", 1), tails(tmp_path / "c", 2)
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tail-draws", "8"], "--tail-draws 8 draws from the tail of an exact top-k head: give --top-k K too"),
+    (["--top-k", "4", "--tail-draws", "0"], "--tail-draws 0: must be an integer in [1, 65535]"),
+    (["--top-k", "4", "--tail-draws", "-2"], "--tail-draws -2: must be an integer in [1, 65535]"),
+    (["--top-k", "4", "--tail-draws", "8", "--proposal-temperature", "0"], "--proposal-temperature 0.0: must be"),
+    (["--top-k", "4", "--tail-draws", "8", "--proposal-temperature", "-1"], "--proposal-temperature -1.0: must be"),
+    (["--sample", "8", "--proposal-temperature", "nan"], "--proposal-temperature nan: must be"),
+    (["--top-k", "4", "--proposal-temperature", "2"], "--proposal-temperature shapes the draws of --sample"),
+    (["--mass", "0.9", "--tail-draws", "4"], "--mass and --tail-draws are different rules"),
+    (["--top-k", "4", "--tail-draws", "4", "--values", "none"], "only allowed under rule sample"),
+    (["--top-k", "4", "--tail-draws", "4", "--backend", "vllm"], None),  # vLLM is refused before any engine starts
+])
+def test_bad_rule_flags_are_refused_with_one_line_and_nothing_written(tiny_teacher, tmp_path, capsys, flags,
+                                                                        message):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, 2)
+    out = tmp_path / "c"
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "-q", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("logitstore build: ")
+    if message is not None:
+        assert message in err, err
+    assert not out.exists()
+
+
+def test_the_vllm_backend_refuses_the_tail_rule():
+    from builders.backends.vllm import VLLMBackend
+    from logitstore.errors import InvalidInputError
+    from logitstore.rules import TopKTail
+
+    backend = VLLMBackend.__new__(VLLMBackend)  # only the rule check, no engine
+    backend.max_logprobs = 64
+    with pytest.raises(InvalidInputError, match="rule topk_tail .* draws from the full distribution"):
+        backend._check_rule(TopKTail(4, 8))
+
+
+def test_a_student_trains_from_a_tail_draw_cache_with_each_tail_policy(tiny_teacher, tmp_path):
+    from transformers import LlamaConfig
+
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, 8)
+    out = tmp_path / "c"
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "--tail-draws", "8",
+                 "-q"]) == 0
+    cfg = tmp_path / "student" / "config.json"
+    cfg.parent.mkdir()
+    LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True).to_json_file(str(cfg))
+    for tail in ("sampled", "other", "label", "renormalize"):
+        run = tmp_path / f"s-{tail}"
+        assert main(["train", str(out), "--student", str(cfg), "--loss", "forward_kl", "--tail", tail,
+                     "--max-steps", "2", "--batch-size", "2", "--tokenizer", str(tiny_teacher), "--quiet",
+                     "-o", str(run)]) == 0, tail
+        assert (run / "model.safetensors").is_file()

@@ -1,0 +1,153 @@
+"""The estimators of caches with draws: unbiased in value and gradient, against the full-vocabulary reference.
+
+Draws come from the builder's own extraction (``builders.extract``) of one teacher position
+repeated M times, so every row is an independent draw of the same rule; the cached estimate
+``p_hat`` (``SparseTargets.estimate``) and the sampled forward-KL gradient, averaged over the M
+rows, must equal the teacher distribution p and the full-KD gradient ``q - p`` within a few
+standard errors of the mean (Monte Carlo). The references are plain float64 torch over the full
+vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from builders.extract import extract
+from logitstore.head import Head
+from logitstore.rules import Sampled, TopK, TopKTail
+from trainers import losses as L
+from trainers.targets import SparseTargets
+from trainers.view import student_view_from_logits
+
+V, H, M = 40, 8, 6000
+FP32 = 2e-6  # the extraction runs in float32; the references in float64 (deterministic parts differ by this)
+RULES = [TopKTail(4, 8), TopKTail(4, 8, 2.0), TopKTail(10, 4, 0.7), Sampled(12), Sampled(12, proposal_temperature=1.8)]
+
+
+def teacher_case(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, H, generator=gen) * 0.5  # every token likely enough to be drawn among M draws
+    h = torch.randn(1, H, generator=gen)
+    lp = torch.log_softmax((h.double() @ w.double().T)[0], -1)  # the float64 reference distribution
+    return Head(weight=w), h.repeat(M, 1), lp
+
+
+def targets_from(res: dict, rule, labels: torch.Tensor) -> SparseTargets:
+    t = lambda name: None if res.get(name) is None else torch.as_tensor(res[name])  # noqa: E731
+    k = res["ids"].shape[1]
+    valid = torch.arange(k)[None, :] < t("n_entries")[:, None]
+    tail = {}
+    if isinstance(rule, TopKTail):
+        u = res["tail_ids"].shape[1]
+        tail = dict(tail_ids=t("tail_ids").long(), tail_valid=torch.arange(u)[None, :] < t("n_tail")[:, None],
+                    tail_logprobs=t("tail_logprobs").double(), tail_counts=t("tail_counts").double())
+    return SparseTargets(ids=t("ids").long(), valid=valid, logprobs=t("logprobs").double(),
+                         tail_mass=t("tail_mass").double(), labels=labels, vocab_size=V,
+                         counts=None if res.get("counts") is None else t("counts").double(), draws=rule.draws,
+                         label_logprob=t("label_logprob").double(), proposal_temperature=rule.proposal_temperature,
+                         proposal_log_norm=None if not rule.tempered else t("proposal_log_norm").double(), **tail)
+
+
+def dense(targets: SparseTargets, weights: torch.Tensor) -> torch.Tensor:
+    """Per-row estimates scattered onto the full vocabulary: [M, V]."""
+    ids, valid, _ = targets.support()
+    return torch.zeros(ids.shape[0], V, dtype=torch.float64).scatter_add_(1, ids.clamp(min=0),
+                                                                           torch.where(valid, weights, 0.0))
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}-{r.draws}-T{r.proposal_temperature}")
+def test_the_estimate_is_unbiased_for_the_teacher_distribution(rule):
+    head, h, lp = teacher_case(3)
+    labels = torch.zeros(M, dtype=torch.long)
+    res = extract(h, head, labels, rule, chunk_rows=700, generator=torch.Generator().manual_seed(9))
+    t = targets_from(res, rule, labels)
+    est = dense(t, t.estimate(torch.float64))  # [M, V]
+    mean, se = est.mean(0), est.std(0) / math.sqrt(M)
+    p = lp.exp()
+    assert ((mean - p).abs() <= 5 * se + FP32).all(), ((mean - p).abs() - 5 * se).max()
+    # and the total: E[sum p_hat] = 1
+    tot = est.sum(1)
+    assert abs(float(tot.mean()) - 1.0) < 5 * float(tot.std()) / math.sqrt(M) + 1e-6
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}-{r.draws}-T{r.proposal_temperature}")
+def test_the_sampled_forward_kl_is_unbiased_in_value_and_gradient(rule):
+    head, h, lp = teacher_case(4)
+    labels = torch.zeros(M, dtype=torch.long)
+    res = extract(h, head, labels, rule, chunk_rows=700, generator=torch.Generator().manual_seed(10))
+    t = targets_from(res, rule, labels)
+    zs = torch.randn(1, V, generator=torch.Generator().manual_seed(2), dtype=torch.float64).repeat(M, 1)
+    z = zs.clone().requires_grad_(True)
+    view = student_view_from_logits(z, t.support()[0], t.labels)
+    value = L.sampled_forward_kl(view, t)
+    value.sum().backward()
+    value = value.detach()
+    ls = torch.log_softmax(zs[0], -1)
+    p = lp.exp()
+    kl = float((p * (lp - ls)).sum())  # the full-vocabulary references
+    g_ref = torch.softmax(zs[0], -1) - p
+    assert abs(float(value.mean()) - kl) < 5 * float(value.std()) / math.sqrt(M) + 1e-9
+    g, se = z.grad.mean(0), z.grad.std(0) / math.sqrt(M)
+    assert ((g - g_ref).abs() <= 5 * se + FP32).all(), ((g - g_ref).abs() - 5 * se).max()
+
+
+def test_a_top_k_bucket_is_biased_where_the_tail_estimator_is_not():
+    """The check above can fail: the top-k "other" bucket's gradient is off by many standard errors."""
+    head, h, lp = teacher_case(4)
+    labels = torch.zeros(M, dtype=torch.long)
+    res = extract(h, head, labels, TopK(4), chunk_rows=700)
+    t = targets_from(res, TopK(4), labels)
+    zs = torch.randn(1, V, generator=torch.Generator().manual_seed(2), dtype=torch.float64).repeat(M, 1)
+    z = zs.clone().requires_grad_(True)
+    view = student_view_from_logits(z, t.support()[0], t.labels)
+    L.forward_kl(*L.buckets(view, t)).sum().backward()
+    g_ref = torch.softmax(zs[0], -1) - lp.exp()
+    assert ((z.grad[0] - g_ref).abs() > 1e-3).any()  # deterministic and biased: no draws to average away
+
+
+def test_tail_draws_are_outside_the_head_with_counts_summing_to_the_draws():
+    head, h, lp = teacher_case(5)
+    rule = TopKTail(6, 10, 1.5)
+    res = extract(h[:500], head, torch.zeros(500, dtype=torch.long), rule, chunk_rows=64,
+                  generator=torch.Generator().manual_seed(1))
+    top = set(torch.argsort(lp, descending=True)[:6].tolist())
+    for i in range(500):
+        n = int(res["n_tail"][i])
+        assert n >= 1 and int(res["tail_counts"][i, :n].sum()) == 10 and (res["tail_counts"][i, n:] == 0).all()
+        ids = res["tail_ids"][i, :n].tolist()
+        assert len(set(ids)) == n and not set(ids) & top
+        assert (res["tail_logprobs"][i, :n][1:] <= res["tail_logprobs"][i, :n][:-1]).all()
+        torch.testing.assert_close(torch.as_tensor(res["tail_logprobs"][i, :n]).double(), lp[ids], atol=1e-5, rtol=0)
+    rest = torch.ones(V, dtype=torch.bool)
+    rest[list(top)] = False
+    log_z = torch.logsumexp(lp[rest] / 1.5, -1)
+    torch.testing.assert_close(torch.as_tensor(res["proposal_log_norm"]).double(), log_z.expand(500), atol=1e-5,
+                               rtol=0)
+
+
+def test_when_k_covers_the_vocabulary_the_tail_draws_nothing_and_the_estimate_is_exact():
+    head, h, lp = teacher_case(6)
+    rule = TopKTail(V, 5)
+    res = extract(h[:20], head, torch.zeros(20, dtype=torch.long), rule, chunk_rows=8)
+    assert (res["n_tail"] == 0).all()
+    t = targets_from(res, rule, torch.zeros(20, dtype=torch.long))
+    torch.testing.assert_close(dense(t, t.estimate(torch.float64)), lp.exp().expand(20, V), atol=1e-6, rtol=0)
+
+
+def test_the_residual_target_puts_the_tail_mass_on_the_label():
+    lp = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.6, 0.25, 0.1]], dtype=torch.float64))
+    t = SparseTargets(ids=torch.tensor([[3, 1, 7], [2, 5, 0]]), valid=torch.ones(2, 3, dtype=torch.bool),
+                      logprobs=lp, tail_mass=torch.tensor([0.2, 0.05], dtype=torch.float64),
+                      labels=torch.tensor([9, 5]), vocab_size=10)
+    ids, tgt, valid = t.residual(torch.float64)
+    want0 = {3: 0.5, 1: 0.2, 7: 0.1, 9: 0.2}  # label 9 is outside the head: its own column
+    want1 = {2: 0.6, 5: 0.25 + 0.05, 0: 0.1}  # label 5 is in the head: the mass goes to its column
+    for row, want in ((0, want0), (1, want1)):
+        got = {}
+        for j in range(4):
+            if valid[row, j]:
+                got[int(ids[row, j])] = got.get(int(ids[row, j]), 0.0) + float(tgt[row, j])
+        assert got == pytest.approx(want)

@@ -1,0 +1,122 @@
+"""The teacher's side of a distillation loss: what a cache says of N positions, and the estimates formed from it.
+
+``SparseTargets`` holds, per position, the head entries (ids, validity, full-vocabulary
+logprobs at T = 1), the tail mass ``m`` outside them, the label and its exact logprob, and
+what a sampling rule drew: the counts of a sampled cache, or the tail draws of a
+``topk_tail`` cache (ids, logprobs, counts), with the proposal's temperature and
+log-normaliser. ``support()`` is every id the cache names at a position (head, then tail
+draws). ``estimate()`` is the unbiased estimate of the teacher distribution on that support
+(FORMAT.md, "Sparse entries"):
+
+- sampled cache (no head): ``p_hat_x = (c_x / D) * w_x``;
+- ``topk_tail``: ``p_hat_j = p_j`` on the exact head, ``(c_x / D) * w_x`` on the tail draws;
+
+with the importance weight ``w_x = p_x / q_x = exp(lp_x (1 - 1/T) + log Z)`` of the proposal
+``q_x = exp(lp_x / T - log Z)`` (T = 1: ``w = 1`` for a sampled cache, ``w = m`` for the tail).
+``E[p_hat_x] = p_x`` for every x (0 outside the support), so a forward-KL or cross-entropy
+gradient formed with ``p_hat`` as target weights is unbiased for the full-vocabulary one.
+``residual()`` is RS-KD's "residual mass to the ground truth" target of a top-k cache: the head
+``p_j`` plus the tail mass ``m`` on the label (biased; Anshumann et al. 2025, slide 13).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from logitstore.errors import InvalidInputError
+
+
+@dataclasses.dataclass
+class SparseTargets:
+    """The teacher side of N cached positions (K entry columns and U tail-draw columns, padded)."""
+
+    ids: torch.Tensor  # [N, K] long, most likely first; any value where ~valid
+    valid: torch.Tensor  # [N, K] bool
+    logprobs: torch.Tensor | None  # [N, K] full-vocabulary log-softmax at T = 1, -inf where ~valid
+    tail_mass: torch.Tensor  # [N] 1 - sum exp(logprobs) over the valid entries (the head under topk_tail)
+    labels: torch.Tensor  # [N] long, the actual next tokens
+    vocab_size: int  # V of the teacher
+    counts: torch.Tensor | None = None  # [N, K] draws that hit each id (sampled caches), 0 where ~valid
+    draws: int | None = None  # D, the draws per position (sampled caches and topk_tail)
+    label_logprob: torch.Tensor | None = None  # [N] the teacher's exact logprob of the label
+    tail_ids: torch.Tensor | None = None  # [N, U] long, topk_tail: the unique tail draws
+    tail_valid: torch.Tensor | None = None  # [N, U] bool
+    tail_logprobs: torch.Tensor | None = None  # [N, U] exact logprobs of the tail draws, -inf where ~tail_valid
+    tail_counts: torch.Tensor | None = None  # [N, U] draws per tail id, 0 where ~tail_valid
+    proposal_temperature: float = 1.0  # T of the proposal q ∝ p^(1/T) the draws came from
+    proposal_log_norm: torch.Tensor | None = None  # [N] log Z of the proposal (T != 1)
+
+    def __post_init__(self):
+        nk = tuple(self.ids.shape)
+        want = {"ids": nk, "valid": nk, "logprobs": nk, "counts": nk, "tail_mass": nk[:1], "labels": nk[:1],
+                "label_logprob": nk[:1], "proposal_log_norm": nk[:1]}
+        if self.tail_ids is not None:
+            nu = tuple(self.tail_ids.shape)
+            want.update(tail_valid=nu, tail_logprobs=nu, tail_counts=nu)
+            if len(nu) != 2 or nu[0] != nk[0] or self.tail_valid is None or self.tail_counts is None \
+                    or self.tail_logprobs is None:
+                raise InvalidInputError(f"tail_ids has shape {nu}; it must be [N, U] with N = {nk[0]}, with "
+                                        "tail_valid, tail_logprobs and tail_counts")
+        for name, shape in want.items():
+            t = getattr(self, name)
+            if len(nk) != 2 or (t is not None and tuple(t.shape) != shape):
+                raise InvalidInputError(f"{name} has shape {tuple(t.shape)}; ids must be [N, K] and {name} {shape}")
+        sampling = self.counts is not None or self.tail_ids is not None
+        if sampling and not (isinstance(self.draws, int) and self.draws >= 1):
+            raise InvalidInputError(f"draws={self.draws!r} with counts or tail draws given; it must be an int >= 1")
+        if (self.proposal_temperature != 1.0) != (self.proposal_log_norm is not None):
+            raise InvalidInputError("proposal_log_norm goes with a proposal_temperature != 1, and only there")
+
+    @property
+    def sampled(self) -> bool:
+        """Whether these targets carry draws (an unbiased estimator applies)."""
+        return self.counts is not None or self.tail_ids is not None
+
+    def support(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(ids, valid, logprobs) of every id the cache names per position: the head, then the tail draws."""
+        if self.tail_ids is None:
+            return self.ids, self.valid, self.logprobs
+        return (torch.cat([self.ids, self.tail_ids], 1), torch.cat([self.valid, self.tail_valid], 1),
+                None if self.logprobs is None else torch.cat([self.logprobs, self.tail_logprobs], 1))
+
+    def _importance(self, lp: torch.Tensor) -> torch.Tensor:
+        """``p_x / q_x`` of draws with logprobs ``lp [N, M]`` under the tempered proposal."""
+        t = self.proposal_temperature
+        return torch.exp(lp * (1.0 - 1.0 / t) + self.proposal_log_norm.to(lp)[:, None])
+
+    def estimate(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The unbiased estimate ``p_hat [N, S]`` of the teacher distribution on ``support()`` (module docstring);
+        0 where a column is not valid."""
+        if not self.sampled:
+            raise InvalidInputError("these targets carry no draws (a top-k or mass cache): the unbiased estimator "
+                                    "needs a cache built with --sample D or --top-k K --tail-draws D")
+        tempered = self.proposal_temperature != 1.0
+        if self.tail_ids is None:  # a sampled cache: every entry is a draw
+            w = self.counts.to(dtype) / self.draws
+            if tempered:
+                w = w * self._importance(self.logprobs.to(dtype))
+            return torch.where(self.valid, w, 0.0)
+        head = torch.where(self.valid, torch.exp(self.logprobs.to(dtype)), 0.0)
+        w = self.tail_counts.to(dtype) / self.draws
+        if tempered:
+            w = w * self._importance(torch.where(self.tail_valid, self.tail_logprobs.to(dtype), 0.0))
+        else:
+            w = w * self.tail_mass.to(dtype).clamp(0.0, 1.0)[:, None]
+        return torch.cat([head, torch.where(self.tail_valid, w, 0.0)], 1)
+
+    def residual(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RS-KD's top-k target with the residual mass on the label: (ids ``[N, K + 1]``, target ``t [N, K + 1]``,
+        valid) where column K is the label; when the label is among the head entries its column gets ``m``
+        added and column K is empty. ``t`` sums to 1 per position (up to the codec's rounding)."""
+        if self.logprobs is None:
+            raise InvalidInputError("tail 'residual' needs the head's logprobs (this cache stores none)")
+        head = torch.where(self.valid, torch.exp(self.logprobs.to(dtype)), 0.0)
+        m = self.tail_mass.to(dtype).clamp(0.0, 1.0)
+        in_head = (self.ids == self.labels[:, None]) & self.valid
+        head = head + torch.where(in_head, m[:, None], 0.0)
+        extra = torch.where(in_head.any(1), 0.0, m)
+        ids = torch.cat([self.ids, self.labels[:, None]], 1)
+        valid = torch.cat([self.valid, ~in_head.any(1, keepdim=True)], 1)
+        return ids, torch.cat([head, extra[:, None]], 1), valid
