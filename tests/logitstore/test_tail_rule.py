@@ -191,7 +191,7 @@ def test_a_version_1_cache_reads_exactly_as_it_was_written(v1, name):
 
 
 def test_a_version_1_cache_is_not_resumed_by_this_writer(v1):
-    with pytest.raises(InvalidInputError, match="format version 1 cache"):
+    with pytest.raises(FormatVersionError, match="format_version 1 cache and this logitstore writes version 2"):
         with ls.CacheWriter(v1 / "topk", vocab_size=64, rule=TopK(6), resume=True,
                             teacher={"id": "tiny-random", "revision": "r1", "dtype": "fp32"},
                             tokenizer={"name": "none", "fingerprint": "", "vocab_size": 64}):
