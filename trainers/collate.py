@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitstore.reader import TAIL_FIELDS, Block, Cache, Sequence
+from logitstore.blocks import TAIL_FIELDS, Block, Sequence
+from logitstore.reader import Cache
 
 
 def ranges(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

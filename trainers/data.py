@@ -90,8 +90,7 @@ class SequenceSource:
     def __init__(self, cache: Cache, cfg: dict[str, Any]):
         self.cache, self.cfg, self.scores, self.score_names = cache, cfg, {}, []
         # workers open their own Cache; a loaded selection's cache path may be relative to its file
-        self.reopen = cache.path.resolve() if cache.selection is None else \
-            dataclasses.replace(cache.selection, cache=str(cache.path.resolve()))
+        self.reopen = cache.source
         self.kind = CacheKind.of(cache)
         keep = None if cache.selection is None else pa.array(sorted(set(cache.selection.seq_ids)), pa.string())
         ids, ntok, rows, self.groups = [], [], [], []
