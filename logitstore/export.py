@@ -52,8 +52,12 @@ Files: ``DIR/data/train-NNNNN-of-NNNNN.parquet`` (zstd; ``datasets.load_dataset(
 ``path: DIR`` read them as the ``train`` split), ``DIR/seq_ids.txt`` (the seq id of each row, in
 order) and ``DIR/logitstore_export.json`` (what was exported, from what, with the axolotl config to
 train it). The export is written into ``.DIR.export-tmp`` next to DIR (holding a build lock) and
-renamed into place, so DIR is either absent, the previous export, or complete; ``force`` replaces only
-a directory holding ``logitstore_export.json``.
+renamed into place, so DIR is either absent, the previous export, or complete. An existing DIR is
+refused unless ``force``, and ``force`` replaces only an export of ours, by ``logitstore.ownership``'s
+rule: a ``logitstore_export.json`` whose ``format`` is ``"logitstore-export"``, and nothing in DIR that
+an export does not write (such a file is named and DIR left alone); an empty DIR is taken as new.
+Only an export's own files are ever deleted (here, in the temporary directory and in the
+``.DIR.export-old`` that a replacement moves aside).
 """
 
 from __future__ import annotations
@@ -61,24 +65,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from logitstore.blocks import Block
 from logitstore.errors import CacheExistsError, CacheLockedError, InvalidInputError
 from logitstore.lock import LOCK_NAME, BuildLock, read_lock
 from logitstore.manifest import fsync_dir, now
+from logitstore.ownership import describe_entries, refuse_file, rmdir_if_empty
 from logitstore.progress import progress_bar
-from logitstore.reader import Block, Cache
+from logitstore.reader import Cache
 from logitstore.selection import cache_fingerprint
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("axolotl",)
 MARKER = "logitstore_export.json"
+SEQ_IDS = "seq_ids.txt"
 EXPORT_FORMAT = "logitstore-export"
 PAD_LOGPROB = -1e9  # axolotl's own padding value (kd/collator.py): exp() is 0, and 0 * -1e9 is no NaN
 LOGPROBS = ("normalized", "raw")
@@ -122,9 +129,15 @@ def axolotl_rows(block: Block, *, k: int, logprobs: str = "normalized", temperat
                      "target_mask": lists(mask, k)})
 
 
-def _check_exportable(cache: Cache, logprobs: str, temperature: float, drop_tail_draws: bool) -> None:
+def _check_exportable(cache: Cache, logprobs: str, temperature: float, drop_tail_draws: bool,
+                      allow_incomplete: bool) -> None:
     rule = cache.rule.name
     where = str(cache.path) if cache.selection is None else f"the selection's cache {cache.path}"
+    if not cache.manifest.complete and not allow_incomplete:
+        raise InvalidInputError(f"{where} is an unfinished build (complete: false in its manifest: still being "
+                                f"built, or interrupted) holding only the {cache.manifest.sequences} sequences "
+                                "committed so far; finish it with `logitstore build ... --resume`, or pass "
+                                "--allow-incomplete to export what is committed")
     if logprobs not in LOGPROBS:
         raise InvalidInputError(f"--logprobs {logprobs!r}: choose from {', '.join(LOGPROBS)}")
     if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
@@ -147,53 +160,142 @@ def _check_exportable(cache: Cache, logprobs: str, temperature: float, drop_tail
                                 "without --weight")
 
 
+_DATA_FILE = re.compile(r"^(part-\d{5,}|train-\d{5,}-of-\d{5,})\.parquet$")  # DIR/data/, in progress or final
+_OWN_FILES = (MARKER, SEQ_IDS, LOCK_NAME)  # what an export writes at the top of DIR (the lock while it runs)
+
+
+def is_our_marker(path: Path) -> bool:
+    """``path`` is an export's ``logitstore_export.json``: a JSON object whose ``format`` is ``"logitstore-export"``
+    (a damaged one with that name in it counts as ours, as ``ownership.is_our_manifest`` does for manifests)."""
+    try:
+        head = path.read_bytes()[:1 << 20]
+    except OSError:
+        return False
+    if f'"{EXPORT_FORMAT}"'.encode() not in head:
+        return False
+    try:
+        d = json.loads(head)
+    except (RecursionError, ValueError):
+        return True
+    return isinstance(d, dict) and d.get("format") == EXPORT_FORMAT
+
+
+def foreign_entries(d: Path) -> list[str]:
+    """The entries of ``d`` (an export or its temporary directory) that an export does not write."""
+    out = []
+    for p in d.iterdir():
+        if p.name == "data" and p.is_dir():
+            out += [f"data/{q.name}" for q in p.iterdir() if not (q.is_file() and _DATA_FILE.match(q.name))]
+        elif not (p.is_file() and p.name in _OWN_FILES):
+            out.append(p.name)
+    return out
+
+
+def remove_own_files(d: Path, *, keep_lock: bool = False) -> None:
+    """Delete what an export writes in ``d`` (its data files, ``seq_ids.txt``, the marker; the lock unless
+    ``keep_lock``), then ``data/`` and ``d`` if left empty; anything else stays (``logitstore.ownership``)."""
+    data = d / "data"
+    if data.is_dir():
+        for q in data.iterdir():
+            if q.is_file() and _DATA_FILE.match(q.name):
+                q.unlink()
+        rmdir_if_empty(data)
+    for name in _OWN_FILES:
+        if not (keep_lock and name == LOCK_NAME) and (d / name).is_file():
+            (d / name).unlink()
+    if not keep_lock:
+        rmdir_if_empty(d)
+
+
+def _is_export(d: Path) -> bool:
+    return d.is_dir() and is_our_marker(d / MARKER) and not foreign_entries(d)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an ``out`` that must not be replaced: any existing one without ``force``; with it, one that is not
+    an export of ours (an empty directory excepted) or that holds files an export does not write."""
+    refuse_file(out, "an export")
+    if not out.exists():
+        return
+    if not force:
+        raise CacheExistsError(f"-o {out} exists; pass --force to replace an earlier export, or choose another "
+                               "directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not is_our_marker(out / MARKER):
+        raise CacheExistsError(f"-o {out} is not a logitstore export (no {MARKER} of ours; it holds "
+                               f"{describe_entries(entries)}); --force replaces only an export, so it is left alone")
+    foreign = foreign_entries(out)
+    if foreign:
+        raise CacheExistsError(f"-o {out} is an earlier export but also holds {describe_entries(foreign)}, which "
+                               "logitstore did not write; --force deletes only an export's own files: move those "
+                               "out and rerun")
+
+
 def _prepare_dir(out: Path, force: bool) -> tuple[Path, BuildLock]:
     """A locked, empty temporary directory next to ``out``; refuses an ``out`` that must not be replaced."""
-    if out.exists():
-        if not force:
-            raise CacheExistsError(f"-o {out} exists; pass --force to replace an earlier export, or choose another "
-                                   "directory")
-        if not (out.is_dir() and (out / MARKER).is_file()):
-            raise CacheExistsError(f"-o {out} is not a logitstore export (no {MARKER}); --force replaces only "
-                                   "an export, so it is left alone")
+    _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-tmp"
-    if tmp.exists() and not (tmp / LOCK_NAME).exists() and any(tmp.iterdir()):
+    if tmp.exists() and not tmp.is_dir():
+        raise CacheExistsError(f"{tmp} is a file, not an export's temporary directory; move it away and rerun")
+    if tmp.exists() and any(tmp.iterdir()) and read_lock(tmp) is None:
         raise CacheExistsError(f"{tmp} exists and is not a temporary directory of an export in progress; "
                                "move it away and rerun")
+    created = not tmp.exists()
     tmp.mkdir(exist_ok=True)
-    lock = BuildLock(tmp)
+    lock = BuildLock(tmp, holder="export")
     try:
         lock.acquire()  # a crashed export's lock is taken over, a live one refused
     except CacheLockedError:
         info = read_lock(tmp)
         raise CacheLockedError(f"-o {out}: another export is writing it ({info.describe() if info else tmp}); "
                                "wait for it to finish or stop it") from None
-    for p in tmp.iterdir():  # what a crashed export left
-        if p.name != LOCK_NAME:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    try:
+        foreign = foreign_entries(tmp)
+        if foreign:
+            raise CacheExistsError(f"{tmp} holds {describe_entries(foreign)}, which no export writes; move it "
+                                   "away and rerun")
+        old = _old(out)
+        if old.exists() and not _is_export(old):
+            raise CacheExistsError(f"{old} exists and is not an earlier export of logitstore's; move it away and "
+                                   "rerun")
+        remove_own_files(tmp, keep_lock=True)  # what a crashed export left
+        if old.exists():
+            remove_own_files(old)  # an earlier replacement that crashed half-way
+    except BaseException:
+        lock.release()
+        if created:
+            rmdir_if_empty(tmp)
+        raise
     return tmp, lock
 
 
+def _old(out: Path) -> Path:
+    return out.parent / f".{out.name}.export-old"
+
+
 def _commit(tmp: Path, out: Path, lock: BuildLock) -> None:
-    """Rename ``tmp`` over ``out`` (an earlier export, if any, is moved aside first and then removed)."""
-    old = out.parent / f".{out.name}.export-old"
-    if old.exists() and (old / MARKER).is_file():
-        shutil.rmtree(old)  # an earlier replacement that crashed half-way
+    """Rename ``tmp`` over ``out`` (an earlier export, if any, is moved aside first and then its files removed)."""
+    old = _old(out)
     fsync_dir(tmp)
-    if out.exists():
+    replaced = out.exists()
+    if replaced:
         os.rename(out, old)
     try:
         os.rename(tmp, out)
     except OSError:
-        if old.exists() and not out.exists():
+        if replaced and old.exists() and not out.exists():
             os.rename(old, out)  # put the earlier export back
         raise
     lock.path = out / LOCK_NAME  # the lock file moved with its directory
     lock.release()
     fsync_dir(out.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    if replaced:
+        remove_own_files(old)
+        if old.exists():
+            logger.warning("%s: files that appeared in the earlier export while it was replaced are left there", old)
 
 
 def axolotl_config(out: Path, info: dict) -> str:
@@ -206,13 +308,14 @@ def axolotl_config(out: Path, info: dict) -> str:
 
 
 def export(source, out, *, to: str = "axolotl", force: bool = False, logprobs: str = "normalized",
-           temperature: float = 1.0, drop_tail_draws: bool = False, progress: bool = False) -> dict:
+           temperature: float = 1.0, drop_tail_draws: bool = False, allow_incomplete: bool = False,
+           progress: bool = False) -> dict:
     """Export ``source`` (a cache directory, a selection file or an open ``Cache``) into the directory ``out`` in
     the format of trainer ``to``; returns the export's description (also ``out/logitstore_export.json``)."""
     if to not in TARGETS:
         raise InvalidInputError(f"--to {to!r}: choose from {', '.join(TARGETS)}")
     cache = source if isinstance(source, Cache) else Cache(source)
-    _check_exportable(cache, logprobs, float(temperature), drop_tail_draws)
+    _check_exportable(cache, logprobs, float(temperature), drop_tail_draws, allow_incomplete)
     out = Path(out)
     k = min(int(cache.k), int(cache.manifest.vocab_size))
     tmp, lock = _prepare_dir(out, force)
@@ -248,11 +351,12 @@ def export(source, out, *, to: str = "axolotl", force: bool = False, logprobs: s
                 os.fsync(f.fileno())
             os.rename(p, tmp / files[-1])
         fsync_dir(tmp / "data")
-        (tmp / "seq_ids.txt").write_text("".join(s + "\n" for s in seq_ids), encoding="utf-8")
+        (tmp / SEQ_IDS).write_text("".join(s + "\n" for s in seq_ids), encoding="utf-8")
         m = cache.manifest
         info = {"format": EXPORT_FORMAT, "version": 1, "to": to, "created_at": now(),
                 "source": {"cache": str(cache.path.resolve()), "cache_fingerprint": cache_fingerprint(m),
-                           "selection": cache.selection.query if cache.selection else None},
+                           "selection": cache.selection.query if cache.selection else None,
+                           "complete": bool(m.complete)},
                 "teacher": m.teacher, "tokenizer": m.tokenizer, "vocab_size": m.vocab_size, "rule": m.rule,
                 "codec": m.codec, "logprob_error": cache.codec.logprob_error_text(), "k": k, "logprobs": logprobs,
                 "temperature": float(temperature), "tail_draws_dropped": cache.rule.name == "topk_tail",
@@ -266,7 +370,7 @@ def export(source, out, *, to: str = "axolotl", force: bool = False, logprobs: s
     except BaseException:
         lock.release()
         if tmp.exists():  # ours, half-written (a hard crash instead leaves its stale lock, taken over next time)
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_own_files(tmp)
         raise
     if stats["padded_entries"]:
         logger.warning("%d target entries are padding (positions with fewer than %d entries): train with "

@@ -2,13 +2,15 @@
 
 The pieces, each usable alone (docs/training.md, "Use a logitstore cache from your own trainer"):
 
-- ``CacheDataset(CACHE)``: a map-style ``torch.utils.data.Dataset`` over a cache or a selection, one
-  item per sequence (``{"sequence": logitstore.Sequence, "weight": float, "length": int}``, ``length``
-  the tokens kept under ``max_length``). Items are decoded a row group at a time and the last
-  ``blocks_kept`` row groups stay decoded, so a sampler that walks row groups in order reads each
-  once: ``dataset.sampler(seed)`` is the streaming loader's epoch order for one process
-  (``trainers.data``: row groups permuted per epoch, windows of ``buffer_size`` sequences shuffled);
-  ``accelerate`` then deals its batches out to the ranks, so every sequence is used once per epoch.
+- ``CacheDataset(CACHE)``: a map-style ``torch.utils.data.Dataset`` over a cache or a selection (refused,
+  as by ``logitstore train``, when it is an unfinished build or a selection with seq ids not in its cache,
+  unless ``allow_incomplete`` / ``allow_missing``), one item per sequence (``{"sequence":
+  logitstore.Sequence, "weight": float, "length": int}``, ``length`` the tokens kept under ``max_length``).
+  Items are decoded a row group at a time and the last ``blocks_kept`` row groups stay decoded, so a
+  sampler that walks row groups in order reads each once: ``dataset.sampler(seed)`` is the streaming
+  loader's epoch order for one process (``trainers.data``: row groups permuted per epoch, windows of
+  ``buffer_size`` sequences shuffled); ``accelerate`` then deals its batches out to the ranks, so every
+  sequence is used once per epoch.
 - ``dataset.collator()`` (``CacheCollator``): items -> the batch of ``trainers.collate``, the very keys
   ``trainers.loop`` trains on (``pack=True`` packs a micro-batch's sequences into rows of ``max_length``).
 - ``DistillationLoss(CACHE, loss=..., tail=..., ...)``: ``loss, metrics = kd(model, batch)``, our trainer's
@@ -56,6 +58,7 @@ from trainers.config import LOSS_FIELDS, TrainConfig
 from trainers.data import StreamingLoader
 from trainers.loop import micro_loss
 from trainers.losses import Objective
+from trainers.sources import check_usable
 from trainers.student import Student, check_student, forward_inputs
 
 logger = logging.getLogger(__name__)
@@ -68,9 +71,11 @@ class CacheDataset(torch.utils.data.Dataset):
     """One item per (selected) sequence of a cache; see the module docstring."""
 
     def __init__(self, cache, *, max_length: int | None = None, buffer_size: int = 1024, scores=None,
-                 score_columns=(), blocks_kept: int = 4):
+                 score_columns=(), blocks_kept: int = 4, allow_missing: bool = False, allow_incomplete: bool = False):
         if isinstance(blocks_kept, bool) or not isinstance(blocks_kept, int) or blocks_kept < 1:
             raise InvalidInputError(f"blocks_kept={blocks_kept!r}: must be an integer >= 1")
+        cache = cache if isinstance(cache, Cache) else Cache(cache, allow_missing=allow_missing)
+        check_usable(cache, "CacheDataset", allow_incomplete)  # an unfinished build, or no sequence, as `train`
         loader = StreamingLoader(cache, batch_size=1, max_length=max_length, buffer_size=buffer_size, rank=0,
                                  world_size=1, scores=scores, score_columns=score_columns)
         self.source, self.max_length, self.blocks_kept = loader.source, max_length, blocks_kept
@@ -191,7 +196,8 @@ class DistillationLoss:
                                     f"{', '.join(LOSS_FIELDS)} (batch size, steps and the optimiser are the "
                                     "Trainer's)")
         cfg = (config or TrainConfig()).replace(**options).validate_loss()
-        self.cache = cache if isinstance(cache, Cache) else Cache(cache)
+        # only its manifest is used (rule, vocabulary, fingerprint): the datasets check their selections' seq ids
+        self.cache = cache if isinstance(cache, Cache) else Cache(cache, allow_missing=True)
         self.config, self.rule, self.vocab = cfg, self.cache.rule, int(self.cache.manifest.vocab_size)
         cfg.check_rule(self.rule.name, str(self.cache.path))
         self.objective = Objective.from_config(cfg, self.rule.name, total_steps)

@@ -26,7 +26,7 @@ from logitstore.export import MARKER, PAD_LOGPROB, export
 from logitstore.lock import LOCK_NAME
 from logitstore.rules import TopKTail
 from logitstore.selection import Selection, cache_fingerprint, save_selection
-from tests.conftest import make_sequence, make_sequences, write_cache
+from tests.conftest import make_sequence, make_sequences, read_manifest, write_cache, write_manifest
 from tools.cli import main
 
 V = 300
@@ -198,7 +198,7 @@ def test_refusals_and_force(tmp_path, capsys):
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    refused["is not a logitstore export (no logitstore_export.json)"] = [tmp_path / "c", "--to", "axolotl", "-o",
+    refused["is not a logitstore export (no logitstore_export.json of ours"] = [tmp_path / "c", "--to", "axolotl", "-o",
                                                                           other, "--force"]
     for message, args in refused.items():
         code, stdout, stderr = cli(*args)
@@ -274,3 +274,63 @@ def test_temporary_directory_of_a_crashed_export_is_taken_over_a_live_one_refuse
     with pytest.raises(CacheExistsError, match="not a temporary directory of an export"):
         export(tmp_path / "c", tmp_path / "e2")
     assert (stranger / "notes.txt").exists() and not (tmp_path / "e2").exists()
+
+
+def test_force_replaces_only_an_export_of_ours(tmp_path):
+    """``logitstore.ownership``'s rule for exports: --force replaces a directory only when its marker is ours and it
+    holds nothing an export does not write; nothing foreign is ever deleted."""
+    build(tmp_path / "c", TopK(4), Codec())
+    out = tmp_path / "e"
+    export(tmp_path / "c", out)
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}  # noqa: E731
+    (out / "notes.txt").write_text("mine")  # a user's file in an export
+    (out / "data" / "extra.parquet").write_bytes(b"mine too")
+    before = files(out)
+    with pytest.raises(CacheExistsError, match=r"also holds data/extra.parquet, notes.txt.*move those out"):
+        export(tmp_path / "c", out, force=True, logprobs="raw")
+    assert files(out) == before
+    (out / "notes.txt").unlink()
+    (out / "data" / "extra.parquet").unlink()
+    assert export(tmp_path / "c", out, force=True, logprobs="raw")["logprobs"] == "raw"
+    other = tmp_path / "other"  # another tool's logitstore_export.json
+    other.mkdir()
+    (other / MARKER).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CacheExistsError, match="is not a logitstore export"):
+        export(tmp_path / "c", other, force=True)
+    assert sorted(p.name for p in other.iterdir()) == [MARKER]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CacheExistsError, match="is a file"):
+        export(tmp_path / "c", tmp_path / "file", force=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CacheExistsError, match="exists; pass --force"):
+        export(tmp_path / "c", empty)
+    assert export(tmp_path / "c", empty, force=True)["rows"] == 14  # an empty directory holds nothing to lose
+    stale = tmp_path / ".e.export-old"  # not an export's leftover: refused, kept
+    stale.mkdir()
+    (stale / "notes.txt").write_text("?")
+    with pytest.raises(CacheExistsError, match="is not an earlier export"):
+        export(tmp_path / "c", out, force=True)
+    assert (stale / "notes.txt").exists() and not (tmp_path / ".e.export-tmp").exists()
+    assert json.loads((out / MARKER).read_text())["logprobs"] == "raw"  # the earlier export untouched
+    tmp = tmp_path / ".e2.export-tmp"  # a crashed export's lock, and a user's file beside its files
+    tmp.mkdir()
+    (tmp / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                             "started": "2020-01-01T00:00:00+00:00", "command": "logitstore export",
+                                             "proc_start": "another-boot:1"}))
+    (tmp / "notes.txt").write_text("?")
+    with pytest.raises(CacheExistsError, match="notes.txt, which no export writes"):
+        export(tmp_path / "c", tmp_path / "e2")
+    assert (tmp / "notes.txt").exists() and not (tmp_path / "e2").exists()
+
+
+def test_an_unfinished_build_is_refused_unless_asked(tmp_path, capsys):
+    build(tmp_path / "c", TopK(4), Codec())
+    m = read_manifest(tmp_path / "c")
+    m["complete"] = False  # as a build still running (or killed) leaves it
+    write_manifest(tmp_path / "c", m)
+    assert main(["export", str(tmp_path / "c"), "--to", "axolotl", "-o", str(tmp_path / "e"), "-q"]) == 2
+    assert "unfinished build" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    assert main(["export", str(tmp_path / "c"), "--to", "axolotl", "-o", str(tmp_path / "e"), "-q",
+                 "--allow-incomplete"]) == 0
+    assert json.loads((tmp_path / "e" / MARKER).read_text())["source"]["complete"] is False

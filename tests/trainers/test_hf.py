@@ -26,7 +26,7 @@ from logitstore import Codec, InvalidInputError, TopK
 from logitstore.head import Head
 from tests.conftest import make_sequences, write_cache
 from tests.trainers.test_data import assert_batch, decoded, selection_file
-from trainers.config import TrainConfig
+from trainers.config import LOSSES, TAILS, TrainConfig
 from trainers.data import StreamingLoader
 from trainers.hf import CacheDataset, DistillationLoss, DistillationTrainer
 from trainers.loop import Body, micro_loss
@@ -49,9 +49,9 @@ def small(tmp_path_factory) -> Path:
     return path
 
 
-def tiny_student(seed: int = 0) -> LlamaForCausalLM:
+def tiny_student(seed: int = 0, vocab: int = V) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                                         tie_word_embeddings=True))
 
@@ -162,6 +162,67 @@ def test_every_loss_option_reaches_our_loop_s_loss(small):
     assert got_m == pytest.approx(want_m, rel=1e-6)
     plain, _ = DistillationLoss(small)(model, batch)
     assert abs(float(plain.detach()) - float(got.detach())) > 1e-3  # the options change the loss
+
+
+@pytest.fixture(scope="module")
+def tail_cache(tmp_path_factory) -> Path:
+    """Rule TopKTail(5, 12): an exact top-5 head and 12 tail draws per position."""
+    from logitstore.rules import TopKTail
+    from tests.logitstore.test_tail_rule import build as build_tail
+
+    path = tmp_path_factory.mktemp("hf-tail") / "cache"
+    build_tail(path, TopKTail(5, 12), Codec(values="fp32", ids="raw"))
+    return path
+
+
+def assert_loss_is_our_loop_s(cache_path, options: dict, source=None) -> float:
+    """``DistillationLoss`` on a collated batch of ``source`` (default: the cache) equals ``micro_loss``."""
+    c = logitstore.open(cache_path)
+    kd = DistillationLoss(cache_path, **options)
+    ds = CacheDataset(source or cache_path)
+    batch = ds.collator()([ds[i] for i in range(min(4, len(ds)))])
+    model = tiny_student(vocab=int(c.manifest.vocab_size))
+    got, got_m = kd(model, batch)
+    cfg = TrainConfig(**options)
+    want, want_m = micro_loss(Body(as_student(model)), Head.of(model), batch, cfg,
+                              Objective.from_config(cfg, c.rule.name), int(c.manifest.vocab_size), c.rule)
+    assert torch.isfinite(got) and float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    assert got_m == pytest.approx(want_m, rel=1e-6)
+    got.backward()  # a gradient reaches the student
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    return float(got.detach())
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_equals_our_loop_s(small, loss):
+    assert_loss_is_our_loop_s(small, dict(loss=loss, temperature=1.0 if loss == "taid" else 2.0, ce_weight=0.1))
+
+
+# every tail policy, on a cache that serves it (sampled: the draws of rule sample and of rule topk_tail)
+TAIL_CASES = [("other", "small"), ("renormalize", "small"), ("label", "small"), ("residual", "small"),
+              ("sampled", "sampled"), ("sampled", "tail"), ("other", "tail"), ("residual", "tail")]
+
+
+@pytest.mark.parametrize(("tail", "which"), TAIL_CASES, ids=[f"{t}-{w}" for t, w in TAIL_CASES])
+def test_every_tail_policy_equals_our_loop_s(small, sampled_cache, tail_cache, tail, which):
+    assert sorted({t for t, _ in TAIL_CASES}) == sorted(TAILS)
+    path = {"small": small, "sampled": sampled_cache.path, "tail": tail_cache}[which]
+    assert_loss_is_our_loop_s(path, dict(loss="forward_kl", tail=tail))
+
+
+@pytest.mark.parametrize("weighting", ["keep-teacher", "keep-student-lowest", "route", "selection-weights"])
+def test_every_weighting_equals_our_loop_s(ranked_cache, weighting, tmp_path):
+    ids = [s.seq_id for s in logitstore.open(ranked_cache.path)]
+    source = None
+    options = {"keep-teacher": dict(keep_fraction=0.5, keep_by="teacher_entropy"),
+               "keep-student-lowest": dict(keep_fraction=0.3, keep_by="student_entropy", keep_lowest=True),
+               "route": dict(route="correctness", ce_weight=0.2),
+               "selection-weights": {}}[weighting]
+    if weighting == "selection-weights":  # per-sequence weights of a selection, on their tokens
+        source = selection_file(ranked_cache.path, tmp_path, ids[:4], weights=[0.5, 2.0, 1.0, 3.0])
+    elif weighting == "route":
+        source = selection_file(ranked_cache.path, tmp_path, [f"seq-{i:04d}" for i in (5, 6, 7, 8)])  # 6, 7: marked
+    assert_loss_is_our_loop_s(ranked_cache.path, options, source)
 
 
 def test_refusals(small, sampled_cache, tmp_path):

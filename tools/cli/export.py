@@ -22,7 +22,8 @@ def add_export(sub) -> None:
                     "atomically; the command prints the axolotl config that trains from it.")
     p.add_argument("cache", metavar="CACHE", help="cache directory or selection file")
     p.add_argument("--to", required=True, metavar="TRAINER", help=f"target format: {', '.join(TARGETS)}")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write (must not exist)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="directory to write (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace DIR if it holds an earlier export (never any other directory)")
     p.add_argument("--logprobs", default="normalized", metavar="MODE",
@@ -33,6 +34,8 @@ def add_export(sub) -> None:
                         "chat_template strategy does; set axolotl's kd_temperature to the same T (default 1)")
     p.add_argument("--drop-tail-draws", action="store_true",
                    help="a --tail-draws cache: export its exact top-k head only (axolotl has no field for draws)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="export an unfinished build (manifest complete: false): the sequences committed so far")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=export)
 
@@ -42,6 +45,7 @@ def export(args: argparse.Namespace) -> int:
 
     info = export_cache(args.cache, args.output, to=args.to, force=args.force, logprobs=args.logprobs,
                         temperature=args.temperature, drop_tail_draws=args.drop_tail_draws,
+                        allow_incomplete=args.allow_incomplete,
                         progress=not args.quiet)
     total = sum(p.stat().st_size for p in Path(args.output).rglob("*") if p.is_file())
     print(f"{args.output}: {info['rows']:,} rows, {info['tokens']:,} tokens ({info['targets']:,} targets), "
