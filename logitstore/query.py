@@ -5,24 +5,31 @@ macros; ``logitstore.views`` defines them (see its docstring for every column an
     con = logitstore.query.connect("cache")
     con.sql("SELECT avg(mean_entropy) FROM sequences WHERE correct").fetchall()
 
-``Cache.sql(query)`` is the same on an already open cache.
+``Cache.sql(query)`` is the same on an already open cache. Both are the caller's own connection, with DuckDB's
+usual file access; ``connect(..., confine_to=[...])`` confines it as ``logitstore sql`` does.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import duckdb
 
 from logitstore.reader import Cache
+from logitstore.sqlguard import confine
 from logitstore.views import MACROS, SEQUENCE_VIEW_COLUMNS
 from logitstore.views import connect as connect_views
 
 __all__ = ["MACROS", "SEQUENCE_VIEW_COLUMNS", "connect"]
 
 
-def connect(cache: Cache | str | os.PathLike, con: duckdb.DuckDBPyConnection | None = None
-            ) -> duckdb.DuckDBPyConnection:
+def connect(cache: Cache | str | os.PathLike, con: duckdb.DuckDBPyConnection | None = None, *,
+            confine_to: Iterable[str | os.PathLike] | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views, the tables and the macros of ``cache`` (a path, a selection file or
-    an open ``Cache``)."""
-    return connect_views(cache if isinstance(cache, Cache) else Cache(cache), con)
+    an open ``Cache``). With ``confine_to`` (what ``select`` and ``logitstore sql`` run user text on), its file
+    access is confined to the cache's directory and those paths, and its configuration locked
+    (``logitstore.sqlguard.confine``)."""
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    con = connect_views(cache, con)
+    return con if confine_to is None else confine(con, [cache.path, *confine_to])

@@ -70,6 +70,32 @@ def load_tokenizer(teacher: str, *, trust_remote_code: bool = False):
         raise _load_error(teacher, src, exc) from exc
 
 
+#: config attributes that give a model's context length, by architecture family
+MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def max_positions_of(config: Any) -> int | None:
+    """The longest sequence a model with this (transformers) config takes, in tokens; None when it names none."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key in MAX_POSITION_KEYS:
+            v = getattr(cfg, key, None) if cfg is not None else None
+            if type(v) is int and v > 0:
+                return v
+    return None
+
+
+def teacher_max_positions(teacher: str, *, trust_remote_code: bool = False) -> int | None:
+    """``max_positions_of`` the teacher's config, read without loading its weights (a coordinator that only
+    tokenises)."""
+    from transformers import AutoConfig
+
+    src, kwargs = _source(teacher, trust_remote_code)
+    try:
+        return max_positions_of(AutoConfig.from_pretrained(src, **kwargs))
+    except (OSError, ValueError, ImportError, KeyError) as exc:
+        raise _load_error(teacher, src, exc) from exc
+
+
 def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
     """(model, tokenizer, identity dict) for a model directory, a hub id or a .gguf file."""
     from transformers import AutoModelForCausalLM
@@ -120,6 +146,13 @@ class TransformersBackend:
             raise TeacherLoadError(f"teacher {teacher}: {type(self.model).__name__} exposes no separate LM head")
         self.head = head
         self.vocab_size = self.head.vocab_size
+        self.max_positions = max_positions_of(self.model.config)
+        rows = min(self.vocab_size, int(self.model.get_input_embeddings().num_embeddings))
+        if len(self.tokenizer) > rows:
+            raise TeacherLoadError(
+                f"teacher {teacher}: its tokenizer has {len(self.tokenizer)} tokens, its embedding and LM head only "
+                f"{rows} rows, so token ids >= {rows} cannot be scored; give the model with the tokenizer it was "
+                "trained with")
         self.chunk_rows = chunk_rows_for(self.vocab_size, extract_mb << 20)
         self._check_head(teacher, dtype)
         self.extract_mb = extract_mb

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import logitstore
+from tests.conftest import read_manifest, write_manifest
 from tests.trainers.conftest import english_lines
 from trainers.config import TrainConfig
 
@@ -290,9 +291,9 @@ def test_student_tokenizer_flag_and_refusals(text_cache, byte_student, tiny_teac
     assert "--pack is not available" in capsys.readouterr().err
     moved = tmp_path / "moved"  # a cache whose tokenizer record names no local directory
     shutil.copytree(text_cache, moved)
-    m = json.loads((moved / "manifest.json").read_text())
+    m = read_manifest(moved)
     m["tokenizer"]["name"] = "some-org/not-on-this-machine"
-    (moved / "manifest.json").write_text(json.dumps(m))
+    write_manifest(moved, m)
     again = ["train", str(moved), "--student", str(byte_student), "--cross-tokenizer", "alm", "--max-steps", "1",
              "--quiet"]
     assert main([*again, "-o", str(tmp_path / "d")]) == 2
