@@ -17,9 +17,21 @@ from typing import Any
 from builders.data import Fields
 from builders.generate import GenerationConfig
 from logitstore.codec import Codec
-from logitstore.rules import Rule
+from logitstore.rules import Rule, TopK, TopKTail
 
 logger = logging.getLogger(__name__)
+
+
+#: The rule of a build given no rule flag: the cache that BENCHMARKS.md ("Training quality", issue 15) measured
+#: closest to online KD per byte (an exact top-4 head plus 16 tail draws from the teacher tempered at 2,
+#: importance-weighted). docs/choosing-a-cache.md shows the table and the plot behind the choice.
+DEFAULT_RULE = TopKTail(4, 16, 2.0)
+
+
+def default_rule(backend: str) -> Rule:
+    """``DEFAULT_RULE``; for a backend that cannot draw from the full distribution (vLLM returns only its top
+    logprobs), its exact top-k head of the same measurement's best top-k cache (top-32)."""
+    return TopK(32) if backend == "vllm" else DEFAULT_RULE
 
 
 @dataclasses.dataclass

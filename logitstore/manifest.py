@@ -29,8 +29,10 @@ EXACTNESS_MEANING = {
     "exact": "the teacher's own number, stored in float32",
     "quantised": "exact up to the codec's stated error bound",
     "estimate": "an estimate, not the teacher's number",
-    "bound": "an upper bound (entropy: the known top entries plus the rest of the mass spread uniformly over the "
-             "other ids); the sequences view's mean_entropy inherits it",
+    "bound": "a one-sided bound: entropy an upper bound (vLLM: the known top entries plus the rest of the mass "
+             "spread uniformly over the other ids; a merged cache: sum_i w_i H_i + H(w)), and the sequences view's "
+             "mean_entropy inherits it; the entries of a merged cache lower bounds of the mixture's logprobs (exact "
+             "where every teacher stored the id)",
     "absent": "not stored",
 }
 #: Allowed words for a field's exactness.

@@ -65,6 +65,7 @@ CONFIGS = {
     "t16-d16": ({"top_k": 16, "tail_draws": 16}, "forward_kl", "sampled"),
     "t8-d24-T2": ({"top_k": 8, "tail_draws": 24, "T": 2.0}, "forward_kl", "sampled"),
     "t4-d16-T2": ({"top_k": 4, "tail_draws": 16, "T": 2.0}, "forward_kl", "sampled"),
+    "t4-d8-T2": ({"top_k": 4, "tail_draws": 8, "T": 2.0}, "forward_kl", "sampled"),
 }
 
 

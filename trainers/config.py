@@ -22,6 +22,7 @@ TAILS = ("other", "renormalize", "sampled", "label", "residual")
 
 KEEP_BY = ("teacher_entropy", "student_entropy")  # or "score:<column>" of a `logitstore score` directory
 ROUTES = ("none", "correctness")
+CROSS = ("alm", "gold")  # cross-tokenizer methods (trainers.cross)
 DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -95,8 +96,18 @@ class TrainConfig:
     num_workers: int = _f(0, "DataLoader worker processes per rank")
     shuffle_buffer: int = _f(1024, "sequences shuffled together inside each rank's part of the data")
     log_every: int = _f(10, "write metrics every N steps")
-    tokenizer: str = _f("", "tokenizer directory for a config.json student without one beside it (default: the "
-                            "student's directory, else the cache's tokenizer when it is a local directory)")
+    tokenizer: str = _f("", "the student's tokenizer directory, for a config.json student without one beside it "
+                            "(default: the student's directory, else the cache's tokenizer when it is a local "
+                            "directory and the student shares it); also spelled --student-tokenizer",
+                        aliases=("--student-tokenizer",))
+    cross_tokenizer: str = _f("", "train a student whose tokenizer differs from the teacher's: 'alm' (approximate "
+                                  "likelihood matching of aligned text chunks) or 'gold' (the cached distribution "
+                                  "through a vocabulary match on aligned one-token chunks, ULD elsewhere); "
+                                  "evaluation in bits per byte")
+    teacher_tokenizer: str = _f("", "with --cross-tokenizer: the teacher's tokenizer directory, when the cache's "
+                                    "tokenizer record does not name a local one (its fingerprint must match)")
+    alm_temperature: float = _f(100.0, "with --cross-tokenizer alm: the binarisation temperature tau of chunk "
+                                       "likelihoods")
     skip_verify: bool = _f(False, "do not check the cache's shard checksums, schema and counts before training "
                                   "(pages are still checked by their CRCs while reading)")
     skip_bad_shards: bool = _f(False, "train on the sound shards of a damaged cache, leaving out (and naming) the "
@@ -145,6 +156,10 @@ class TrainConfig:
             raise _bad("dtype", self.dtype, f"choose from {', '.join(DTYPES)}")
         if self.eval and self.holdout:
             raise InvalidInputError("give --eval or --holdout, not both")
+        if self.cross_tokenizer:
+            self._validate_cross(_bad)
+        elif self.teacher_tokenizer:
+            raise InvalidInputError("--teacher-tokenizer goes with --cross-tokenizer alm|gold")
         return self
 
     def validate_loss(self) -> TrainConfig:
@@ -171,6 +186,22 @@ class TrainConfig:
         if self.route not in ROUTES:
             raise _bad("route", self.route, f"choose from {', '.join(ROUTES)}")
         return self
+
+    def _validate_cross(self, bad) -> None:
+        if self.cross_tokenizer not in CROSS:
+            raise bad("cross_tokenizer", self.cross_tokenizer, f"choose from {', '.join(CROSS)}")
+        if not self.alm_temperature > 0:
+            raise bad("alm_temperature", self.alm_temperature, "must be > 0")
+        unsupported = [(self.pack, "--pack"), (self.keep_fraction < 1, "--keep-fraction"),
+                       (self.route != "none", "--route"), (self.tail != "auto", "--tail"),
+                       (self.temperature != 1.0, "--temperature"), (bool(self.scores), "--scores")]
+        for used, flag in unsupported:
+            if used:
+                raise InvalidInputError(f"{flag} is not available with --cross-tokenizer (the teacher's tokens are "
+                                        "aligned with the student's by chunks, not positions)")
+        if self.cross_tokenizer == "alm" and self.loss not in ("forward_kl", "ce"):
+            raise bad("loss", self.loss, "with --cross-tokenizer alm the divergence is ALM's binarised KL: leave "
+                                         "--loss at forward_kl, or ce for the student's cross-entropy alone")
 
     def _check_types(self) -> None:
         """Every option has its field's type (a sweep file can give "10" or [1]), and every float is finite

@@ -196,6 +196,10 @@ class DistillationLoss:
                                     f"{', '.join(LOSS_FIELDS)} (batch size, steps and the optimiser are the "
                                     "Trainer's)")
         cfg = (config or TrainConfig()).replace(**options).validate_loss()
+        if cfg.cross_tokenizer:
+            raise InvalidInputError(f"--cross-tokenizer {cfg.cross_tokenizer}: trainers.hf trains a student with the "
+                                    "cache's tokenizer; a student with another tokenizer trains with logitstore train "
+                                    "--cross-tokenizer")
         # only its manifest is used (rule, vocabulary, fingerprint): the datasets check their selections' seq ids
         self.cache = cache if isinstance(cache, Cache) else Cache(cache, allow_missing=True)
         self.config, self.rule, self.vocab = cfg, self.cache.rule, int(self.cache.manifest.vocab_size)

@@ -4,7 +4,9 @@ Per optimiser step, for each of ``grad_accum`` micro-batches of the streaming lo
 the student's body gives hidden states ``[B, T, H]``; the target positions are
 gathered (``[N, H]``); ``trainers.view.student_view`` applies the LM head and
 log-softmax in chunks of positions; ``trainers.weighting`` decides which tokens count
-and with which loss; ``trainers.losses.Objective`` gives the loss. Then AdamW with a
+and with which loss; ``trainers.losses.Objective`` gives the loss. A student with another
+tokenizer (``--cross-tokenizer``) plugs in ``trainers.cross.CrossTokenizer`` instead: it turns each
+teacher batch into a student batch of aligned chunks and gives that batch's loss. Then AdamW with a
 linear warm-up and a cosine decay, gradient clipping, and every so often metrics
 (``OUT/metrics.jsonl``), an evaluation on held-out data (``trainers.evaluation``) and a
 checkpoint (``trainers.checkpoint``). What the run reads is decided first (``trainers.sources``).
@@ -33,6 +35,7 @@ from logitstore.head import Head
 from logitstore.rules import Rule
 from trainers import checkpoint as ckpt
 from trainers.config import TrainConfig
+from trainers.cross import CrossTokenizer
 from trainers.data import StreamingLoader
 from trainers.evaluation import METRICS_FILE, batch_targets, eval_and_log, log_metrics, to_device
 from trainers.losses import Objective
@@ -171,8 +174,11 @@ class _Run:
     def open_student(self, state: dict | None) -> None:
         """Load (or initialise) the student, check it against the cache, restore resumed weights, wrap for DDP."""
         cfg = self.cfg
-        student = load_student(cfg.student, manifest=self.manifest, tokenizer=cfg.tokenizer, seed=cfg.seed)
-        check_student(student, self.cache)
+        student = load_student(cfg.student, manifest=self.manifest, tokenizer=cfg.tokenizer, seed=cfg.seed,
+                               cache_tokenizer=not cfg.cross_tokenizer)
+        self.cross = CrossTokenizer(cfg, self.manifest, student) if cfg.cross_tokenizer else None
+        if self.cross is None:
+            check_student(student, self.cache)
         if state is not None:
             from transformers import AutoModelForCausalLM
 
@@ -204,7 +210,9 @@ class _Run:
     def optimiser(self, loader: StreamingLoader, state: dict | None) -> None:
         """The objective, AdamW and the schedule over the steps this run takes; a resumed run's saved state."""
         cfg = self.cfg
-        self.objective = Objective.from_config(cfg, self.manifest.rule["rule"], total_steps=self.max_steps)
+        # a cross-tokenizer run's targets are aligned chunks: its objective takes the 'other' bucket
+        self.objective = Objective.from_config(cfg.replace(tail="other") if self.cross else cfg,
+                                               self.manifest.rule["rule"], total_steps=self.max_steps)
         self.opt = make_optimizer(self.student.model, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_schedule(cfg.replace(max_steps=self.max_steps)))
         self.start = 0
@@ -246,14 +254,18 @@ class _Run:
         acc: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             tw = time.perf_counter()
-            batch = to_device(next(it), device)
+            batch = next(it)
             self.wait += time.perf_counter() - tw
             if cfg.trace_data:
                 _trace(self.out, self.rank, step, batch["seq_ids"], batch.get("epoch"))
+            batch = to_device(batch if self.cross is None else self.cross.prepare(batch), device)
             last = self.world == 1 or micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else self.body.no_sync(), _autocast(cfg, device):
-                loss, m = micro_loss(self.body, self.student.head, batch, cfg, self.objective,
-                                     self.manifest.vocab_size, self.cache.rule)
+                if self.cross is None:
+                    loss, m = micro_loss(self.body, self.student.head, batch, cfg, self.objective,
+                                         self.manifest.vocab_size, self.cache.rule)
+                else:
+                    loss, m = self.cross.loss(self.body, self.student, batch, self.objective)
                 (loss / cfg.grad_accum).backward()
             for k, v in m.items():
                 acc[k] = acc.get(k, 0.0) + v / cfg.grad_accum
@@ -291,7 +303,8 @@ class _Run:
                                "data_wait_fraction": self.wait / max(elapsed, 1e-9), "target_tokens": self.tokens}
                     log_metrics(out, metrics)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps and eval_src is not None:
-                    eval_and_log(self.student, eval_src, cfg, self.device, out, step, main, self.world)
+                    eval_and_log(self.student, eval_src, cfg, self.device, out, step, main, self.world,
+                                 self.cross)
                 if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
                     self.save(step)
         except KeyboardInterrupt:
@@ -301,7 +314,8 @@ class _Run:
         finally:
             bar.close()
         self.save(step)
-        final_eval = eval_and_log(self.student, eval_src, cfg, self.device, out, step, main, self.world) \
+        final_eval = eval_and_log(self.student, eval_src, cfg, self.device, out, step, main, self.world,
+                                 self.cross) \
             if eval_src else {}
         summary = {"steps": step, "seconds": time.perf_counter() - t_run, "target_tokens": self.tokens,
                    "last": metrics, **final_eval, "output": str(out), "world_size": self.world}

@@ -92,8 +92,9 @@ def _has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
 
 
-def load_student(spec: str, *, manifest, tokenizer: str = "", seed: int = 0) -> Student:
-    """The student named by ``spec`` (see the module docstring), in float32 on the CPU."""
+def load_student(spec: str, *, manifest, tokenizer: str = "", seed: int = 0, cache_tokenizer: bool = True) -> Student:
+    """The student named by ``spec`` (see the module docstring), in float32 on the CPU. ``cache_tokenizer=False``
+    (a cross-tokenizer student): a fresh student never borrows the cache's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec)
@@ -120,7 +121,7 @@ def load_student(spec: str, *, manifest, tokenizer: str = "", seed: int = 0) -> 
     candidates = [Path(tokenizer)] if tokenizer else []
     candidates.append(path.parent if fresh else path)
     cache_tok = (manifest.tokenizer or {}).get("name", "")
-    if fresh and cache_tok and Path(cache_tok).is_dir():  # a fresh student has no tokenizer of its own
+    if fresh and cache_tokenizer and cache_tok and Path(cache_tok).is_dir():  # a fresh student has none of its own
         candidates.append(Path(cache_tok))
     tok, tok_dir = None, None
     for d in candidates:

@@ -111,3 +111,19 @@ def test_a_student_trains_from_a_tail_draw_cache_with_each_tail_policy(tiny_teac
                      "--max-steps", "2", "--batch-size", "2", "--tokenizer", str(tiny_teacher), "--quiet",
                      "-o", str(run)]) == 0, tail
         assert (run / "model.safetensors").is_file()
+
+
+def test_a_build_without_a_rule_flag_uses_the_recommended_default(tiny_teacher, tmp_path, capsys):
+    from builders.config import DEFAULT_RULE, default_rule
+    from logitstore.rules import TopK
+
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, 3)
+    out = tmp_path / "c"
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "-q"]) == 0
+    assert logitstore.open(out).manifest.rule == DEFAULT_RULE.to_dict()
+    assert verify(out) == []
+    err = capsys.readouterr().err
+    assert f"the default, --top-k {DEFAULT_RULE.k} --tail-draws {DEFAULT_RULE.tail_draws}" in err
+    # the vLLM backend cannot draw from the full distribution: its default is an exact top-k head
+    assert isinstance(default_rule("vllm"), TopK)

@@ -48,7 +48,12 @@ def add_build(sub) -> None:
 
 
 def _rule_flags(b) -> None:
-    r = b.add_argument_group("entries per position (one rule)")
+    from builders.config import default_rule
+
+    r = b.add_argument_group("entries per position (one rule)",
+                             f"without a rule flag: {_flags_of(default_rule('transformers'))}, the cache measured "
+                             f"closest to online KD per byte (--backend vllm: {_flags_of(default_rule('vllm'))}); "
+                             "see docs/choosing-a-cache.md")
     r.add_argument("--top-k", type=int, metavar="K",
                    help="keep the K most likely tokens (with --mass/--sample: the cap)")
     r.add_argument("--mass", type=float, metavar="P",
@@ -161,8 +166,22 @@ def _rule(args: argparse.Namespace):
     if args.mass is not None:
         return MassTopK(args.mass, args.top_k or 64)
     if args.top_k is None:
-        raise InvalidInputError("--top-k K is required (or --mass P / --sample DRAWS / --top-k K --tail-draws D)")
+        from builders.config import default_rule
+
+        rule = default_rule(args.backend)
+        print(f"no rule flag given: the default, {_flags_of(rule)} (docs/choosing-a-cache.md)", file=sys.stderr)
+        return rule
     return TopK(args.top_k)
+
+
+def _flags_of(rule) -> str:
+    """The build flags that name a top-k or top-k + tail-draws rule."""
+    from logitstore.rules import TopKTail
+
+    if isinstance(rule, TopKTail):
+        t = f" --proposal-temperature {rule.proposal_temperature:g}" if rule.proposal_temperature != 1 else ""
+        return f"--top-k {rule.k} --tail-draws {rule.tail_draws}{t}"
+    return f"--top-k {rule.k}"
 
 
 def _backend_options(args: argparse.Namespace, rule) -> dict:

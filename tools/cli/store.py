@@ -1,4 +1,4 @@
-"""The store's subcommands: ``info``, ``verify``, ``sql``, ``select``, ``diff`` and ``report``.
+"""The store's subcommands: ``info``, ``verify``, ``sql``, ``select``, ``diff``, ``merge`` and ``report``.
 
 Each ``add_*`` registers one subcommand's arguments; its handler calls the store's public
 API (``logitstore``) and prints. Heavy modules (DuckDB, matplotlib) are imported by the
@@ -302,6 +302,50 @@ def diff(args: argparse.Namespace) -> int:
     m = diff_caches(args.cache_a, args.cache_b, args.output, progress=not args.quiet)
     print(f"{args.output}: {m['sequences']:,} sequences, {m['positions']:,} positions compared"
           f" ({m['only_in_a']} only in A, {m['only_in_b']} only in B)")
+    return 0
+
+
+# ---------------------------------------------------------------- merge
+
+
+def add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge", help="one cache from several teachers' caches of the same data and tokenizer",
+        description="Line sequences up by seq_id and write a cache whose entries describe the weighted mixture of "
+                    "the teachers (union of their supports, each one's tail mass kept as mass, re-cut to the target "
+                    "rule; label logprobs exact, entropy an upper bound: see `logitstore info MERGED`), or route "
+                    "each sequence to the teachers whose answer the verifier accepted (--how correct). The result "
+                    "is a normal cache (verify, sql, select, train).")
+    p.add_argument("caches", metavar="CACHE", nargs="+", help="two or more caches (or selections)")
+    p.add_argument("-o", "--output", required=True, metavar="MERGED", help="the new cache directory")
+    p.add_argument("--weights", metavar="W1,W2,...", help="one positive weight per cache (default: equal); "
+                                                          "normalised over the teachers of each sequence")
+    p.add_argument("--how", choices=["mean", "agreement", "correct"], default="mean",
+                   help="mean: the mixture; agreement: the mixture, not trained on (loss_mask false) where the "
+                        "teachers' top-1 tokens differ; correct: per sequence, the teachers whose answer the "
+                        "verifier accepted (others dropped) (default: mean)")
+    p.add_argument("--missing", choices=["keep", "drop"], default="keep",
+                   help="sequences held by only some caches: keep them with the teachers that have them, or drop "
+                        "them (counted in the manifest either way; default: keep)")
+    p.add_argument("--top-k", type=int, metavar="K", help="entries per position of the merged cache (default: "
+                                                          "the largest k of the inputs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=merge)
+
+
+def merge(args: argparse.Namespace) -> int:
+    from logitstore.merge import merge as merge_caches
+
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(x) for x in args.weights.split(",")]
+        except ValueError:
+            raise InvalidInputError(f"--weights {args.weights!r}: give comma-separated numbers, e.g. 2,1") from None
+    m = merge_caches(args.caches, args.output, weights=weights, how=args.how, missing=args.missing,
+                     top_k=args.top_k, progress=not args.quiet)
+    print(f"{args.output}: {m['sequences']:,} sequences ({m['in_all']} in every cache, {m['partial_kept']} in some "
+          f"kept, {m['partial_dropped']} dropped, {m['not_correct']} with no accepted answer); rule {m['rule']}")
     return 0
 
 

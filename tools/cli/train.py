@@ -18,7 +18,7 @@ from logitstore.errors import InvalidInputError
 from tools.cli.text import format_table
 from trainers.config import TrainConfig
 
-TABLE_COLUMNS = ["run", "student", "loss", "cache", "steps", "eval_ce", "eval_kl", "seconds"]
+TABLE_COLUMNS = ["run", "student", "loss", "cache", "steps", "eval_ce", "eval_kl", "eval_bpb", "seconds"]
 
 
 def add_train(sub) -> None:
@@ -44,6 +44,7 @@ def add_config_arguments(p: argparse.ArgumentParser, *, positional_optional: boo
             continue
         flag = "--" + f.name.replace("_", "-")
         names, metavar = ([flag, "-o"], "OUT") if f.name == "output" else ([flag], f.name.upper())
+        names += list(f.metadata.get("aliases", ()))
         if f.type in ("bool", bool):
             p.add_argument(*names, dest=f.name, action="store_true", help=help_)
         else:
