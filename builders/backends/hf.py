@@ -129,7 +129,8 @@ class TransformersBackend:
     def from_model(cls, model, tokenizer, identity: dict[str, Any], *, name: str, device: str = "cpu",
                    dtype: str = "fp32", extract_mb: int = 96) -> TransformersBackend:
         """A backend around a model already in memory (benchmarks of random-weight models of real shapes; a
-        caller that loaded the model itself), with the same checks as a loaded teacher. ``name`` names it in
+        caller that loaded the model itself), with the same checks as a loaded teacher. ``tokenizer`` may be None
+        for a model that only scores token ids (the tokenizer-size check is then skipped); ``name`` names it in
         errors; ``identity`` is its manifest record."""
         backend = cls.__new__(cls)
         backend._setup(name, model.to(device).eval(), tokenizer, dict(identity), device=device, dtype=dtype,
@@ -148,7 +149,7 @@ class TransformersBackend:
         self.vocab_size = self.head.vocab_size
         self.max_positions = max_positions_of(self.model.config)
         rows = min(self.vocab_size, int(self.model.get_input_embeddings().num_embeddings))
-        if len(self.tokenizer) > rows:
+        if self.tokenizer is not None and len(self.tokenizer) > rows:  # None: scored on token ids (from_model)
             raise TeacherLoadError(
                 f"teacher {teacher}: its tokenizer has {len(self.tokenizer)} tokens, its embedding and LM head only "
                 f"{rows} rows, so token ids >= {rows} cannot be scored; give the model with the tokenizer it was "

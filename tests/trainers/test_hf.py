@@ -246,6 +246,26 @@ def test_refusals(small, sampled_cache, tmp_path):
         ds.collator(pack=True)
 
 
+def test_unfinished_builds_and_unknown_ids_are_refused_as_by_train(small, tmp_path):
+    import shutil
+
+    from tests.conftest import read_manifest, write_manifest
+
+    c = tmp_path / "c"
+    shutil.copytree(small, c)
+    m = read_manifest(c)
+    m["complete"] = False  # a build still running, or killed
+    write_manifest(c, m)
+    with pytest.raises(InvalidInputError, match="unfinished build"):
+        CacheDataset(c)
+    assert len(CacheDataset(c, allow_incomplete=True)) == 16
+    ids = [s.seq_id for s in logitstore.open(small)]
+    sel = selection_file(small, tmp_path, ids[:3] + ["seq-not-there"])
+    with pytest.raises(InvalidInputError, match="seq-not-there|not in"):
+        CacheDataset(sel)
+    assert len(CacheDataset(sel, allow_missing=True)) == 3
+
+
 def test_evaluate_reports_the_loss_of_the_held_out_batches(small, tmp_path):
     """Trainer.evaluate on a CacheDataset: storage order, the collator, the loss only (no logits gathered)."""
     model = tiny_student()
