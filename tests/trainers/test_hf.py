@@ -249,6 +249,7 @@ def test_refusals(small, sampled_cache, tmp_path):
 def test_unfinished_builds_and_unknown_ids_are_refused_as_by_train(small, tmp_path):
     import shutil
 
+    from logitstore.selection import SelectionMismatchError
     from tests.conftest import read_manifest, write_manifest
 
     c = tmp_path / "c"
@@ -261,7 +262,7 @@ def test_unfinished_builds_and_unknown_ids_are_refused_as_by_train(small, tmp_pa
     assert len(CacheDataset(c, allow_incomplete=True)) == 16
     ids = [s.seq_id for s in logitstore.open(small)]
     sel = selection_file(small, tmp_path, ids[:3] + ["seq-not-there"])
-    with pytest.raises(InvalidInputError, match="seq-not-there|not in"):
+    with pytest.raises(SelectionMismatchError, match="1 of its 4 seq ids are not in the cache"):
         CacheDataset(sel)
     assert len(CacheDataset(sel, allow_missing=True)) == 3
 
