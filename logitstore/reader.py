@@ -32,6 +32,8 @@ from logitstore.selection import Selection, check_fingerprint, is_selection_file
 
 #: the optional per-position fields of rules that draw (Block and Sequence)
 TAIL_FIELDS = ("tail_ids", "tail_logprobs", "tail_counts", "n_tail", "proposal_log_norm")
+#: every optional per-position field (None where a cache has none): the draws', and the policy's (--responses-from)
+OPTIONAL_FIELDS = TAIL_FIELDS + F.POLICY_FIELDS
 # What pyarrow raises on a damaged file: its own errors, OS errors, and undecodable footers.
 _READ_ERRORS = (OSError, pa.ArrowException, UnicodeDecodeError, ValueError)
 
@@ -59,6 +61,8 @@ class Block:
     tail_counts: np.ndarray | None = None  # [P, U] uint16, 0 where invalid
     n_tail: np.ndarray | None = None  # [P] int32
     proposal_log_norm: np.ndarray | None = None  # [P] float32 (a proposal temperature != 1)
+    policy_logprob: np.ndarray | None = None  # [P] float32 (responses from a policy): its logprob of the label
+    policy_entropy: np.ndarray | None = None  # [P] float32, its entropy
 
     def __len__(self) -> int:
         return self.pos_offsets.size - 1
@@ -77,7 +81,7 @@ class Block:
             tail_mass=self.tail_mass[a:b], ids=self.ids[a:b],
             logprobs=None if self.logprobs is None else self.logprobs[a:b],
             n_entries=self.n_entries[a:b], counts=None if self.counts is None else self.counts[a:b],
-            **{name: None if getattr(self, name) is None else getattr(self, name)[a:b] for name in TAIL_FIELDS},
+            **{name: None if getattr(self, name) is None else getattr(self, name)[a:b] for name in OPTIONAL_FIELDS},
         )
 
 
@@ -111,6 +115,8 @@ class Sequence:
     tail_counts: np.ndarray | None = None
     n_tail: np.ndarray | None = None
     proposal_log_norm: np.ndarray | None = None
+    policy_logprob: np.ndarray | None = None
+    policy_entropy: np.ndarray | None = None
 
     def record_of(self) -> SequenceRecord:
         """This sequence as ``CacheWriter.add`` takes it (entries trimmed to their widest position; the stored
@@ -127,7 +133,8 @@ class Sequence:
             scored.tail_logprobs, scored.n_tail = self.tail_logprobs[:, :u], self.n_tail
         return SequenceRecord(input_ids=self.input_ids, positions=self.pos, loss_mask=self.loss_mask, scored=scored,
                               seq_id=self.seq_id, record=int(self.record), sample=int(self.sample),
-                              correct=self.correct,
+                              correct=self.correct, policy_logprob=self.policy_logprob,
+                              policy_entropy=self.policy_entropy,
                               aggregates={"mean_entropy": self.mean_entropy, "teacher_nll": self.teacher_nll,
                                           "token_accuracy": self.token_accuracy})
 
@@ -157,8 +164,9 @@ class Cache:
         self.codec = C.Codec.from_dict(self.manifest.codec)
         self.rule = rule_from_dict(self.manifest.rule)
         self.k = self.rule.k
+        self.policy = self.manifest.has_policy  # responses from another model: the policy's per-position fields
         self.schema = F.shard_schema(rule=self.rule.name, value_codec=self.codec.values, id_codec=self.codec.ids,
-                                     scalar_dtype=self.codec.scalars, tempered=self.rule.tempered)
+                                     scalar_dtype=self.codec.scalars, tempered=self.rule.tempered, policy=self.policy)
         self.id_map = read_id_map(self.path, self.manifest) if self.manifest.id_map else None
         self._index: dict[str, tuple[int, int]] | None = None  # seq_id -> (shard, row)
         self._files: dict[int, pq.ParquetFile] = {}
@@ -375,13 +383,15 @@ class Cache:
         if self.rule.name == "sample":
             counts = C.pad_flat(_flat2(col("sample_counts"))[1], mask, n_pos, k, 0)
         f32 = lambda name: _flat(col(name))[1].astype(np.float32, copy=False)  # noqa: E731
-        tail = self._decode_tail(col, n_pos) if self.rule.name == "topk_tail" else {}
+        extra = self._decode_tail(col, n_pos) if self.rule.name == "topk_tail" else {}  # the optional fields
         if self.rule.tempered:
-            tail["proposal_log_norm"] = f32("proposal_log_norm")
+            extra["proposal_log_norm"] = f32("proposal_log_norm")
+        if self.policy:
+            extra.update({name: f32(name) for name in F.POLICY_FIELDS})
         return Block(
             scalars=scal, token_offsets=tok_off, input_ids=input_ids, pos_offsets=pos_off, pos=pos, labels=labels,
             loss_mask=_flat(col("loss_mask"))[1], label_logprob=f32("label_logprob"), entropy=f32("entropy"),
-            tail_mass=f32("tail_mass"), ids=ids, logprobs=lps, n_entries=n_ent, counts=counts, **tail,
+            tail_mass=f32("tail_mass"), ids=ids, logprobs=lps, n_entries=n_ent, counts=counts, **extra,
         )
 
     def _decode_tail(self, col, n_pos: int) -> dict[str, np.ndarray | None]:
