@@ -6,7 +6,11 @@ with ``config.ray``, hands the same plan to a pool of Ray actors (``builders.ray
 In this process: the sequences to score (``builders.plan.sequences_to_score``) are taken in
 windows, each window sorted by length and cut into token-budget batches, scored by the backend
 and written through one ``CacheWriter`` (``builders.scoring``), with a progress bar in
-positions/s. Everything needed to reproduce the build goes into the manifest. ``resume=True``
+positions/s. With ``config.policy`` (``--responses-from``) the responses of generation mode are sampled
+from that model instead of the teacher, which scores them, and the policy's own logprob and entropy
+of each position are stored beside the teacher's (``builders.policy``). Everything needed to
+reproduce the build goes into the manifest, and the time spent sampling, in the policy's pass and in
+the teacher's scoring (``build.timings_s``). ``resume=True``
 keeps the committed shards, skips the sequences they hold and redoes the rest; a resume with a
 different teacher, tokenizer, rule, codec or data is refused.
 """
@@ -23,6 +27,7 @@ from builders.backends import get_backend
 from builders.config import BuildConfig, build_record
 from builders.data import SkipReport, data_fingerprint
 from builders.plan import Plan, sequences_to_score, window_seed
+from builders.policy import check_policy, load_policy, policy_record
 from builders.scoring import open_writer, score_items
 from logitstore.contract import check_rule_and_codec
 from logitstore.errors import InvalidInputError
@@ -41,6 +46,8 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
     if config.token_budget < 2:
         raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
     check_rule_and_codec(config.rule, config.codec)  # before any model loads
+    if config.policy is not None:
+        check_policy(teacher, config)  # generation mode, a model directory, the teacher's tokenizer
     if config.ray is not None:
         from builders.ray_build import build_ray
 
@@ -50,18 +57,23 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
     if (out / PARTS_DIR).exists():
         raise InvalidInputError(f"{out} holds the parts of a distributed build (--ray); continue it with --ray "
                                 "--resume, or choose a new output path")
+    policy = load_policy(config.policy) if config.policy is not None else None
     backend = get_backend(config.backend)(teacher, **config.backend_options)
-    build_args = build_record(teacher, data, data_fp, config, {**config.backend_options, **backend.options()}, argv)
+    build_args = build_record(teacher, data, data_fp, config, {**config.backend_options, **backend.options()}, argv,
+                              policy=None if policy is None else policy_record(policy, config.policy),
+                              policy_options=None if policy is None else
+                              {**config.policy.backend_options, **policy.options()})
     # a failed first build that committed nothing leaves nothing behind: the writer removes the directory it
     # created, under its lock (so never the directory of another build that started meanwhile)
-    return _run(backend, data, out, config, build_args, resume, progress)
+    return _run(backend, data, out, config, build_args, resume, progress, policy)
 
 
 def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, resume: bool,
-         progress: bool) -> Manifest:
+         progress: bool, policy=None) -> Manifest:
     import torch
 
     gen = torch.Generator().manual_seed(config.seed)
+    timings = {"generate": 0.0, "policy_score": 0.0, "teacher_score": 0.0}
     report = SkipReport()
     bar = progress_bar(progress, desc="scoring")
     t0, done_positions, done_seqs = time.time(), 0, 0
@@ -73,16 +85,18 @@ def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, 
             bar.update(positions)
             bar.set_postfix(seqs=done_seqs, refresh=False)
 
-    with open_writer(backend, out, config, build_args, resume) as writer:
+    with open_writer(backend, out, config, build_args, resume, policy=policy) as writer:
         committed = _committed_records(out) if resume and writer.manifest.shards and config.generation else None
-        items = sequences_to_score(backend, data, config, report, committed_records=committed, progress=progress)
+        items = sequences_to_score(backend, data, config, report, committed_records=committed, progress=progress,
+                                   sampler=policy, timings=timings)
         plan = Plan(writer.committed_ids)
         for index, _, todo in plan.windows(items, config.window):
             gen.manual_seed(window_seed(config.seed, index))
-            score_items(backend, writer, todo, config, gen, on_batch)
+            score_items(backend, writer, todo, config, gen, on_batch, policy=policy, timings=timings)
         writer.manifest.duplicates_skipped = plan.duplicates
         writer.manifest.build["skipped"] = report.to_dict()
         writer.manifest.build["elapsed_s"] = round(time.time() - t0, 1)
+        writer.manifest.build["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     if bar is not None:
         bar.close()
     logger.info("built %s: %d sequences, %d positions in %.1f s", out, done_seqs, done_positions, time.time() - t0)

@@ -32,76 +32,80 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TeacherLoadError(LogitstoreError, OSError):
-    """The teacher could not be loaded (missing path, no hub access, unsupported architecture)."""
+    """The teacher (or another model loaded the same way: a policy) could not be loaded (missing path, no hub
+    access, unsupported architecture). Messages name the model by its ``role``."""
 
 
-def _source(teacher: str, trust_remote_code: bool) -> tuple[str, dict[str, Any]]:
+def _source(teacher: str, trust_remote_code: bool, role: str = "teacher") -> tuple[str, dict[str, Any]]:
     """(what ``from_pretrained`` is given, its keyword arguments) for a model directory, hub id or .gguf file."""
     path = Path(teacher)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise TeacherLoadError(f"teacher {teacher}: no such .gguf file")
+            raise TeacherLoadError(f"{role} {teacher}: no such .gguf file")
         return str(path.parent), {**kwargs, "gguf_file": path.name}
     if path.exists():
         if not (path / "config.json").is_file():
-            raise TeacherLoadError(f"teacher {teacher}: a directory without config.json is not a model directory")
+            raise TeacherLoadError(f"{role} {teacher}: a directory without config.json is not a model directory")
         return str(path), kwargs
     if teacher.count("/") == 1 and not teacher.startswith((".", "/")):
         return teacher, kwargs  # a hub id
-    raise TeacherLoadError(f"teacher {teacher}: not a model directory, a .gguf file or a hub id (org/name)")
+    raise TeacherLoadError(f"{role} {teacher}: not a model directory, a .gguf file or a hub id (org/name)")
 
 
-def _load_error(teacher: str, src: str, exc: BaseException) -> TeacherLoadError:
+def _load_error(teacher: str, src: str, exc: BaseException, role: str = "teacher") -> TeacherLoadError:
     hint = ("; without hub access, download the model where a hub is reachable and pass its directory"
             if src == teacher and not Path(teacher).exists() else "")
     reason = " ".join(str(exc).split())  # transformers' messages span lines; ours is one line
-    return TeacherLoadError(f"teacher {teacher}: cannot load ({reason}){hint}")
+    return TeacherLoadError(f"{role} {teacher}: cannot load ({reason}){hint}")
 
 
-def load_tokenizer(teacher: str, *, trust_remote_code: bool = False):
+def load_tokenizer(teacher: str, *, trust_remote_code: bool = False, role: str = "teacher"):
     """The teacher's tokenizer alone (what a coordinator that only tokenises needs)."""
     from transformers import AutoTokenizer
 
-    src, kwargs = _source(teacher, trust_remote_code)
+    src, kwargs = _source(teacher, trust_remote_code, role)
     try:
         return AutoTokenizer.from_pretrained(src, **kwargs)
     except (OSError, ValueError, ImportError, KeyError) as exc:
-        raise _load_error(teacher, src, exc) from exc
+        raise _load_error(teacher, src, exc, role) from exc
 
 
-def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
+def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False,
+                 role: str = "teacher"):
     """(model, tokenizer, identity dict) for a model directory, a hub id or a .gguf file."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise InvalidInputError(f"--dtype {dtype!r}: allowed {', '.join(DTYPES)}")
-    src, kwargs = _source(teacher, trust_remote_code)
-    tok = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+    src, kwargs = _source(teacher, trust_remote_code, role)
+    tok = load_tokenizer(teacher, trust_remote_code=trust_remote_code, role=role)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError, ImportError, KeyError) as exc:  # missing files, no tokenizer, gguf missing, ...
-        raise _load_error(teacher, src, exc) from exc
+        raise _load_error(teacher, src, exc, role) from exc
     model = model.to(device).eval()
     return model, tok, model_identity(teacher, model, dtype)
 
 
 class TransformersBackend:
-    """See the module docstring. ``extract_mb`` bounds the memory of the head/softmax chunks."""
+    """See the module docstring. ``extract_mb`` bounds the memory of the head/softmax chunks; ``role`` names the
+    model in messages ("teacher", or "policy" for the model of ``--responses-from``)."""
 
     exactness: dict[str, str] = {}
 
     def __init__(self, teacher: str, *, dtype: str = "fp32", device: str = "cpu", extract_mb: int = 96,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, role: str = "teacher"):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidInputError(f"--device {device}: CUDA is not available on this machine")
+        self.role = role
         self.model, self.tokenizer, self.identity = load_teacher(teacher, dtype=dtype, device=device,
-                                                                 trust_remote_code=trust_remote_code)
+                                                                 trust_remote_code=trust_remote_code, role=role)
         self.device = torch.device(device)
         self.body = self.model.base_model
         head = Head.of(self.model)
         if head is None:
-            raise TeacherLoadError(f"teacher {teacher}: {type(self.model).__name__} exposes no separate LM head")
+            raise TeacherLoadError(f"{role} {teacher}: {type(self.model).__name__} exposes no separate LM head")
         self.head = head
         self.vocab_size = self.head.vocab_size
         self.chunk_rows = chunk_rows_for(self.vocab_size, extract_mb << 20)
@@ -127,7 +131,7 @@ class TransformersBackend:
         err = float((got - want).abs().max())
         if not err <= tol:
             raise TeacherLoadError(
-                f"teacher {teacher}: {type(self.model).__name__} transforms its logits in a way this backend does "
+                f"{self.role} {teacher}: {type(self.model).__name__} transforms its logits in a way this backend does "
                 f"not reproduce (max logprob difference {err:.3g} on a probe); refusing rather than storing "
                 "wrong values")
 
