@@ -86,8 +86,9 @@ def _has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
 
 
-def load_student(spec: str, *, manifest, tokenizer: str = "", seed: int = 0) -> Student:
-    """The student named by ``spec`` (see the module docstring), in float32 on the CPU."""
+def load_student(spec: str, *, manifest=None, tokenizer: str = "", seed: int = 0) -> Student:
+    """The student named by ``spec`` (see the module docstring), in float32 on the CPU; ``manifest``: the cache's,
+    whose tokenizer a fresh student without one falls back to (None: no cache yet)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec)
@@ -113,7 +114,7 @@ def load_student(spec: str, *, manifest, tokenizer: str = "", seed: int = 0) -> 
         raise InvalidInputError(f"--student {spec}: {type(model).__name__} exposes no separate LM head")
     candidates = [Path(tokenizer)] if tokenizer else []
     candidates.append(path.parent if fresh else path)
-    cache_tok = (manifest.tokenizer or {}).get("name", "")
+    cache_tok = ((manifest.tokenizer if manifest is not None else None) or {}).get("name", "")
     if fresh and cache_tok and Path(cache_tok).is_dir():  # a fresh student has no tokenizer of its own
         candidates.append(Path(cache_tok))
     tok, tok_dir = None, None
