@@ -14,23 +14,48 @@ import sys
 from pathlib import Path
 
 from logitstore.errors import CacheExistsError, CacheNotFoundError, InvalidInputError
-from tools.cli.text import size
+from tools.cli.text import format_table, size
 
 # ---------------------------------------------------------------- info
 
 
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="what a cache holds: teacher, tokenizer, k rule, sizes, field exactness",
-                       description="Summarise a cache (or a selection of one) from its manifest (no shard is read).")
-    p.add_argument("cache", metavar="CACHE", help="cache directory or selection file")
+                       description="Summarise a cache (or a selection of one) from its manifest (no shard is read); "
+                                   "for a union (a distill RUN), one line per member cache.")
+    p.add_argument("cache", metavar="CACHE", help="cache directory, selection file, or union (a distill RUN)")
     p.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
     p.add_argument("--json", action="store_true", help="same as --format json")
     p.set_defaults(func=info)
 
 
+def _union_info(args: argparse.Namespace) -> int:
+    from logitstore.reader import Cache
+    from logitstore.union import load_union, union_file
+
+    file = union_file(args.cache)
+    u = load_union(file)
+    rows = []
+    for m in u.members:
+        c = Cache(m.cache if Path(m.cache).is_absolute() else file.parent / m.cache)
+        rows.append({**m.labels, "cache": str(c.path), "complete": c.manifest.complete, "sequences": len(c),
+                     "positions": c.manifest.positions, "teacher": c.manifest.teacher.get("id"),
+                     "policy": (c.manifest.build.get("policy") or {}).get("id")})
+    if args.json or args.format == "json":
+        print(json.dumps({"union": str(file), "labels": u.labels, "members": rows}, indent=1))
+        return 0
+    print(f"union        {file}: {len(rows)} member caches, labels {', '.join(u.labels)}")
+    cols = [*u.labels, "sequences", "positions", "complete", "cache"]
+    print(format_table(cols, [[r[c] for c in cols] for r in rows]))
+    return 0
+
+
 def info(args: argparse.Namespace) -> int:
     from logitstore.reader import Cache
+    from logitstore.union import is_union
 
+    if is_union(args.cache):
+        return _union_info(args)
     cache = Cache(args.cache)
     m = cache.manifest
     d = {
@@ -134,11 +159,13 @@ def add_sql(sub) -> None:
         description="Run a DuckDB query over the cache. Views: sequences (one row per sequence: seq_id, record, "
                     "sample, input_ids, n_tokens, n_positions, n_targets, mean_entropy, teacher_nll, token_accuracy, "
                     "correct) and tokens (one row per cached position: seq_id, pos, label, label_logprob, entropy, "
-                    "tail_mass, loss_mask, topk_ids, topk_logprobs, sample_counts); tables manifest (key, value) and "
+                    "tail_mass, loss_mask, topk_ids, topk_logprobs, sample_counts, tail_ids, tail_logprobs, "
+                    "tail_counts, proposal_log_norm, policy_logprob, policy_entropy); tables manifest (key, value) and "
                     "exactness (field, exactness, meaning). "
                     "Macros: support_entropy(lps), top1_margin(lps), sparse_kl/sparse_js/sparse_tvd(ids_p, lps_p, "
-                    "ids_q, lps_q).")
-    p.add_argument("cache", metavar="CACHE", help="cache directory or selection file")
+                    "ids_q, lps_q). On a union (a union.json, or a logitstore distill RUN directory) the views hold "
+                    "every member cache with its labels first (round), and the table members lists them.")
+    p.add_argument("cache", metavar="CACHE", help="cache directory, selection file, or union (a distill RUN)")
     p.add_argument("query", metavar="QUERY", help='e.g. "SELECT seq_id, mean_entropy FROM sequences WHERE correct"')
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="output: a table (default), CSV, or JSON (an array of row objects)")
