@@ -42,16 +42,27 @@ def student_cfg(tmp_path_factory) -> Path:
     return write_student_config(tmp_path_factory.mktemp("student") / "config.json")
 
 
-def args(teacher, prompts, student, run, *extra) -> list[str]:
+@pytest.fixture(scope="module")
+def refs(tiny_teacher, tmp_path_factory) -> Path:
+    """A plain cache of reference answers: the held-out set (--eval) and the off-policy data (--mix-cache)."""
+    d = tmp_path_factory.mktemp("refs")
+    rows = [{"prompt": f"What is {a} + {b}?", "response": f" {a + b}."} for a, b in ((1, 1), (6, 2), (7, 7), (9, 3))]
+    (d / "refs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["build", str(tiny_teacher), str(d / "refs.jsonl"), "--top-k", "8", "-q", "-o", str(d / "c")]) == 0
+    return d / "c"
+
+
+def args(teacher, prompts, student, run, *extra, refs=None) -> list[str]:
+    mix = ["--eval", str(refs), "--mix-cache", str(refs), "--mix-ratio", "0.5"] if refs else []
     return ["distill", str(teacher), str(prompts), "--student", str(student), "--rounds", "2", "--generate", "2",
             "--max-new-tokens", "5", "--top-k", "8", "--loss", "forward_kl", "--max-steps", "4", "--batch-size", "2",
-            "--lr", "3e-3", "--verifier", "exact", "--save-every", "2", "-o", str(run), "-q", *extra]
+            "--lr", "3e-3", "--verifier", "exact", "--save-every", "2", *mix, "-o", str(run), "-q", *extra]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_teacher, prompts, student_cfg, tmp_path_factory) -> Path:
+def run_dir(tiny_teacher, prompts, student_cfg, refs, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("distill") / "run"
-    assert main(args(tiny_teacher, prompts, student_cfg, run)) == 0
+    assert main(args(tiny_teacher, prompts, student_cfg, run, refs=refs)) == 0
     return run
 
 
@@ -66,7 +77,22 @@ def content_hash(model_dir: Path) -> str:
     return "sha256-" + h.hexdigest()[:16]
 
 
-def test_rounds_json_holds_each_rounds_figures(run_dir):
+def held_out_ce(student_dir: Path, cache: Path) -> float:
+    """Plain reference: mean -log p_student(label) over the cache's target positions, full vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    total = n = 0.0
+    for seq in logitstore.open(cache):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor(seq.input_ids, dtype=torch.long)[None]).logits[0].double(), -1)
+        t = seq.pos[seq.loss_mask]
+        total += float(-lp[t - 1, seq.input_ids[t]].sum())
+        n += t.size
+    return total / n
+
+
+def test_rounds_json_holds_each_rounds_figures(run_dir, refs):
     recs = json.loads((run_dir / "rounds.json").read_text())["rounds"]
     assert [r["round"] for r in recs] == [1, 2]
     for rec in recs:
@@ -82,6 +108,9 @@ def test_rounds_json_holds_each_rounds_figures(run_dir):
         assert rec["reverse_kl_estimate"] == pytest.approx((policy_lp - teacher_lp).mean(), rel=1e-4, abs=1e-6)
         summary = json.loads((run_dir / rec["student"] / "summary.json").read_text())
         assert rec["train_steps"] == summary["steps"] == 4 and rec["train_loss"] == summary["last"]["loss"]
+        assert rec["eval_ce"] == pytest.approx(held_out_ce(run_dir / rec["student"], refs), abs=1e-4)
+        tcfg = json.loads((run_dir / rec["student"] / "train_config.json").read_text())
+        assert (tcfg["mix_cache"], tcfg["mix_ratio"]) == (str(refs), 0.5)
 
 
 def test_each_round_samples_from_the_previous_student_and_trains_from_its_weights(run_dir, student_cfg):
@@ -119,15 +148,18 @@ def test_the_run_is_queried_as_one_union_with_a_round_column(run_dir, capsys):
     assert [(m["round"], m["sequences"], m["complete"]) for m in members] == [(w["round"], w["n"], True) for w in want]
 
 
-def test_a_finished_run_resumes_to_nothing_and_more_rounds_continue_it(run_dir, tiny_teacher, prompts, student_cfg,
-                                                                       tmp_path):
+def test_a_finished_run_resumes_to_nothing_and_other_settings_are_refused(run_dir, tiny_teacher, prompts,
+                                                                          student_cfg, refs, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     before = (run / "round-002" / "student" / "model.safetensors").read_bytes()
-    assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume")) == 0
+    assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume", refs=refs)) == 0
     assert (run / "round-002" / "student" / "model.safetensors").read_bytes() == before
-    assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume", "--lr", "1e-2")) == 2  # other settings
-    assert main(args(tiny_teacher, prompts, student_cfg, run)) == 2  # not empty, no --resume
+    capsys.readouterr()
+    assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume", "--lr", "1e-2", refs=refs)) == 2
+    assert "--resume: the run in" in capsys.readouterr().err  # other settings
+    assert main(args(tiny_teacher, prompts, student_cfg, run, refs=refs)) == 2
+    assert "pass --resume" in capsys.readouterr().err  # not empty, no --resume
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -136,10 +168,10 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "round-002" / "student" / "model.safetensors")
 
 
-def test_a_sigkilled_distill_resumes_to_the_same_final_student(tiny_teacher, prompts, student_cfg, tmp_path):
+def test_a_sigkilled_distill_resumes_to_the_same_final_student(tiny_teacher, prompts, student_cfg, refs, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run, ref = tmp_path / "run", tmp_path / "uninterrupted"
-    cmd = [sys.executable, "-m", "tools.cli", *args(tiny_teacher, prompts, student_cfg, run)]
+    cmd = [sys.executable, "-m", "tools.cli", *args(tiny_teacher, prompts, student_cfg, run, refs=refs)]
     t0 = time.time()
     assert subprocess.run([*cmd[:-2], str(ref), "-q"], env=env, cwd=ROOT, capture_output=True).returncode == 0
     duration = time.time() - t0
