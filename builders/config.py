@@ -11,6 +11,7 @@ compared with (``RESUME_BUILD_KEYS``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from builders.data import Fields
 from builders.generate import GenerationConfig
 from logitstore.codec import Codec
 from logitstore.rules import Rule
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -107,3 +110,20 @@ def build_record(teacher: str, data: Path, data_fp: str, config: BuildConfig, ba
     if config.ray is not None:
         rec["ray"] = config.ray.to_dict()
     return rec
+
+
+def length_limit(config: BuildConfig, teacher_max: int | None) -> tuple[BuildConfig, dict[str, Any]]:
+    """The config a build runs with, its ``max_length`` capped at the teacher's context length (a longer sequence
+    would be scored past the positions the teacher was trained on), and the manifest's ``build.length_limit``
+    record saying which limit applies (``by``: "teacher", "--max-length" or None) and the ``on_long`` policy."""
+    given = config.max_length
+    if teacher_max is not None and (given is None or teacher_max < given):
+        applied, by = teacher_max, "teacher"
+    else:
+        applied, by = given, None if given is None else "--max-length"
+    record = {"max_length": given, "teacher_max_positions": teacher_max, "applied": applied, "by": by,
+              "on_long": config.on_long}
+    if by == "teacher":
+        logger.info("sequences are limited to %d tokens, the teacher's context length%s; longer ones: --on-long %s",
+                    applied, "" if given is None else f" (below --max-length {given})", config.on_long)
+    return dataclasses.replace(config, max_length=applied), record

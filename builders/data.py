@@ -1,7 +1,7 @@
-"""Input data for a build: read records from a file and turn them into token sequences with a loss mask.
+"""Input data for a build: records (``builders.inputs``) turned into token sequences with a loss mask.
 
-``iter_records`` streams the records of a file (forms: ``ALLOWED_FORMS``; compressed jsonl is
-decompressed as a stream, Parquet read batch by batch). ``load_examples`` tokenises each record
+``builders.inputs.iter_records`` streams the records of a file (forms: ``ALLOWED_FORMS``).
+``load_examples`` tokenises each record
 into an ``Example`` of one of three kinds, chosen by the fields present, in this order:
 
 - ``messages``: a chat rendered with the tokenizer's chat template. An assistant turn's targets
@@ -20,46 +20,23 @@ over ``max_length`` are truncated or skipped. ``data_fingerprint`` lets a resume
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import hashlib
-import io
 import json
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jinja2
 import numpy as np
-import zstandard
 
-from logitstore.errors import InvalidInputError, LogitstoreError
+from builders.inputs import BadRecordError, DataFormatError, iter_records
+from logitstore.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-ALLOWED_FORMS = ('.jsonl, .jsonl.gz, .jsonl.zst, .json (a list of records or {"data": [...]}), .parquet, '
-                 "or a directory written by datasets' save_to_disk")
 ROLES = ("system", "user", "assistant", "tool")
 ON_LONG, ON_BAD = ("truncate", "skip"), ("error", "skip")  # the values of load_examples' on_long and on_bad
 MAX_REPORT_EXAMPLES = 20  # messages a SkipReport keeps for the summary
-_BATCH_ROWS = 1024
-
-
-class DataNotFoundError(LogitstoreError, FileNotFoundError):
-    """The data path does not exist."""
-
-
-class DataFormatError(LogitstoreError, ValueError):
-    """The data path is not a readable input of an allowed form, or the tokenizer cannot render it."""
-
-
-class BadRecordError(LogitstoreError, ValueError):
-    """One record cannot be used. ``reason`` is its ``SkipReport`` key, ``location`` e.g. ``data.jsonl:12``."""
-
-    def __init__(self, message: str, *, location: str, reason: str, field: str | None = None):
-        super().__init__(message)
-        self.location, self.reason, self.field = location, reason, field
 
 
 @dataclasses.dataclass
@@ -100,144 +77,6 @@ class SkipReport:
 
     def to_dict(self) -> dict:
         return {"counts": dict(self.counts), "examples": list(self.examples)}
-
-
-# ---------------------------------------------------------------- reading records
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """``"jsonl"``, ``"jsonl.gz"``, ``"jsonl.zst"``, ``"json"``, ``"parquet"`` or ``"dataset"``."""
-    p = Path(path)
-    if not p.exists():
-        raise DataNotFoundError(f"data path {str(p)!r} does not exist; expected {ALLOWED_FORMS}")
-    if p.is_dir():
-        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
-            return "dataset"
-        raise DataFormatError(f"{p} is a directory but not a saved dataset (no state.json or dataset_dict.json); "
-                              f"allowed inputs: {ALLOWED_FORMS}")
-    for suffix in (".jsonl.gz", ".jsonl.zst", ".jsonl", ".json", ".parquet"):
-        if p.name.lower().endswith(suffix):
-            return suffix[1:]
-    raise DataFormatError(f"cannot tell the format of {p} from its name; allowed inputs: {ALLOWED_FORMS}")
-
-
-def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
-    """``(record index, location, raw record)`` for every record of ``path``, streamed.
-
-    Locations: ``data.jsonl:12`` (1-based line), ``data.json[3]`` (0-based element), ``data.parquet
-    row 7`` / ``DIR row 7`` / ``DIR[split] row 7`` (0-based row, as ``ds[7]``). Blank jsonl lines are
-    not yielded (but keep their index); an undecodable jsonl line is yielded as a ``BadRecordError``
-    in place of the record, to raise or count. A bad path, form, Parquet footer or DatasetDict fails
-    now; the records are read lazily.
-    """
-    fmt, p = detect_format(path), Path(path)
-    if fmt.startswith("jsonl"):
-        return _jsonl_records(p, fmt)
-    return {"json": _json_records, "parquet": _parquet_records, "dataset": _dataset_records}[fmt](p)
-
-
-def _jsonl_records(p: Path, fmt: str) -> Iterator[tuple[int, str, Any]]:
-    if fmt == "jsonl.zst":
-        stream = zstandard.ZstdDecompressor().stream_reader(open(p, "rb"), read_across_frames=True, closefd=True)
-        f = io.BufferedReader(stream)
-    else:
-        f = gzip.open(p, "rb") if fmt == "jsonl.gz" else open(p, "rb")
-    i = -1
-    try:  # only reading the stream can raise these here: the decoding errors are caught per line
-        with f:
-            for i, raw in enumerate(f):
-                raw = raw[3:] if i == 0 and raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte order mark
-                if not raw.strip():
-                    continue
-                loc = f"{p.name}:{i + 1}"
-                try:
-                    yield i, loc, json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as exc:
-                    yield i, loc, BadRecordError(f"{loc}: the line is not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
-                                                 f"at column {exc.start + 1}); jsonl input must be UTF-8 text",
-                                                 location=loc, reason="invalid_utf8")
-                except json.JSONDecodeError as exc:
-                    yield i, loc, BadRecordError(f"{loc}: the line is not valid JSON ({exc.msg} at column "
-                                                 f"{exc.colno}); jsonl input holds one JSON object per line",
-                                                 location=loc, reason="invalid_json")
-                except (RecursionError, ValueError) as exc:  # nested too deeply; an integer of > 4300 digits
-                    yield i, loc, BadRecordError(f"{loc}: the line cannot be decoded as JSON ({_json_limit(exc)}); "
-                                                 "jsonl input holds one JSON object per line",
-                                                 location=loc, reason="invalid_json")
-    except (OSError, EOFError, zstandard.ZstdError) as exc:
-        raise DataFormatError(f"{p}: cannot read the {fmt} stream after line {i + 1}: {exc}") from exc
-
-
-def _json_records(p: Path) -> Iterator[tuple[int, str, Any]]:
-    try:
-        text = p.read_bytes().decode("utf-8-sig")
-        doc = json.loads(text) if text.strip() else []
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(f"{p.name}: the file is not valid UTF-8 ({exc}); JSON input must be UTF-8") from exc
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(f"{p.name}:{exc.lineno}:{exc.colno}: the file is not valid JSON ({exc.msg}); a .json "
-                              "input is one JSON document (name a file with one record per line .jsonl)") from exc
-    except (RecursionError, ValueError) as exc:
-        raise DataFormatError(f"{p.name}: the file cannot be decoded as JSON ({_json_limit(exc)})") from exc
-    records = doc.get("data") if isinstance(doc, dict) else doc
-    if not isinstance(records, list):
-        what = "an object without a 'data' list" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
-        raise DataFormatError(f'{p} holds {what}; a .json input must be a list of records or {{"data": [...]}}')
-    for i, rec in enumerate(records):
-        yield i, f"{p.name}[{i}]", rec
-
-
-def _json_limit(exc: BaseException) -> str:
-    """A JSON document past one of the decoder's limits, in words."""
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    return " ".join(str(exc).split()).split(";")[0]
-
-
-def _parquet_records(p: Path) -> Iterator[tuple[int, str, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        batches = pq.ParquetFile(p).iter_batches(batch_size=_BATCH_ROWS)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataFormatError(f"{p} is not a readable Parquet file: {exc}") from exc
-    return _table_rows(batches, p.name)
-
-
-def _dataset_records(p: Path) -> Iterator[tuple[int, str, Any]]:
-    import datasets
-
-    ds, label = datasets.load_from_disk(str(p)), p.name
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds and len(ds) != 1:
-            raise DataFormatError(f"{p} is a DatasetDict with splits {list(ds)} and none named 'train'; "
-                                  "give one with a 'train' split or a single split")
-        split = "train" if "train" in ds else next(iter(ds))
-        ds, label = ds[split], f"{p.name}[{split}]"
-    return _table_rows(ds.with_format("arrow").iter(batch_size=_BATCH_ROWS), label)
-
-
-def _table_rows(batches, label: str) -> Iterator[tuple[int, str, Any]]:
-    rows = (rec for batch in batches for rec in batch.to_pylist())
-    return ((i, f"{label} row {i}", rec) for i, rec in enumerate(rows))
-
-
-def data_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 (first 16 hex) of a file's bytes; of a saved dataset: of its files' relative paths, sizes and bytes.
-    Raises as ``detect_format`` does for a missing path or a form that cannot be read."""
-    detect_format(path)
-    p, h = Path(path), hashlib.sha256()
-    files = [p] if p.is_file() else sorted((f for f in p.rglob("*") if f.is_file()),
-                                           key=lambda f: f.relative_to(p).as_posix())
-    for f in files:
-        if f != p:
-            rel = f.relative_to(p).as_posix().encode("utf-8")
-            h.update(len(rel).to_bytes(8, "little") + rel + f.stat().st_size.to_bytes(8, "little"))
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- tokenising

@@ -24,15 +24,18 @@ from pathlib import Path
 
 import logitstore
 from builders.backends import get_backend
-from builders.config import BuildConfig, build_record
-from builders.data import SkipReport, data_fingerprint
+from builders.backends.base import Backend
+from builders.config import BuildConfig, build_record, length_limit
+from builders.data import SkipReport
+from builders.inputs import data_fingerprint
 from builders.plan import Plan, sequences_to_score, window_seed
 from builders.policy import check_policy, load_policy, policy_record
 from builders.scoring import open_writer, score_items
 from logitstore.contract import check_rule_and_codec
-from logitstore.errors import InvalidInputError
+from logitstore.errors import CacheExistsError, InvalidInputError
 from logitstore.lock import check_unlocked
 from logitstore.manifest import Manifest
+from logitstore.ownership import check_output_dir
 from logitstore.parts import PARTS_DIR
 from logitstore.progress import progress_bar
 
@@ -43,26 +46,59 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
           resume: bool = False, progress: bool = True, argv: list[str] | None = None) -> Manifest:
     """Build (or, with ``resume``, continue) the cache ``out`` from ``data`` scored by ``teacher``."""
     out, data = Path(out), Path(data)
-    if config.token_budget < 2:
-        raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
-    check_rule_and_codec(config.rule, config.codec)  # before any model loads
-    if config.policy is not None:
-        check_policy(teacher, config)  # generation mode, a model directory, the teacher's tokenizer
+    _check_config(teacher, config)  # before any model loads
     if config.ray is not None:
         from builders.ray_build import build_ray
 
         return build_ray(teacher, data, out, config, resume=resume, progress=progress, argv=argv)
-    data_fp = data_fingerprint(data)  # also: a missing data path fails here, before the teacher loads
-    check_unlocked(out)  # a build already writing ``out`` is named now, not after loading the teacher
+    data_fp = _check_inputs(data, out, resume)
+    policy = load_policy(config.policy) if config.policy is not None else None
+    backend = get_backend(config.backend)(teacher, **config.backend_options)
+    return _build_with(backend, teacher, data, data_fp, out, config, resume, progress, argv, policy)
+
+
+def build_with(backend: Backend, teacher: str, data: str | os.PathLike, out: str | os.PathLike,
+               config: BuildConfig, *, resume: bool = False, progress: bool = True,
+               argv: list[str] | None = None) -> Manifest:
+    """``build`` with a backend already made (a model in memory, a benchmark): the same checks, plan,
+    batches and writer; ``teacher`` is the name the manifest's build record gives it."""
+    out, data = Path(out), Path(data)
+    _check_config(teacher, config)
+    data_fp = _check_inputs(data, out, resume)
+    policy = load_policy(config.policy) if config.policy is not None else None
+    return _build_with(backend, teacher, data, data_fp, out, config, resume, progress, argv, policy)
+
+
+def _check_config(teacher: str, config: BuildConfig) -> None:
+    if config.token_budget < 2:
+        raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
+    check_rule_and_codec(config.rule, config.codec)
+    if config.policy is not None:
+        check_policy(teacher, config)  # generation mode, a model directory, the teacher's tokenizer
+
+
+def _check_inputs(data: Path, out: Path, resume: bool) -> str:
+    """The data's fingerprint, after the checks that must fail before a teacher loads: what ``out`` is (a build
+    already writing it, a distributed build's directory, a file or a foreign directory, refused: nothing of a
+    user's is written over; a cache, continued only with ``resume``)."""
+    data_fp = data_fingerprint(data)  # also: a missing data path fails here
+    check_unlocked(out)
     if (out / PARTS_DIR).exists():
         raise InvalidInputError(f"{out} holds the parts of a distributed build (--ray); continue it with --ray "
                                 "--resume, or choose a new output path")
-    policy = load_policy(config.policy) if config.policy is not None else None
-    backend = get_backend(config.backend)(teacher, **config.backend_options)
+    if check_output_dir(out) and not resume:
+        raise CacheExistsError(f"{out} already holds a cache; pass --resume to continue it, or choose a new output "
+                               "path")
+    return data_fp
+
+
+def _build_with(backend: Backend, teacher: str, data: Path, data_fp: str, out: Path, config: BuildConfig,
+                resume: bool, progress: bool, argv: list[str] | None, policy=None) -> Manifest:
     build_args = build_record(teacher, data, data_fp, config, {**config.backend_options, **backend.options()}, argv,
                               policy=None if policy is None else policy_record(policy, config.policy),
                               policy_options=None if policy is None else
                               {**config.policy.backend_options, **policy.options()})
+    config, build_args["length_limit"] = length_limit(config, backend.max_positions)
     # a failed first build that committed nothing leaves nothing behind: the writer removes the directory it
     # created, under its lock (so never the directory of another build that started meanwhile)
     return _run(backend, data, out, config, build_args, resume, progress, policy)

@@ -33,7 +33,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
-import shutil
+import re
 import socket
 import time
 from pathlib import Path
@@ -43,23 +43,34 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from builders.config import RAY_RESUME_KEYS, BuildConfig, RayOptions, build_record
-from builders.data import Example, SkipReport, data_fingerprint
+from builders.config import RAY_RESUME_KEYS, BuildConfig, RayOptions, build_record, length_limit
+from builders.data import Example, SkipReport
+from builders.inputs import data_fingerprint
 from builders.plan import Item, Plan, positions_of, sequences_to_score, window_seed
 from builders.scoring import open_writer, score_items
 from logitstore import format as F
 from logitstore.errors import CacheExistsError, InvalidInputError, TokenizerMismatchError
 from logitstore.identity import tokenizer_record
 from logitstore.lock import LOCK_NAME, BuildLock, read_lock
-from logitstore.manifest import Manifest, load_manifest
-from logitstore.parts import PARTS_DIR, commit_parts, committed_seq_ids, part_manifests, part_name, remove_parts
+from logitstore.manifest import Manifest, load_manifest, require_current_version
+from logitstore.ownership import check_output_dir, refuse_file, rmdir_if_empty
+from logitstore.parts import (
+    PARTS_DIR,
+    commit_parts,
+    committed_seq_ids,
+    is_part_dir,
+    part_manifests,
+    part_name,
+    remove_parts,
+)
 from logitstore.progress import progress_bar
-from logitstore.writer import build_key_diffs, rmdir_if_empty
+from logitstore.writer import build_key_diffs
 
 logger = logging.getLogger(__name__)
 
 INPUTS_DIR = ".inputs"
 ID_COUNTS_FILE = "id_counts.parquet"  # the token counts every part's id map is ranked by
+_INPUT_NAME = re.compile(r"^(\.?block-\d{6,}\.parquet(\.tmp)?|id_counts\.parquet)$")  # the files of .inputs
 _INPUT_SCHEMA = pa.schema([
     ("record", pa.int64()), ("sample", pa.int32()), ("correct", pa.bool_()), ("prompt_len", pa.int32()),
     ("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.bool_())),
@@ -77,7 +88,7 @@ def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, con
               resume: bool = False, progress: bool = True, argv: list[str] | None = None) -> Manifest:
     """Build (or continue) the cache ``out`` with a pool of Ray actors (``config.ray``); see the module
     docstring. ``builders.driver.build`` calls this for a config with ``ray`` set."""
-    from builders.backends.hf import load_tokenizer
+    from builders.backends.hf import load_tokenizer, teacher_max_positions
 
     ray_options = config.ray if config.ray is not None else RayOptions()
     out, data = Path(out).absolute(), Path(data)
@@ -91,10 +102,13 @@ def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, con
     if importlib.util.find_spec("ray") is None:  # before tokenising the data, not after
         raise InvalidInputError("--ray needs Ray Data: pip install 'logitstore[ray]' (ray[data])")
     data_fp = data_fingerprint(data)
+    refuse_file(out, "a cache")
     started = out.exists() and any(out.iterdir())
     if started and not resume:
         raise CacheExistsError(f"{out} already exists and is not empty; pass --resume to continue a --ray build "
                                "there, or choose a new output path")
+    # a directory of ours (our manifest, or a started build's lock, parts and inputs) or refused: never a user's
+    check_output_dir(out, before_commit={PARTS_DIR: is_part_dir, INPUTS_DIR: _own_input})
     if resume and (out / F.MANIFEST_NAME).is_file() and not (out / PARTS_DIR).is_dir():
         raise InvalidInputError(f"{out} was built in one process; resume it without --ray")
     created = not out.exists()
@@ -106,6 +120,11 @@ def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, con
         tokenizer = load_tokenizer(teacher, trust_remote_code=trust)
         build_args = build_record(teacher, data, data_fp, dataclasses.replace(config, ray=ray_options),
                                   dict(config.backend_options), argv)
+        teacher_max = teacher_max_positions(teacher, trust_remote_code=trust)
+        engine_len = config.backend_options.get("max_model_len")  # vLLM's --max-model-len caps it further
+        if engine_len:
+            teacher_max = min(teacher_max or engine_len, engine_len)
+        config, build_args["length_limit"] = length_limit(config, teacher_max)
         if (out / F.MANIFEST_NAME).is_file():
             _check_resume(out, load_manifest(out), build_args)
         report = SkipReport()
@@ -119,12 +138,12 @@ def build_ray(teacher: str, data: str | os.PathLike, out: str | os.PathLike, con
         if not any(m.shards for m in part_manifests(out).values()):
             raise InvalidInputError(f"{data}: no sequence to score (every record was skipped or empty)")
         m = commit_parts(out, build=build_args, duplicates_skipped=plan.duplicates, complete=True)
-        shutil.rmtree(out / INPUTS_DIR, ignore_errors=True)
+        _clear_inputs(out / INPUTS_DIR)
         return m
     except BaseException:
         if created and not any(m.shards for m in _safe_parts(out).values()):
             # what this build wrote goes under its lock; then only the empty directory, as the writer does
-            shutil.rmtree(out / INPUTS_DIR, ignore_errors=True)
+            _clear_inputs(out / INPUTS_DIR)
             remove_parts(out)
             lock.release()
             rmdir_if_empty(out)
@@ -141,7 +160,23 @@ def _safe_parts(out: Path) -> dict[int, Manifest]:
         return {}
 
 
+def _own_input(p: Path) -> bool:
+    """A file of the coordinator's in ``.inputs``: a block's input, the token counts, or their temporary files."""
+    return p.is_file() and bool(_INPUT_NAME.match(p.name))
+
+
+def _clear_inputs(inputs: Path) -> None:
+    """Delete the coordinator's files in ``.inputs`` (block inputs, token counts, their temporary files) and the
+    directory when that leaves it empty."""
+    if inputs.is_dir():
+        for p in inputs.iterdir():
+            if _own_input(p):
+                p.unlink()
+        rmdir_if_empty(inputs)
+
+
 def _check_resume(out: Path, old: Manifest, new: dict) -> None:
+    require_current_version(old, out)
     diffs = build_key_diffs(old.build, new, RAY_RESUME_KEYS)
     if diffs:
         raise InvalidInputError(f"cannot resume {out}: " + "; ".join(diffs))
@@ -153,8 +188,8 @@ def _plan(tokenizer, data: Path, out: Path, config: BuildConfig, report: SkipRep
     score)."""
     plan = Plan(committed_seq_ids(out, part_manifests(out)))
     inputs = out / INPUTS_DIR
-    shutil.rmtree(inputs, ignore_errors=True)
-    inputs.mkdir()
+    _clear_inputs(inputs)
+    inputs.mkdir(exist_ok=True)
     blocks: list[int] = []
     total = 0
     id_counts = np.zeros(0, np.int64)

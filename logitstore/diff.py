@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from logitstore.divergence import divergences
 from logitstore.errors import CacheExistsError, InvalidInputError
 from logitstore.manifest import atomic_write_bytes, now
+from logitstore.ownership import refuse_file
 from logitstore.progress import progress_bar
 from logitstore.reader import Cache
 from logitstore.selection import cache_fingerprint
@@ -46,8 +47,10 @@ def diff(a_path, b_path, out: str | os.PathLike, *, progress: bool = False) -> d
             f"{a.manifest.tokenizer.get('fingerprint')} vs vocab {b.manifest.vocab_size} fingerprint "
             f"{b.manifest.tokenizer.get('fingerprint')}): their token ids do not mean the same tokens")
     out = Path(out)
+    refuse_file(out, "a diff")
     if out.exists() and any(out.iterdir()):
-        raise CacheExistsError(f"{out} exists and is not empty; choose another output path")
+        raise CacheExistsError(f"{out} exists and is not empty; choose another output path (a diff is written only "
+                               "into a new or empty directory)")
     common = [sid for sid in a.index if sid in b.index and sid in a and sid in b]
     if not common:
         raise InvalidInputError(f"{a_path} and {b_path} share no seq_id: they are not caches of the same data")

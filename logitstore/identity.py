@@ -25,7 +25,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from logitstore.errors import TokenizerMismatchError
+from logitstore.errors import InvalidInputError, TokenizerMismatchError
+from logitstore.jsonfile import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +140,12 @@ def _sha256(path: Path) -> str:
 
 
 def _load_cache(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, unreadable or damaged: hash again (it is only a cache)
+        d = read_json(path, InvalidInputError)
+    except InvalidInputError as exc:  # unreadable or damaged: hash again (it is only a cache)
+        logger.debug("ignoring the hash cache: %s", exc)
         return {}
     return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(d, dict) else {}
 
@@ -170,11 +174,15 @@ def model_identity(teacher: str, model, dtype: str) -> dict[str, Any]:
     ident: dict[str, Any] = {"id": teacher if not local else str(path.resolve())}
     named = (path if path.is_dir() else path.parent) / MODEL_ID_FILE
     if local and named.is_file():
+        record = None
         try:
-            ident["id"] = str(json.loads(named.read_text(encoding="utf-8"))["id"])
-            ident["path"] = str(path.resolve())
-        except (OSError, ValueError, KeyError, TypeError):
-            logger.warning("%s: not a readable model id record; using the path as the id", named)
+            record = read_json(named, InvalidInputError)
+        except InvalidInputError as exc:
+            logger.warning("%s; using the path as the id", exc)
+        if isinstance(record, dict) and isinstance(record.get("id"), str):
+            ident["id"], ident["path"] = record["id"], str(path.resolve())
+        elif record is not None:
+            logger.warning('%s: not a model id record {"id": ...}; using the path as the id', named)
     commit = getattr(getattr(model, "config", None), "_commit_hash", None) if not local else None
     ident.update(model_revision(path, commit=commit) if local or commit else {"revision": "unknown", "hashed": ""})
     return {**ident, "dtype": dtype, "architecture": type(model).__name__}

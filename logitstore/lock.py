@@ -1,6 +1,7 @@
 """The build lock: one writer per cache directory, and a crashed writer never blocks the next one.
 
-A ``CacheWriter`` holds ``CACHE/build.lock`` for its whole lifetime. The file is created
+A ``CacheWriter`` holds ``CACHE/build.lock`` for its whole lifetime (a training run holds
+``OUT/run.lock`` the same way: ``BuildLock(dir, name=..., holder="training run")``). The file is created
 atomically (``O_CREAT | O_EXCL``: of two writers racing for it, exactly one succeeds) and
 holds JSON ``{"pid", "host", "started", "command", "proc_start"}`` naming its holder; the
 holder removes it on close and on failure. A writer that finds the file judges the holder:
@@ -68,31 +69,35 @@ def this_process() -> LockInfo:
                     command=command, proc_start=_proc_start(os.getpid()))
 
 
-def read_lock(cache_dir: str | os.PathLike) -> LockInfo | None:
-    """The holder recorded in ``cache_dir``'s lock file; None when there is none or it does not parse."""
+def read_lock(cache_dir: str | os.PathLike, name: str = LOCK_NAME) -> LockInfo | None:
+    """The holder recorded in ``cache_dir``'s lock file ``name``; None when there is none, it cannot be read or it
+    does not parse."""
     try:
-        return _parse((Path(cache_dir) / LOCK_NAME).read_bytes())
-    except (FileNotFoundError, ValueError):
+        return _parse((Path(cache_dir) / name).read_bytes())
+    except (OSError, ValueError, RecursionError):
         return None
 
 
-def check_unlocked(cache_dir: str | os.PathLike) -> None:
+def check_unlocked(cache_dir: str | os.PathLike, name: str = LOCK_NAME, holder: str = "build") -> None:
     """Raise ``CacheLockedError`` now if a live writer holds ``cache_dir`` (a stale lock passes).
 
     For callers that want to fail before expensive work (loading a teacher); the writer's own
     ``BuildLock.acquire`` is what actually excludes a second writer.
     """
-    path = Path(cache_dir) / LOCK_NAME
-    info = read_lock(cache_dir)
+    path = Path(cache_dir) / name
+    info = read_lock(cache_dir, name)
     if info is not None and not _is_stale(info):
-        raise CacheLockedError(_locked_message(path, info))
+        raise CacheLockedError(_locked_message(path, info, holder))
 
 
 class BuildLock:
-    """The lock file of one cache directory. ``acquire`` takes it (or raises), ``release`` gives it back."""
+    """The lock file ``name`` of one directory (a cache's ``build.lock`` by default; ``holder`` says in messages what
+    holds it). ``acquire`` takes it (or raises), ``release`` gives it back."""
 
-    def __init__(self, cache_dir: str | os.PathLike, *, timeout_s: float = 10.0):
-        self.path = Path(cache_dir) / LOCK_NAME
+    def __init__(self, cache_dir: str | os.PathLike, *, name: str = LOCK_NAME, holder: str = "build",
+                 timeout_s: float = 10.0):
+        self.path = Path(cache_dir) / name
+        self.holder = holder
         self.timeout_s = timeout_s  # how long to wait for a torn lock file to be completed or go stale
         self.held = False
         self._data = b""
@@ -154,6 +159,9 @@ class BuildLock:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
             return  # released meanwhile: try again
+        except OSError as exc:  # a directory or an unreadable file under the lock's name
+            raise CacheLockedError(f"{self.path}: cannot read this lock file ({exc.strerror or exc}); if no "
+                                   f"{self.holder} of {self.path.parent} is running, remove it and rerun") from None
         info = _parse_or_none(raw)
         if info is None:
             age = time.time() - mtime
@@ -161,21 +169,21 @@ class BuildLock:
                 if time.monotonic() > deadline:
                     raise CacheLockedError(
                         f"{self.path}: another writer is creating this lock file (unreadable, {age:.1f} s old); "
-                        "if no build of this cache is running, delete the file and rerun")
+                        f"if no {self.holder} of {self.path.parent} is running, delete the file and rerun")
                 time.sleep(0.05)  # a writer is between creating and filling it
                 return
             logger.warning("taking over %s: its content is unreadable and %.0f s old (a writer died while "
                            "creating it)", self.path, age)
         elif not _is_stale(info):
-            raise CacheLockedError(_locked_message(self.path, info))
+            raise CacheLockedError(_locked_message(self.path, info, self.holder))
         else:
-            logger.warning("taking over the stale build lock %s: %s is gone (killed or crashed); the cache "
-                           "resumes from its last committed manifest", self.path, info.describe())
+            logger.warning("taking over the stale %s lock %s: %s is gone (killed or crashed); it resumes from its "
+                           "last commit", self.holder, self.path, info.describe())
         self._take_over(raw)
 
     def _take_over(self, raw: bytes) -> None:
         """Remove the stale lock ``raw``, unless another writer replaced it meanwhile (then put that one back)."""
-        aside = self.path.with_name(f".{LOCK_NAME}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        aside = self.path.with_name(f".{self.path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -201,18 +209,18 @@ def _parse(raw: bytes) -> LockInfo:
 def _parse_or_none(raw: bytes) -> LockInfo | None:
     try:
         return _parse(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
 
 
-def _locked_message(path: Path, info: LockInfo) -> str:
-    cache = path.parent
+def _locked_message(path: Path, info: LockInfo, holder: str = "build") -> str:
+    d = path.parent
     if info.host != socket.gethostname():
-        return (f"{cache} is locked by another build: {info.describe()}. This host ({socket.gethostname()}) cannot "
-                f"tell whether it still runs; if no build of this cache runs there, delete {path} and rerun "
-                "(with --resume to continue the cache)")
-    return (f"{cache} is being written by another build: {info.describe()}. Wait for it to finish or stop it, "
-            "then rerun with --resume (the lock of a killed build is taken over automatically)")
+        return (f"{d} is locked by another {holder}: {info.describe()}. This host ({socket.gethostname()}) cannot "
+                f"tell whether it still runs; if no {holder} of {d} runs there, delete {path} and rerun "
+                "(with --resume to continue it)")
+    return (f"{d} is being written by another {holder}: {info.describe()}. Wait for it to finish or stop it, "
+            f"then rerun with --resume (the lock of a killed {holder} is taken over automatically)")
 
 
 def _is_stale(info: LockInfo) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import os
 from pathlib import Path, PurePosixPath
@@ -18,6 +19,10 @@ from typing import Any
 
 from logitstore.errors import CacheNotFoundError, CorruptCacheError, FormatVersionError
 from logitstore.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, POLICY_FIELDS, READABLE_VERSIONS
+from logitstore.jsonfile import read_json
+
+#: The manifest key holding the sha256 of everything else in it (FORMAT.md, "Manifest"); from format version 2.
+CHECKSUM_KEY = "checksum"
 
 #: The words for a field's exactness, and what each says about its numbers (FORMAT.md, "Exactness").
 EXACTNESS_MEANING = {
@@ -123,15 +128,19 @@ class Manifest:
         if d.get("format") != FORMAT_NAME:
             raise CorruptCacheError(f"{where}: 'format' is {d.get('format')!r}, expected {FORMAT_NAME!r}")
         version = d.get("format_version")
-        if version not in READABLE_VERSIONS:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise FormatVersionError(
                 f"{where}: format_version {version!r} is not readable by this logitstore "
                 f"(reads {', '.join(map(str, READABLE_VERSIONS))}); "
                 + ("upgrade logitstore" if isinstance(version, int) and version > FORMAT_VERSION
                    else "rebuild the cache")
             )
+        _check_checksum(d, version, where)
         totals = d.get("totals")
-        d = {k: v for k, v in d.items() if k != "totals"}
+        if totals is None and version >= 2:
+            raise CorruptCacheError(f"{where}: 'totals' is missing; a format_version {version} manifest always has "
+                                    "it (the manifest was edited or damaged)")
+        d = {k: v for k, v in d.items() if k not in ("totals", CHECKSUM_KEY)}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         missing = names - set(d)  # the writer writes every key: a missing one (say "shards") is damage
@@ -149,6 +158,28 @@ class Manifest:
             if not _inside(file):
                 raise CorruptCacheError(f"{where}: {what} path {file!r} points outside the cache directory")
         return m
+
+
+def manifest_checksum(d: dict[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of every key of the manifest ``d`` but ``checksum``: keys sorted at every
+    level, separators ``,`` and ``:`` without spaces, non-ASCII characters escaped (Python's ``json.dumps(body,
+    sort_keys=True, separators=(",", ":"))``), encoded as UTF-8."""
+    body = {k: v for k, v in d.items() if k != CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _check_checksum(d: dict[str, Any], version: int, where: str) -> None:
+    """Refuse a manifest whose content is not what logitstore wrote: a checksum that does not match, or none in a
+    format that always has one (version 1 manifests have none and are read as they are)."""
+    stored = d.get(CHECKSUM_KEY)
+    if stored is None and version == 1:
+        return
+    if stored is None:
+        raise CorruptCacheError(f"{where}: no '{CHECKSUM_KEY}' key, which every format_version {version} manifest "
+                                "has: the manifest was edited or damaged; restore it from a copy or rebuild the cache")
+    if stored != manifest_checksum(d):
+        raise CorruptCacheError(f"{where}: its '{CHECKSUM_KEY}' does not match its content: the manifest was edited "
+                                "or damaged (only logitstore writes it); restore it from a copy or rebuild the cache")
 
 
 def _is_int(x: object, lo: int = 0, hi: int = 2**63 - 1) -> bool:
@@ -201,7 +232,17 @@ def _inside(file: object) -> bool:
     if not isinstance(file, str) or not file or "\\" in file or "\x00" in file:
         return False
     p = PurePosixPath(file)
-    return not p.is_absolute() and ".." not in p.parts and ":" not in p.parts[0]
+    return bool(p.parts) and not p.is_absolute() and ".." not in p.parts and ":" not in p.parts[0]
+
+
+def require_current_version(m: Manifest, path: str | os.PathLike, doing: str = "resume") -> None:
+    """Refuse to add to a cache of another format version than the one this logitstore writes: its new shards
+    would describe themselves as another version than the manifest (readers refuse such a mix)."""
+    if m.format_version != FORMAT_VERSION:
+        raise FormatVersionError(
+            f"cannot {doing} {path}: it is a format_version {m.format_version} cache and this logitstore writes "
+            f"version {FORMAT_VERSION}; finish it with the logitstore that started it, or rebuild it into a new "
+            "directory (it stays readable as it is)")
 
 
 def now() -> str:
@@ -212,10 +253,7 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.is_file():
         raise CacheNotFoundError(f"{cache_dir}: not a logitstore cache (no {MANIFEST_NAME})")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCacheError(f"{path}: not valid JSON ({exc})") from exc
+    d = read_json(path, CorruptCacheError)
     if not isinstance(d, dict):
         raise CorruptCacheError(f"{path}: expected a JSON object")
     return Manifest.from_dict(d, where=str(path))
@@ -248,6 +286,9 @@ def fsync_dir(path: Path) -> None:
 
 
 def save_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Write ``manifest`` atomically, with its ``checksum`` as the last key (computed over the document as it
+    will be read back, so that reading it gives the same checksum)."""
     manifest.updated_at = now()
-    data = json.dumps(manifest.to_dict(), indent=1, sort_keys=False).encode("utf-8")
-    atomic_write_bytes(Path(cache_dir) / MANIFEST_NAME, data)
+    d = json.loads(json.dumps(manifest.to_dict()))
+    d[CHECKSUM_KEY] = manifest_checksum(d)
+    atomic_write_bytes(Path(cache_dir) / MANIFEST_NAME, json.dumps(d, indent=1).encode("utf-8"))

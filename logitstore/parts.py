@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from logitstore import format as F
-from logitstore.errors import InvalidInputError
-from logitstore.manifest import Manifest, atomic_write_bytes, load_manifest, now, save_manifest
+from logitstore.errors import CacheExistsError, InvalidInputError
+from logitstore.lock import LOCK_NAME, read_lock
+from logitstore.manifest import Manifest, atomic_write_bytes, load_manifest, now, require_current_version, save_manifest
+from logitstore.ownership import check_output_dir, remove_own_files, rmdir_if_empty
 
 PARTS_DIR = "parts"
 #: what every part of one cache must agree on
@@ -74,6 +76,7 @@ def commit_parts(cache: str | Path, *, build: dict[str, Any], duplicates_skipped
     first_block = min(parts)
     first = parts[first_block]
     for block, m in parts.items():
+        require_current_version(m, cache / part_name(block), "gather")
         diffs = [k for k in SHARED_KEYS if getattr(m, k) != getattr(first, k)]
         if (m.id_map or {}).get("sha256") != (first.id_map or {}).get("sha256"):
             diffs.append("id_map")
@@ -100,6 +103,28 @@ def commit_parts(cache: str | Path, *, build: dict[str, Any], duplicates_skipped
     return m
 
 
+def is_part_dir(d: Path) -> bool:
+    """``d`` is a part of a distributed build: ``block-NNNNNN``, a cache directory of ours (logitstore.ownership)."""
+    if not (d.is_dir() and re.match(r"^block-\d{6,}$", d.name)):
+        return False
+    try:
+        check_output_dir(d)
+    except CacheExistsError:
+        return False
+    return True
+
+
 def remove_parts(cache: str | Path) -> None:
-    """Delete every part (a failed first build that committed nothing)."""
-    shutil.rmtree(Path(cache) / PARTS_DIR, ignore_errors=True)
+    """Delete the parts' own files (a failed first build that committed nothing): in each ``block-NNNNNN`` part
+    what its writer wrote (``ownership.remove_own_files``) and its lock, then the directories left empty. A file
+    logitstore does not write stays, and so does the directory holding it."""
+    root = Path(cache) / PARTS_DIR
+    if not root.is_dir():
+        return
+    for d in sorted(root.iterdir()):
+        if is_part_dir(d):
+            remove_own_files(d)
+            if read_lock(d) is not None:
+                (d / LOCK_NAME).unlink(missing_ok=True)
+            rmdir_if_empty(d)
+    rmdir_if_empty(root)

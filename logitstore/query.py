@@ -7,27 +7,38 @@ their label columns (``round``) first (``logitstore.union``).
     con = logitstore.query.connect("cache")
     con.sql("SELECT avg(mean_entropy) FROM sequences WHERE correct").fetchall()
 
-``Cache.sql(query)`` is the same on an already open cache.
+``Cache.sql(query)`` is the same on an already open cache. Both are the caller's own connection, with DuckDB's
+usual file access; ``connect(..., confine_to=[...])`` confines it as ``logitstore sql`` does.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import duckdb
 
 from logitstore import union
 from logitstore.reader import Cache
+from logitstore.sqlguard import confine
 from logitstore.views import MACROS, SEQUENCE_VIEW_COLUMNS
 from logitstore.views import connect as connect_views
 
 __all__ = ["MACROS", "SEQUENCE_VIEW_COLUMNS", "connect"]
 
 
-def connect(cache: Cache | str | os.PathLike, con: duckdb.DuckDBPyConnection | None = None
-            ) -> duckdb.DuckDBPyConnection:
+def connect(cache: Cache | str | os.PathLike, con: duckdb.DuckDBPyConnection | None = None, *,
+            confine_to: Iterable[str | os.PathLike] | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views, the tables and the macros of ``cache`` (a path, a selection file, a
-    union file or a directory holding one, or an open ``Cache``)."""
+    union file or a directory holding one, or an open ``Cache``). With ``confine_to`` (what ``select`` and
+    ``logitstore sql`` run user text on), its file access is confined to the cache's directory (a union's: its
+    directory and every member's) and those paths, and its configuration locked
+    (``logitstore.sqlguard.confine``)."""
     if not isinstance(cache, Cache) and union.is_union(cache):
-        return union.connect(cache, con)
-    return connect_views(cache if isinstance(cache, Cache) else Cache(cache), con)
+        con = union.connect(cache, con)
+        own = union.member_paths(cache)
+    else:
+        cache = cache if isinstance(cache, Cache) else Cache(cache)
+        con = connect_views(cache, con)
+        own = [cache.path]
+    return con if confine_to is None else confine(con, [*own, *confine_to])

@@ -23,129 +23,27 @@ import pyarrow.parquet as pq
 
 from logitstore import codec as C
 from logitstore import format as F
+from logitstore.blocks import Block, Sequence
 from logitstore.errors import CorruptCacheError, InvalidInputError
 from logitstore.idmap import read_id_map
 from logitstore.manifest import load_manifest
-from logitstore.records import Scored, SequenceRecord
 from logitstore.rules import rule_from_dict
-from logitstore.selection import Selection, check_fingerprint, is_selection_file, load_selection
+from logitstore.selection import Selection, check_fingerprint, check_known, is_selection_file, load_selection
 
-#: the optional per-position fields of rules that draw (Block and Sequence)
-TAIL_FIELDS = ("tail_ids", "tail_logprobs", "tail_counts", "n_tail", "proposal_log_norm")
-#: every optional per-position field (None where a cache has none): the draws', and the policy's (--responses-from)
-OPTIONAL_FIELDS = TAIL_FIELDS + F.POLICY_FIELDS
+__all__ = ["Block", "Cache", "Sequence", "open"]
+
 # What pyarrow raises on a damaged file: its own errors, OS errors, and undecodable footers.
 _READ_ERRORS = (OSError, pa.ArrowException, UnicodeDecodeError, ValueError)
-
-
-@dataclasses.dataclass
-class Block:
-    """The decoded positions of some sequences (one row group, or a subset of one)."""
-
-    scalars: dict[str, np.ndarray]  # per sequence: seq_id (object), record, n_positions, aggregates...
-    token_offsets: np.ndarray  # [S+1] into input_ids
-    input_ids: np.ndarray  # [sum T] int32
-    pos_offsets: np.ndarray  # [S+1] into the position arrays
-    pos: np.ndarray  # [P] int32
-    labels: np.ndarray  # [P] int32 = input_ids[pos]
-    loss_mask: np.ndarray  # [P] bool
-    label_logprob: np.ndarray  # [P] float32
-    entropy: np.ndarray  # [P] float32
-    tail_mass: np.ndarray  # [P] float32
-    ids: np.ndarray  # [P, K] int32, -1 where invalid
-    logprobs: np.ndarray | None  # [P, K] float32, -inf where invalid; None when not stored (codec "none")
-    n_entries: np.ndarray  # [P] int32
-    counts: np.ndarray | None  # [P, K] uint16 (rule sample), 0 where invalid
-    tail_ids: np.ndarray | None = None  # [P, U] int32 (rule topk_tail), -1 where invalid
-    tail_logprobs: np.ndarray | None = None  # [P, U] float32, -inf where invalid (None: not stored)
-    tail_counts: np.ndarray | None = None  # [P, U] uint16, 0 where invalid
-    n_tail: np.ndarray | None = None  # [P] int32
-    proposal_log_norm: np.ndarray | None = None  # [P] float32 (a proposal temperature != 1)
-    policy_logprob: np.ndarray | None = None  # [P] float32 (responses from a policy): its logprob of the label
-    policy_entropy: np.ndarray | None = None  # [P] float32, its entropy
-
-    def __len__(self) -> int:
-        return self.pos_offsets.size - 1
-
-    @property
-    def valid(self) -> np.ndarray:
-        return np.arange(self.ids.shape[1])[None, :] < self.n_entries[:, None]
-
-    def sequence(self, i: int) -> Sequence:
-        a, b = self.pos_offsets[i], self.pos_offsets[i + 1]
-        ta, tb = self.token_offsets[i], self.token_offsets[i + 1]
-        return Sequence(
-            **{k: v[i] for k, v in self.scalars.items()},
-            input_ids=self.input_ids[ta:tb], pos=self.pos[a:b], labels=self.labels[a:b],
-            loss_mask=self.loss_mask[a:b], label_logprob=self.label_logprob[a:b], entropy=self.entropy[a:b],
-            tail_mass=self.tail_mass[a:b], ids=self.ids[a:b],
-            logprobs=None if self.logprobs is None else self.logprobs[a:b],
-            n_entries=self.n_entries[a:b], counts=None if self.counts is None else self.counts[a:b],
-            **{name: None if getattr(self, name) is None else getattr(self, name)[a:b] for name in OPTIONAL_FIELDS},
-        )
-
-
-@dataclasses.dataclass
-class Sequence:
-    """One cached sequence, decoded. Array fields are ``[N]`` or ``[N, K]`` over its N cached positions."""
-
-    seq_id: str
-    record: int
-    sample: int
-    n_tokens: int
-    n_positions: int
-    n_targets: int
-    mean_entropy: float | None
-    teacher_nll: float | None
-    token_accuracy: float | None
-    correct: bool | None
-    input_ids: np.ndarray
-    pos: np.ndarray
-    labels: np.ndarray
-    loss_mask: np.ndarray
-    label_logprob: np.ndarray
-    entropy: np.ndarray
-    tail_mass: np.ndarray
-    ids: np.ndarray
-    logprobs: np.ndarray | None
-    n_entries: np.ndarray
-    counts: np.ndarray | None
-    tail_ids: np.ndarray | None = None
-    tail_logprobs: np.ndarray | None = None
-    tail_counts: np.ndarray | None = None
-    n_tail: np.ndarray | None = None
-    proposal_log_norm: np.ndarray | None = None
-    policy_logprob: np.ndarray | None = None
-    policy_entropy: np.ndarray | None = None
-
-    def record_of(self) -> SequenceRecord:
-        """This sequence as ``CacheWriter.add`` takes it (entries trimmed to their widest position; the stored
-        aggregates carried over), e.g. to copy it into another cache."""
-        k = max(1, int(self.n_entries.max(initial=1)))
-        scored = Scored(ids=self.ids[:, :k].clip(min=0),
-                        logprobs=None if self.logprobs is None else self.logprobs[:, :k],
-                        n_entries=self.n_entries, counts=None if self.counts is None else self.counts[:, :k],
-                        label_logprob=self.label_logprob, entropy=self.entropy, tail_mass=self.tail_mass,
-                        proposal_log_norm=self.proposal_log_norm)
-        if self.tail_ids is not None:
-            u = max(1, int(self.n_tail.max(initial=1)))
-            scored.tail_ids, scored.tail_counts = self.tail_ids[:, :u].clip(min=0), self.tail_counts[:, :u]
-            scored.tail_logprobs, scored.n_tail = self.tail_logprobs[:, :u], self.n_tail
-        return SequenceRecord(input_ids=self.input_ids, positions=self.pos, loss_mask=self.loss_mask, scored=scored,
-                              seq_id=self.seq_id, record=int(self.record), sample=int(self.sample),
-                              correct=self.correct, policy_logprob=self.policy_logprob,
-                              policy_entropy=self.policy_entropy,
-                              aggregates={"mean_entropy": self.mean_entropy, "teacher_nll": self.teacher_nll,
-                                          "token_accuracy": self.token_accuracy})
 
 
 class Cache:
     """A cache on disk, read through its last committed manifest."""
 
-    def __init__(self, path, *, check_totals: bool = True):
+    def __init__(self, path, *, check_totals: bool = True, allow_missing: bool = False):
         """``path``: a cache directory, a selection file, or a ``Selection`` (opened on its cache).
         ``check_totals=False`` (for ``verify``, which reports it) accepts a manifest whose totals disagree with
-        its shard list; a reader refuses it, since a dropped shard entry would make sequences vanish."""
+        its shard list; a reader refuses it, since a dropped shard entry would make sequences vanish. A selection
+        file's seq ids must all be in the cache, unless ``allow_missing`` (then those that are are used)."""
         self.selection = None  # a Selection when opened through one
         self._subset: frozenset[str] | None = None
         if isinstance(path, Selection) or is_selection_file(path):
@@ -155,7 +53,6 @@ class Cache:
             check_fingerprint(self.selection, self.manifest, "the selection" if isinstance(path, Selection)
                               else Path(path), self.path)
             self._subset = frozenset(self.selection.seq_ids)
-            self._subset_values = pa.array(sorted(self._subset), pa.string())  # for filtering, built once
         else:
             self.path = Path(path)
             self.manifest = load_manifest(self.path)
@@ -171,6 +68,11 @@ class Cache:
         self._index: dict[str, tuple[int, int]] | None = None  # seq_id -> (shard, row)
         self._files: dict[int, pq.ParquetFile] = {}
         self._shard_numbers: list[int] | None = None
+        if self.selection is not None and not isinstance(path, Selection):  # a file may be edited by hand
+            self.selection = check_known(self.selection, self.index, path, self.path, allow_missing=allow_missing)
+            self._subset = frozenset(self.selection.seq_ids)
+        if self._subset is not None:
+            self._subset_values = pa.array(sorted(self._subset), pa.string())  # for filtering, built once
 
     # ------------------------------------------------------------ summary
     def __len__(self) -> int:
@@ -181,6 +83,14 @@ class Cache:
         if self._subset is None:
             return self.manifest.positions
         return int(sum(self.scalars(["n_positions"]).column(0).to_pylist()))
+
+    @property
+    def source(self) -> Path | Selection:
+        """What opens this same view again (the loader, its DataLoader workers): the cache directory, or the
+        selection (already checked) with its cache's absolute path."""
+        if self.selection is None:
+            return self.path.resolve()
+        return dataclasses.replace(self.selection, cache=str(self.path.resolve()))
 
     @property
     def weights(self) -> dict[str, float] | None:
@@ -456,6 +366,7 @@ def _flat2(a: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
     return inner - inner[0], values
 
 
-def open(path: str | os.PathLike) -> Cache:  # noqa: A001 - the natural name, as in logitstore.open
-    """Open the cache at ``path`` (a directory with ``manifest.json``), or a selection file of one."""
-    return Cache(path)
+def open(path: str | os.PathLike, *, allow_missing: bool = False) -> Cache:  # noqa: A001 - as in logitstore.open
+    """Open the cache at ``path`` (a directory with ``manifest.json``), or a selection file of one (whose seq ids
+    must all be in its cache unless ``allow_missing``)."""
+    return Cache(path, allow_missing=allow_missing)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from logitstore.codec import Codec
-from logitstore.errors import InvalidInputError
+from logitstore.errors import CacheExistsError, InvalidInputError
 from logitstore.manifest import atomic_write_bytes
 from logitstore.query import connect
 from logitstore.reader import Cache
@@ -62,6 +62,17 @@ code { font-size: 0.95em; }
 """
 
 
+_TITLE = "<title>logitstore report: "  # what makes a file a report of ours (the only files write_report replaces)
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return _TITLE.encode() in f.read(512)
+    except OSError:
+        return False
+
+
 def write_report(cache: Cache | str | os.PathLike, out: str | os.PathLike, *, top: int = 10) -> Path:
     """Write the HTML report of ``cache`` (a path or an open ``Cache``) to ``out``; returns ``out`` as a Path.
 
@@ -74,6 +85,9 @@ def write_report(cache: Cache | str | os.PathLike, out: str | os.PathLike, *, to
         raise InvalidInputError(f"output {str(out)!r} is a directory; give the path of the HTML file to write")
     if not out.parent.is_dir():
         raise InvalidInputError(f"output {str(out)!r}: its directory {str(out.parent)!r} does not exist")
+    if out.exists() and not _is_report(out):
+        raise CacheExistsError(f"output {str(out)!r} exists and is not a logitstore report: it is never overwritten; "
+                               "choose a new path (an earlier report is replaced)")
     t0 = time.perf_counter()
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     con = connect(cache)
@@ -110,7 +124,7 @@ def write_report(cache: Cache | str | os.PathLike, out: str | os.PathLike, *, to
                        "teacher_nll ASC", top, "text the teacher predicts best: memorised or boilerplate?"))
 
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>logitstore report: {_e(cache.path.name)}</title><style>{_CSS}</style></head>\n<body>\n"
+            f"{_TITLE}{_e(cache.path.name)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
     con.close()
     atomic_write_bytes(out, page.encode("utf-8"))

@@ -20,12 +20,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from logitstore.errors import InvalidInputError, LogitstoreError
+from logitstore.jsonfile import read_json
 from logitstore.manifest import Manifest, atomic_write_bytes, now
+
+logger = logging.getLogger(__name__)
 
 SELECTION_FORMAT = "logitstore-selection"
 SELECTION_VERSION = 1
@@ -63,6 +68,8 @@ class Selection:
 
 
 def is_selection_file(path: str | os.PathLike) -> bool:
+    """``path`` looks like a selection (its first bytes name the selection format): how ``open`` tells one from a
+    cache directory; ``load_selection`` then checks it fully."""
     p = Path(path)
     if not p.is_file():
         return False
@@ -71,25 +78,87 @@ def is_selection_file(path: str | os.PathLike) -> bool:
     return SELECTION_FORMAT.encode() in head
 
 
-def load_selection(path: str | os.PathLike) -> Selection:
-    p = Path(path)
+def is_our_selection(path: str | os.PathLike) -> bool:
+    """``path`` is a selection file written by logitstore (a JSON object whose ``format`` is the selection format,
+    however its content was edited since): the only kind of file ``select --force`` replaces."""
+    if not is_selection_file(path):
+        return False
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{p}: not a readable selection file ({exc})") from exc
+        d = read_json(path, InvalidInputError)
+    except InvalidInputError:
+        return False
+    return isinstance(d, dict) and d.get("format") == SELECTION_FORMAT
+
+
+def load_selection(path: str | os.PathLike) -> Selection:
+    """The selection in the file ``path``, every value checked (``check_values``), each problem one line."""
+    p = Path(path)
+    d = read_json(p, InvalidInputError, what="selection")
     if not isinstance(d, dict) or d.get("format") != SELECTION_FORMAT:
-        raise InvalidInputError(f"{p}: not a logitstore selection (format {d.get('format')!r})")
+        got = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise InvalidInputError(f"{p}: not a logitstore selection (format {got!r:.60})")
     if d.get("version") != SELECTION_VERSION:
-        raise InvalidInputError(f"{p}: selection version {d.get('version')!r}; this logitstore reads "
+        raise InvalidInputError(f"{p}: selection version {d.get('version')!r:.60}; this logitstore reads "
                                 f"{SELECTION_VERSION}")
     fields = {f.name for f in dataclasses.fields(Selection)}
-    try:
-        sel = Selection(**{k: v for k, v in d.items() if k in fields})
-    except TypeError as exc:
-        raise InvalidInputError(f"{p}: malformed selection ({exc})") from exc
-    if sel.weights is not None and len(sel.weights) != len(sel.seq_ids):
-        raise InvalidInputError(f"{p}: {len(sel.weights)} weights for {len(sel.seq_ids)} seq ids")
+    missing = sorted({"cache", "cache_fingerprint", "seq_ids"} - set(d))
+    if missing:
+        raise InvalidInputError(f"{p}: malformed selection (missing {', '.join(missing)})")
+    sel = Selection(**{k: v for k, v in d.items() if k in fields})
+    check_values(sel, p)
     return sel
+
+
+def check_values(sel: Selection, where: str | os.PathLike) -> None:
+    """Refuse a selection (a hand-edited file, say) whose values a reader cannot use as they are: ids that are not
+    unique strings, weights that are not one finite non-negative number per id, or weights that are all zero."""
+    bad = lambda msg: InvalidInputError(f"{where}: {msg}")  # noqa: E731
+    if not isinstance(sel.cache, str) or not isinstance(sel.cache_fingerprint, str):
+        raise bad(f"'cache' {sel.cache!r:.60} and 'cache_fingerprint' {sel.cache_fingerprint!r:.60} must be strings")
+    if not isinstance(sel.seq_ids, list):
+        raise bad(f"'seq_ids' is {type(sel.seq_ids).__name__}, expected a list of seq id strings")
+    for i, sid in enumerate(sel.seq_ids):
+        if not isinstance(sid, str) or not sid:
+            raise bad(f"seq_ids[{i}] is {sid!r:.40} ({type(sid).__name__}); a seq id is a non-empty string (the "
+                      "cache's seq_id column)")
+    if len(set(sel.seq_ids)) != len(sel.seq_ids):
+        seen: set[str] = set()
+        dup = next(s for s in sel.seq_ids if s in seen or seen.add(s))
+        raise bad(f"seq id {dup!r} is listed twice; each sequence appears once in a selection")
+    if sel.weights is None:
+        return
+    if not isinstance(sel.weights, list) or len(sel.weights) != len(sel.seq_ids):
+        n = len(sel.weights) if isinstance(sel.weights, list) else type(sel.weights).__name__
+        raise bad(f"{n} weights for {len(sel.seq_ids)} seq ids; give one weight per seq id, or null")
+    for i, w in enumerate(sel.weights):
+        if type(w) not in (int, float) or not math.isfinite(w) or w < 0:
+            raise bad(f"weights[{i}] (of {sel.seq_ids[i]}) is {w!r:.40}; a weight is a finite number >= 0")
+    if sel.weights and not any(sel.weights):
+        raise bad("every weight is 0, so nothing would be trained on; drop the sequences instead, or the weights")
+
+
+def check_known(sel: Selection, known, where: str | os.PathLike, cache_dir: Path, *,
+                allow_missing: bool = False) -> Selection:
+    """``sel`` restricted to the seq ids in ``known`` (the cache's index). Ids it does not hold are an error (the
+    file was edited, or made from another cache) unless ``allow_missing``, which logs how many are left out; a
+    selection none of whose ids is in the cache is always an error."""
+    missing = [s for s in sel.seq_ids if s not in known]
+    if not missing:
+        return sel
+    n = len(sel.seq_ids)
+    if len(missing) == n:
+        raise SelectionMismatchError(f"{where}: none of its {n} seq ids is in the cache {cache_dir} (first: "
+                                     f"{missing[0]!r:.40}); it was made from another cache or edited")
+    if not allow_missing:
+        raise SelectionMismatchError(
+            f"{where}: {len(missing)} of its {n} seq ids are not in the cache {cache_dir} (first: {missing[0]!r:.40}); "
+            f"it was edited or made from another cache; pass --allow-missing to use the {n - len(missing)} that are")
+    logger.warning("%s: %d of %d seq ids are not in %s; using the %d that are (--allow-missing)", where, len(missing),
+                   n, cache_dir, n - len(missing))
+    gone = set(missing)
+    keep = [i for i, s in enumerate(sel.seq_ids) if s not in gone]
+    return dataclasses.replace(sel, seq_ids=[sel.seq_ids[i] for i in keep],
+                               weights=None if sel.weights is None else [sel.weights[i] for i in keep])
 
 
 def save_selection(path: str | os.PathLike, sel: Selection) -> None:

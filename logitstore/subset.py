@@ -19,14 +19,17 @@ from logitstore.query import connect
 from logitstore.reader import Cache
 from logitstore.rules import rule_from_dict
 from logitstore.selection import Selection, cache_fingerprint, in_fraction
+from logitstore.sqlguard import SELECT_ONLY, check_expression, check_statements
 from logitstore.writer import CacheWriter
 
 
 def make_selection(cache_path: str | os.PathLike, *, where: str | None = None, query: str | None = None,
                    weight: str | None = None, fraction: float | None = None, seed: int = 0,
-                   limit: int | None = None) -> Selection:
+                   limit: int | None = None, allow_paths: tuple[str, ...] = ()) -> Selection:
     """Run ``query`` (SQL returning ``seq_id`` and optionally ``weight``), or ``SELECT seq_id[, weight]
-    FROM sequences WHERE where``, then keep a seeded ``fraction`` and at most ``limit`` rows, in query order."""
+    FROM sequences WHERE where``, then keep a seeded ``fraction`` and at most ``limit`` rows, in query order.
+    ``where`` and ``weight`` are one expression each, ``query`` one SELECT (``logitstore.sqlguard``); the query
+    reads the cache and the files or directories in ``allow_paths`` only."""
     if (where is None) == (query is None):
         raise InvalidInputError("give exactly one of --where PREDICATE and --query SQL")
     if fraction is not None and not (0 < fraction <= 1):
@@ -36,17 +39,25 @@ def make_selection(cache_path: str | os.PathLike, *, where: str | None = None, q
     cache = Cache(cache_path)
     if cache.selection is not None:
         raise InvalidInputError(f"{cache_path} is a selection; select from its cache {cache.path} instead")
-    if query is None:
-        query = f"SELECT seq_id{f', ({weight})::DOUBLE AS weight' if weight else ''} FROM sequences WHERE {where}"
+    if query is None:  # each text pasted into the query is one expression (logitstore.sqlguard), nothing more
+        check_expression(where, "--where")
+        if weight:
+            check_expression(weight, "--weight")
+        w = f", ((\n{weight}\n))::DOUBLE AS weight" if weight else ""  # on their own lines: a -- comment ends there
+        query = f"SELECT seq_id{w} FROM sequences WHERE (\n{where}\n)"
     elif weight:
         raise InvalidInputError("--weight goes with --where; with --query, return a 'weight' column instead")
-    con = connect(cache)
+    else:
+        check_statements(query, SELECT_ONLY, "--query")
+    con = connect(cache, confine_to=allow_paths)
     try:
         rel = con.sql(query)
         cols = rel.columns
         rows = rel.fetchall()
     except duckdb.Error as exc:
-        raise InvalidInputError(f"selection query failed: {' '.join(str(exc).split())}") from None
+        hint = " (a selection query reads only the cache and the paths given with --allow-path)" \
+            if isinstance(exc, duckdb.PermissionException) else ""
+        raise InvalidInputError(f"selection query failed: {' '.join(str(exc).split())}{hint}") from None
     if "seq_id" not in cols:
         raise InvalidInputError(f"the selection query must return a seq_id column; it returned {cols}")
     i_id, i_w = cols.index("seq_id"), cols.index("weight") if "weight" in cols else None

@@ -119,6 +119,14 @@ def save_union(path: str | os.PathLike, union: Union) -> Path:
     return p
 
 
+def member_paths(path: str | os.PathLike) -> list[Path]:
+    """The union file's directory and every member cache's resolved directory (what a confined connection over the
+    union may read)."""
+    file = union_file(path)
+    u = load_union(path)
+    return [file.parent.resolve()] + [(file.parent / m.cache).resolve() for m in u.members]
+
+
 def _literal(v: Any) -> str:
     if isinstance(v, str):
         return "'" + v.replace("'", "''") + "'"

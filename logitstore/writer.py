@@ -34,8 +34,18 @@ from logitstore.contract import Contract, as_numpy, check_rule_and_codec
 from logitstore.encode import encode_rows, shard_writer
 from logitstore.errors import CacheExistsError, CacheWriteError, InvalidInputError, LogitstoreError
 from logitstore.idmap import read_id_map, write_id_map
-from logitstore.lock import LOCK_NAME, BuildLock
-from logitstore.manifest import EXACTNESS_WORDS, Manifest, ShardInfo, fsync_dir, load_manifest, now, save_manifest
+from logitstore.lock import BuildLock
+from logitstore.manifest import (
+    EXACTNESS_WORDS,
+    Manifest,
+    ShardInfo,
+    fsync_dir,
+    load_manifest,
+    now,
+    require_current_version,
+    save_manifest,
+)
+from logitstore.ownership import check_output_dir, remove_own_files, rmdir_if_empty, stray_shard_files
 from logitstore.records import SequenceRecord
 from logitstore.rules import Rule, TopKTail
 from logitstore.version import __version__
@@ -148,9 +158,7 @@ class CacheWriter:
             self.abort()
 
     def open(self) -> None:
-        if not (self.path / F.MANIFEST_NAME).is_file() and self.path.exists() and \
-                any(p.name not in (F.SHARD_DIR, LOCK_NAME) for p in self.path.iterdir()):
-            raise CacheExistsError(f"{self.path} exists, is not empty and is not a cache; choose a new output path")
+        check_output_dir(self.path)  # ours, or refused: nothing of a user's is touched
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = BuildLock(self.path)
@@ -186,12 +194,13 @@ class CacheWriter:
             self.manifest = self._new_manifest
             self.manifest.created_at = now()
             self.manifest.created_by = f"logitstore {__version__}"
-        # anything the manifest does not list is an interrupted shard or a stray file: drop it
-        listed = {Path(s.file).name for s in self.manifest.shards}
-        for p in shard_dir.iterdir():
-            if p.name not in listed:
-                logger.warning("removing %s (not committed in the manifest)", p)
-                p.unlink()
+        # a shard file of ours that the manifest does not list is an interrupted write: drop it; leave anything else
+        ours, foreign = stray_shard_files(shard_dir, {Path(s.file).name for s in self.manifest.shards})
+        for p in ours:
+            logger.warning("removing %s (not committed in the manifest)", p)
+            p.unlink()
+        for p in foreign:
+            logger.warning("leaving %s in place: not a file logitstore writes (verify reports it)", p)
         if not self.manifest.id_map:
             for p in (self.path / F.ID_MAP_NAME, self.path / f".{F.ID_MAP_NAME}.tmp"):
                 p.unlink(missing_ok=True)
@@ -235,13 +244,7 @@ class CacheWriter:
             return
         empty = self._created and not (self.manifest and self.manifest.shards)
         if remove_created and empty:
-            for name in (F.MANIFEST_NAME, f".{F.MANIFEST_NAME}.tmp", F.ID_MAP_NAME, f".{F.ID_MAP_NAME}.tmp"):
-                (self.path / name).unlink(missing_ok=True)
-            shard_dir = self.path / F.SHARD_DIR
-            if shard_dir.is_dir():
-                for p in shard_dir.iterdir():
-                    p.unlink(missing_ok=True)
-                rmdir_if_empty(shard_dir)
+            remove_own_files(self.path)
         self._lock.release()
         self._lock = None
         if remove_created and empty:
@@ -259,12 +262,10 @@ class CacheWriter:
         return err
 
     def _check_resume_compatible(self, old: Manifest) -> None:
+        require_current_version(old, self.path)
         new = self._new_manifest
-        if old.format_version != new.format_version:
-            raise InvalidInputError(f"cannot resume {self.path}: it is a format version {old.format_version} cache "
-                                    f"and this logitstore writes version {new.format_version}; finish it with the "
-                                    "logitstore that started it, or build into a new directory")
         diffs = [
+            teacher_diff(old.teacher, new.teacher) if name == "teacher" else
             f"{name}: cache has {getattr(old, name)!r}, this build has {getattr(new, name)!r}"
             for name in ("vocab_size", "rule", "codec", "teacher", "tokenizer", "temperature")
             if getattr(old, name) != getattr(new, name)
@@ -381,6 +382,21 @@ class CacheWriter:
         self._code_of = C.invert_id_map(id_map)
 
 
+def teacher_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between the teacher a cache was started with and this build's, in one phrase; a changed
+    revision (the content hash of its files) comes first: a resume would mix two teachers' values."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    moved = "revision" in keys
+    phrases = [f"teacher {k}: cache has {old.get(k)!r:.120}, this build has {new.get(k)!r:.120}"
+               for k in keys if not (moved and k in ("revision", "hashed"))]
+    if moved:
+        phrases.insert(0, f"teacher revision: cache has {old.get('revision')!r}, this build has "
+                          f"{new.get('revision')!r} ({new.get('hashed') or 'no content hash'}): the teacher at "
+                          f"{new.get('path', new.get('id'))!r} is not the one the cache was started with, and a "
+                          "resume would mix two teachers' values")
+    return "; ".join(phrases)
+
+
 def build_key_diffs(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
     """What a resume would change in the build arguments ``keys``, one phrase per differing key."""
     return [f"build {key}: cache has {old.get(key)!r}, this build has {new.get(key)!r}"
@@ -390,11 +406,3 @@ def build_key_diffs(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, .
 def _is_io_error(exc: BaseException) -> bool:
     """An OS-level failure (disk full, I/O error), not one of logitstore's own errors that subclass OSError."""
     return isinstance(exc, OSError) and not isinstance(exc, LogitstoreError)
-
-
-def rmdir_if_empty(path: Path) -> None:
-    """Remove the directory ``path`` if it is empty; otherwise (or if it is gone) leave it."""
-    try:
-        path.rmdir()
-    except OSError:  # not empty (another writer's lock appeared meanwhile) or already gone: leave it
-        pass

@@ -10,8 +10,10 @@ Student: a 3-layer Llama (hidden 192, the teacher's tokenizer) from scratch. Two
 Configurations (``--only``): ``ce`` (labels only: the floor, a), ``online`` (forward KL against the
 teacher's full distribution at every step: the ceiling, d; the teacher's logprobs are computed once
 into a float32 memmap and read back, which is the same target as a forward pass per step), and
-caches built with ``logitstore build`` trained with ``logitstore train`` (``CONFIGS``: top-k with
-each tail policy, sampled, exact head + tail draws, tempered proposals). Every configuration runs
+caches trained with ``logitstore train`` (``CONFIGS``: top-k with each tail policy, sampled, exact head +
+tail draws, tempered proposals). The caches are built by the builder's driver, extraction and writer
+(``builders.driver.build_with``) from the teacher's final hidden states, computed once per record and
+replayed for every cache (the body is the same for every rule; only the extraction differs). Every configuration runs
 with ``--seeds`` seeds (student init and data order); each seed's recovered fraction is paired
 with the same seed's (a) and (d): ``(a - x) / (a - d)``.
 
@@ -120,7 +122,8 @@ class Bench:
         self.scfg = work / "student" / "config.json"
         self.scfg.parent.mkdir(parents=True, exist_ok=True)
         LlamaConfig(**STUDENT).to_json_file(str(self.scfg))
-        self._teacher = None
+        self._teacher = self._backend = None
+        self.tok = tok
         self.np, self.torch = np, torch
         self.AutoModel = AutoModelForCausalLM
 
@@ -128,6 +131,16 @@ class Bench:
         if self._teacher is None:
             self._teacher = self.AutoModel.from_pretrained(self.tdir, dtype=self.torch.float32).eval()
         return self._teacher
+
+    def backend(self):
+        """The build's transformers backend around the teacher, replaying each sequence's final hidden states
+        once computed (``replay_backend``): every cache goes through the builder's extraction and writer."""
+        if self._backend is None:
+            from logitstore.identity import model_identity
+
+            self._backend = replay_backend(self.teacher(), self.tok, model_identity(str(self.tdir), self.teacher(),
+                                                                                  "fp32"), str(self.tdir))
+        return self._backend
 
     def teacher_logprobs(self, name: str, seqs: list[list[int]]):
         """``[rows, LENGTH - 1, V]`` float32 memmap of the teacher's full log-softmax of ``seqs`` (row i: seqs[i]),
@@ -142,10 +155,13 @@ class Bench:
         if todo:
             t = time.perf_counter()
             with torch.inference_mode():
-                for i in todo:
-                    s = seqs[i]
-                    mm[i, :len(s) - 1] = torch.log_softmax(
-                        self.teacher()(torch.tensor(s)[None]).logits[0, :-1].float(), -1).numpy()
+                backend = self.backend()
+                for a in range(0, len(todo), 8):  # the head over the (replayed) final hidden states
+                    rows = todo[a:a + 8]
+                    h = backend.hidden([seqs[i] for i in rows])
+                    for j, i in enumerate(rows):
+                        n = len(seqs[i]) - 1
+                        mm[i, :n] = torch.log_softmax(backend.head(h[j, :n]), -1).numpy()
             mm.flush()
             done_file.write_text(json.dumps(sorted(done | set(todo))))
             print(f"  teacher logprobs of {len(todo)} {name} records in {time.perf_counter() - t:.0f} s", flush=True)
@@ -153,15 +169,45 @@ class Bench:
 
     def cache(self, spec: dict) -> Path:
         from builders.config import BuildConfig
-        from builders.driver import build
+        from builders.driver import build_with
 
         key = "-".join(f"{k}{v}" for k, v in sorted(spec.items()))
         path = self.work / f"cache-{self.regime}-{key}"
         if not (path / "manifest.json").exists():
             t = time.perf_counter()
-            build(str(self.tdir), self.data, path, BuildConfig(rule=rule_of(spec), max_length=LENGTH), progress=False)
+            build_with(self.backend(), str(self.tdir), self.data, path,
+                       BuildConfig(rule=rule_of(spec), max_length=LENGTH), progress=False)
             print(f"  built {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
         return path
+
+
+def replay_backend(model, tokenizer, identity: dict, name: str):
+    """A ``TransformersBackend`` whose body runs once per token sequence: ``hidden`` keeps each sequence's final
+    hidden states and replays them (right-padded, as the body gives them), so the benchmark's many caches of one
+    dataset differ only in what the builder's own extraction and writer make of the same teacher states."""
+    import torch
+
+    from builders.backends.hf import TransformersBackend
+
+    class Replay(TransformersBackend):
+        states: dict[tuple, torch.Tensor] = {}
+
+        def hidden(self, input_ids):
+            new = [x for x in {tuple(int(t) for t in x) for x in input_ids} if x not in self.states]
+            for a in range(0, len(new), 8):
+                chunk = new[a:a + 8]
+                h = super().hidden([list(x) for x in chunk])
+                for j, x in enumerate(chunk):
+                    self.states[x] = h[j, :len(x)].clone()
+            rows = [self.states[tuple(int(t) for t in x)] for x in input_ids]
+            out = rows[0].new_zeros((len(rows), max(r.shape[0] for r in rows), rows[0].shape[1]))
+            for j, r in enumerate(rows):
+                out[j, :r.shape[0]] = r
+            return out
+
+    backend = Replay.from_model(model, tokenizer, identity, name=name)
+    backend.states = {}
+    return backend
 
 
 def bytes_per_token(cache: Path) -> float:

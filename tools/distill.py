@@ -41,8 +41,9 @@ from builders.config import BuildConfig, PolicyConfig
 from builders.driver import build
 from builders.policy import PolicyNotFoundError, check_same_tokenizer
 from logitstore.errors import CacheExistsError, InvalidInputError, LogitstoreError
-from logitstore.lock import BuildLock
+from logitstore.lock import LOCK_NAME, BuildLock, read_lock
 from logitstore.manifest import atomic_write_bytes
+from logitstore.ownership import describe_entries, refuse_file
 from logitstore.union import Member, Union, save_union
 from trainers.checkpoint import list_checkpoints
 from trainers.config import TrainConfig
@@ -97,7 +98,8 @@ def round_seed(seed: int, r: int) -> int:
 def check(cfg: DistillConfig, *, resume: bool) -> None:
     """Everything that can be refused before anything is written (one line each)."""
     from builders.backends.hf import load_tokenizer
-    from builders.data import data_fingerprint
+    from builders.inputs import data_fingerprint
+    from trainers.sources import check_usable
 
     if cfg.rounds < 1:
         raise InvalidInputError(f"--rounds {cfg.rounds}: must be >= 1 (a round samples, scores and trains)")
@@ -108,22 +110,50 @@ def check(cfg: DistillConfig, *, resume: bool) -> None:
     cfg.train.replace(cache="-", student=cfg.train.student or "-", output="-").validate()  # loss, steps, ...
     for flag, path in (("--mix-cache", cfg.train.mix_cache), ("--eval", cfg.train.eval)):
         try:
-            if path:
-                logitstore.open(path)  # a missing or damaged cache is named now, not after the first round
+            if path:  # a missing, damaged or unfinished cache is named now, not after the first round
+                check_usable(logitstore.open(path, allow_missing=cfg.train.allow_missing), flag,
+                             cfg.train.allow_incomplete)
         except LogitstoreError as exc:
             raise InvalidInputError(f"{flag}: {exc}") from None
     data_fingerprint(cfg.prompts)  # a missing PROMPTS file
     out = Path(cfg.output)
-    if not resume and out.exists() and any(out.iterdir()):
-        raise CacheExistsError(f"{out} exists and is not empty; pass --resume to continue the run there, or choose "
-                               "a new -o")
+    check_run_dir(out, resume=resume)
     s = Path(cfg.student)
     if not (s.is_dir() and (s / "config.json").is_file()) and not (s.is_file() and s.suffix == ".json"):
         what = "no such file or directory" if not s.exists() else "not a model directory or a config.json"
         raise PolicyNotFoundError(f"--student {cfg.student}: {what}; round 1 samples from it")
+    if s.is_dir() and (out.resolve() == s.resolve() or s.resolve() in out.resolve().parents):
+        raise InvalidInputError(f"-o {out} is the student {cfg.student} or inside it: the rounds' students would be "
+                                "saved among its files; choose a run directory outside the student")
     tok_dir = _tokenizer_dir(cfg)
     check_same_tokenizer(load_tokenizer(str(tok_dir), role="student"), load_tokenizer(cfg.teacher), cfg.student,
                          cfg.teacher)
+
+
+def is_run_dir(out: Path) -> bool:
+    """``out`` is a distill run of ours: it holds our ``run.json`` (or, killed before writing it, only our lock)."""
+    f = out / RUN_FILE
+    if f.is_file():
+        try:
+            return json.loads(f.read_text(encoding="utf-8")).get("format") == RUN_FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
+    return [p.name for p in out.iterdir()] == [LOCK_NAME] and read_lock(out) is not None
+
+
+def check_run_dir(out: Path, *, resume: bool) -> None:
+    """RUN is new or empty, or (with ``resume``) a distill run of ours; never a file or a user's directory. Its own
+    round directories (``round-NNN/cache``, ``round-NNN/student``) are then ours: the builds and training runs
+    inside it resume, or start over, in them."""
+    refuse_file(out, "a distill run")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not is_run_dir(out):
+        raise CacheExistsError(f"-o {out} exists, is not empty and holds no distill run of logitstore's (it holds "
+                               f"{describe_entries([p.name for p in out.iterdir()])}); choose a new or empty "
+                               "directory: a run never writes over files it did not write")
+    if not resume:
+        raise CacheExistsError(f"-o {out} holds a distill run; pass --resume to continue it, or choose a new -o")
 
 
 def _tokenizer_dir(cfg: DistillConfig) -> Path:
@@ -197,8 +227,10 @@ def _train_round(cfg: DistillConfig, policy: Path, cache: Path, student: Path) -
         return done
     resume = bool(list_checkpoints(student))
     if not resume and student.exists():
-        shutil.rmtree(student)  # a first attempt killed before its first checkpoint: start it again
-    return train(cfg.train.replace(cache=str(cache), student=str(policy), output=str(student), resume=resume))
+        shutil.rmtree(student)  # ours (a round directory): a first attempt killed before its first checkpoint
+    # the training run owns (train_config.json, run.lock) and checks (the policy's content hash on resume) its OUT
+    return train(cfg.train.replace(cache=str(cache), student=str(policy), output=str(student), resume=resume,
+                                   force=False))
 
 
 def round_record(r: int, out: Path, policy: Path, summary: dict) -> dict[str, Any]:
@@ -239,7 +271,7 @@ def run(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
     check(cfg, resume=resume)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    with BuildLock(out):
+    with BuildLock(out, holder="distill run"):
         _start(out, cfg, resume)
         records = {rec["round"]: rec for rec in load_rounds(out)}
         policy = _initial_student(out, cfg)

@@ -21,6 +21,11 @@
 
     python tools/soak.py [--records 1500] [--max-kills 15] [--corruptions 200] [--fuzz-seconds 120] [--seed 0]
                          [--startup-kills 0.25] [--workdir DIR]
+    python tools/soak.py --bad-inputs SECONDS [--seed 0] [--workdir DIR]   # 4. instead of 1-3 (below)
+
+4. Bad inputs (``--bad-inputs``): the real command line against generated bad inputs of every class of
+   RELIABILITY.md's table of other people's files and bad input (``tools/soak_inputs.py``), for a bounded
+   time; counts runs, tracebacks and lost or mixed data (both must be 0).
 """
 
 from __future__ import annotations
@@ -508,11 +513,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuzz-seconds", type=int, default=120, help="fuzzing time (default 120)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="keep everything here (default: a temporary directory, removed)")
+    ap.add_argument("--bad-inputs", type=float, metavar="SECONDS",
+                    help="instead: run the command line against generated bad inputs of every class for SECONDS "
+                         "(tools/soak_inputs.py) and report runs, tracebacks and lost or mixed data")
     ap.add_argument("--fuzz-worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.fuzz_worker:
         fuzz_worker(Path(a.fuzz_worker), a.fuzz_seconds, a.seed)
         return 0
+    if a.bad_inputs is not None:
+        return bad_input_soak(a)
     rng = np.random.default_rng(a.seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.workdir or tmp)
@@ -540,6 +550,24 @@ def main(argv: list[str] | None = None) -> int:
               f"fuzz {fz['engine'].split(' ')[0]} {fz['runs']} runs in {fz['seconds']} s; "
               f"total {time.time() - t0:.0f} s; {'OK' if ok else 'FAILED'}")
         return 0 if ok else 1
+
+
+def bad_input_soak(a) -> int:
+    """``--bad-inputs SECONDS``: tools/soak_inputs.py in a work directory; prints every run, the counts and OK."""
+    from tools.soak_inputs import bad_inputs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        print(f"bad inputs: the command line against generated bad inputs for {a.bad_inputs:.0f} s", flush=True)
+        res = bad_inputs(work, a.bad_inputs, a.seed, env, make_teacher, make_data)
+        print(json.dumps(res, indent=1), flush=True)
+        print(f"\nSUMMARY  bad inputs: {res['runs']} runs of the command line over {res['classes']} classes in "
+              f"{res['seconds']} s; tracebacks {res['tracebacks']}, lost or mixed data {res['lost_or_mixed']}; "
+              f"{'OK' if res['ok'] else 'FAILED'}")
+        return 0 if res["ok"] else 1
 
 
 if __name__ == "__main__":

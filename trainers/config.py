@@ -10,6 +10,7 @@ and resume refuses a config that changed anything that shapes the run.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from logitstore.errors import InvalidInputError
@@ -70,6 +71,12 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
     resume: bool = _f(False, "continue from the last checkpoint in OUT (exactly: model, optimiser, schedule, "
                              "data order, random state)")
+    force: bool = _f(False, "start over in an OUT that holds an earlier run of logitstore's, deleting that run's "
+                            "files (only those: OUT is refused if it holds anything else)")
+    allow_missing: bool = _f(False, "train on a selection whose seq ids are not all in its cache, using those that "
+                                    "are (default: refuse it, as a sign it was edited or made from another cache)")
+    allow_incomplete: bool = _f(False, "train on an unfinished build (manifest complete: false), on the sequences "
+                                       "committed so far (default: refuse it)")
     mix_cache: str = _f("", "a second CACHE or SELECTION (e.g. off-policy data) mixed in per batch: each batch comes "
                             "from CACHE with probability --mix-ratio, else from this one (GKD's lambda); same rule, "
                             "vocabulary and tokenizer as CACHE")
@@ -111,9 +118,12 @@ class TrainConfig:
         def bad(flag: str, value: Any, allowed: str) -> InvalidInputError:
             return InvalidInputError(f"--{flag.replace('_', '-')} {value!r}: {allowed}")
 
+        self._check_types()
         for name in ("cache", "student", "output"):
             if not getattr(self, name):
                 raise InvalidInputError(f"{'CACHE' if name == 'cache' else '--' + name} is required")
+        if self.force and self.resume:
+            raise InvalidInputError("--force starts OUT over and --resume continues it: give one of them")
         if self.loss not in LOSSES:
             raise bad("loss", self.loss, f"choose from {', '.join(LOSSES)}")
         if self.tail != "auto" and self.tail not in TAILS:
@@ -153,6 +163,20 @@ class TrainConfig:
             raise InvalidInputError("--epochs counts passes over one cache; with --mix-cache give --max-steps only")
         return self
 
+    def _check_types(self) -> None:
+        """Every option has its field's type (a sweep file can give "10" or [1]), and every float is finite
+        (``--lr nan`` passes every comparison it fails)."""
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+            ok = {"bool": type(v) is bool, "int": type(v) is int, "str": isinstance(v, str),
+                  "float": type(v) in (int, float)}[kind]
+            flag = f"--{f.name.replace('_', '-')}" if not f.metadata.get("positional") else "CACHE"
+            if not ok:
+                raise InvalidInputError(f"{flag} {v!r:.60}: must be {'a' if kind != 'int' else 'an'} {kind}, got "
+                                        f"{type(v).__name__}")
+            if kind == "float" and not math.isfinite(v):
+                raise InvalidInputError(f"{flag} {v!r}: must be a finite number")
+
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,4 +195,5 @@ class TrainConfig:
 
 #: Options that may differ between a run and its resumption (they do not shape the trajectory).
 RESUMABLE_CHANGES = ("output", "max_steps", "resume", "quiet", "log_every", "eval_every", "save_every",
-                     "keep_checkpoints", "eval", "eval_sequences", "device", "trace_data", "skip_verify")
+                     "keep_checkpoints", "eval", "eval_sequences", "device", "trace_data", "skip_verify", "force",
+                     "allow_missing", "allow_incomplete")

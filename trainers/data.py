@@ -94,8 +94,7 @@ class _Source:
     def __init__(self, cache: Cache, cfg: dict[str, Any]):
         self.cache, self.cfg, self.scores, self.score_names = cache, cfg, {}, []
         # workers open their own Cache; a loaded selection's cache path may be relative to its file
-        self.reopen = cache.path.resolve() if cache.selection is None else \
-            dataclasses.replace(cache.selection, cache=str(cache.path.resolve()))
+        self.reopen = cache.source
         self.values = cache.codec.values != "none"
         self.sampled = cache.rule.name == "sample"
         self.tail = cache.rule.name == "topk_tail"

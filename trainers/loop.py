@@ -29,16 +29,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from logitstore.errors import InvalidInputError
+from logitstore.errors import InvalidInputError, LogitstoreError
 from logitstore.manifest import atomic_write_bytes
 from logitstore.rules import Rule
 from trainers import checkpoint as ckpt
-from trainers.config import RESUMABLE_CHANGES, TrainConfig
+from trainers.config import TrainConfig
 from trainers.data import StreamingLoader
 from trainers.evaluation import METRICS_FILE, batch_targets, eval_and_log, log_metrics, to_device
 from trainers.losses import Objective
 from trainers.mixing import MixedLoader
-from trainers.sources import check_cache, check_mix_cache, train_and_eval_sources
+from trainers.rundir import SUMMARY_FILE, RunDir, student_identity
+from trainers.sources import check_cache, check_mix_cache, check_usable, train_and_eval_sources
 from trainers.student import Student, check_student, load_student, save_tokenizer
 from trainers.view import student_view
 from trainers.weighting import coefficients
@@ -97,37 +98,42 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def _check_output(out: Path, cfg: TrainConfig) -> dict | None:
-    """On resume: the saved state to continue from; else refuse an OUT that holds another run."""
-    if cfg.resume:
-        step, path = ckpt.latest(out)
-        state = ckpt.load_state(path)
-        saved = {**TrainConfig().to_dict(), **state["config"]}  # options added since then: at their defaults
-        changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
-        if changed:
-            diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-            raise InvalidInputError(f"--resume: the run in {out} was started with other settings ({diffs}); "
-                                    "resume with the same ones, or train into another -o")
-        state["path"] = str(path)
-        return state
-    if ckpt.list_checkpoints(out) or (out / METRICS_FILE).exists():
-        raise InvalidInputError(f"-o {out} holds a previous training run; pass --resume to continue it or "
-                                "choose another output directory")
-    return None
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one student as ``cfg`` says; returns the run's summary (also written to ``OUT/summary.json``)."""
     cfg.validate()
     device, rank, world = _setup_device(cfg)
     run = _Run(cfg, device, rank, world)
-    sources = run.open_data()
-    state = _check_output(run.out, cfg)
-    run.open_student(state)
-    loader = run.open_loader(sources[0])
-    run.optimiser(loader, state)
-    run.prepare_output()
-    return run.loop(loader, sources[1])
+    rundir = RunDir(cfg)
+    on_rank0(rundir.claim, rank == 0, world)  # OUT checked and locked (``trainers.rundir``)
+    try:
+        sources = run.open_data()
+        state = rundir.resume_state()
+        run.open_student(state)
+        loader = run.open_loader(sources[0])
+        run.optimiser(loader, state)
+        run.prepare_output(rundir)
+        return run.loop(loader, sources[1])
+    finally:
+        rundir.release()
+
+
+def on_rank0(fn, main: bool, world: int):
+    """``fn()`` on rank 0 only; every rank gets its result, or raises its error (a ``LogitstoreError``: the others
+    raise one with its message), so no rank waits for a rank 0 that gave up."""
+    box: list = [("ok", None)]
+    if main:
+        try:
+            box = [("ok", fn())]
+        except LogitstoreError as exc:
+            if world > 1:
+                dist.broadcast_object_list([("error", str(exc))], src=0)
+            raise
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise LogitstoreError(value)
+    return value
 
 
 class _Run:
@@ -143,8 +149,12 @@ class _Run:
         import logitstore
 
         cfg = self.cfg
-        self.cache = cache = logitstore.open(cfg.cache)
+        self.cache = cache = logitstore.open(cfg.cache, allow_missing=cfg.allow_missing)
         self.manifest = cache.manifest
+        eval_cache = logitstore.open(cfg.eval, allow_missing=cfg.allow_missing) if cfg.eval else None
+        for c, flag in ((cache, "CACHE"), (eval_cache, "--eval")):
+            if c is not None:
+                check_usable(c, flag, cfg.allow_incomplete)
         rule = self.manifest.rule["rule"]
         if cfg.resolved_tail(rule) == "sampled" and rule not in ("sample", "topk_tail"):
             raise InvalidInputError(f"--tail sampled needs a cache with draws (built with --sample D or --top-k K "
@@ -154,8 +164,8 @@ class _Run:
         if not cfg.skip_verify:
             if self.main:
                 only = check_cache(cache, skip_bad=cfg.skip_bad_shards)
-                if cfg.eval:
-                    check_cache(logitstore.open(cfg.eval), skip_bad=False, what="--eval")
+                if eval_cache is not None:
+                    check_cache(eval_cache, skip_bad=False, what="--eval")
             if self.world > 1:
                 box = [only]
                 dist.broadcast_object_list(box, src=0)
@@ -164,11 +174,12 @@ class _Run:
             logger.warning("training on %d of %d sequences (damaged shards left out)", len(only), len(cache))
         self.mix = None
         if cfg.mix_cache:
-            self.mix = logitstore.open(cfg.mix_cache)
+            self.mix = logitstore.open(cfg.mix_cache, allow_missing=cfg.allow_missing)
+            check_usable(self.mix, "--mix-cache", cfg.allow_incomplete)
             check_mix_cache(cache, self.mix)
             if not cfg.skip_verify and self.main:
                 check_cache(self.mix, skip_bad=False, what="--mix-cache")
-        return train_and_eval_sources(cfg, cache, only)
+        return train_and_eval_sources(cfg, cache, only, eval_cache)
 
     def open_student(self, state: dict | None) -> None:
         """Load (or initialise) the student, check it against the cache, restore resumed weights, wrap for DDP."""
@@ -204,7 +215,7 @@ class _Run:
         loader = stream(source, cfg.seed)
         self.max_steps = cfg.max_steps
         if self.mix is not None:  # validate() refused --epochs with --mix-cache
-            return MixedLoader(loader, stream(cfg.mix_cache, cfg.seed + 1), ratio=cfg.mix_ratio, seed=cfg.seed)
+            return MixedLoader(loader, stream(self.mix.source, cfg.seed + 1), ratio=cfg.mix_ratio, seed=cfg.seed)
         if cfg.epochs:
             per_epoch = sum(len(loader.epoch_plan(0, worker=w)) for w in range(max(1, cfg.num_workers)))
             self.max_steps = min(self.max_steps, max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)))
@@ -229,13 +240,16 @@ class _Run:
             self.start = int(state["step"])
         self.loader = loader
 
-    def prepare_output(self) -> None:
-        """OUT exists, holds the config, and no rows written after the checkpoint resumed from."""
+    def prepare_output(self, rundir: RunDir) -> None:
+        """OUT holds the config and the student's identity, no earlier run (``--force``) and no rows written after
+        the checkpoint resumed from."""
         out, start = self.out, self.start
+        self.identity = student_identity(self.cfg.student)
         if self.main:
-            out.mkdir(parents=True, exist_ok=True)
+            if self.cfg.force:
+                rundir.clear()
             ckpt.remove_partial(out)
-            (out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            rundir.write_config(self.identity)
             _trim(out / METRICS_FILE, lambda row: row.get("step", 0) <= start)
         if self.cfg.trace_data:
             _trim(out / f"data-rank{self.rank}.jsonl", lambda row: row["step"] < start)
@@ -243,7 +257,7 @@ class _Run:
     def save(self, step: int) -> None:
         st = {"step": step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
               "objective": self.objective.state_dict(), "loader": self.loader.state_dict(), "rng": ckpt.rng_state(),
-              "config": self.cfg.to_dict()}
+              "config": self.cfg.to_dict(), "student_identity": self.identity}
         if self.main:
             ckpt.save_checkpoint(self.out, step, self.student.model, st, keep=self.cfg.keep_checkpoints)
         if self.world > 1:
@@ -315,9 +329,8 @@ class _Run:
         summary = {"steps": step, "seconds": time.perf_counter() - t_run, "target_tokens": self.tokens,
                    "last": metrics, **final_eval, "output": str(out), "world_size": self.world}
         if main:
-            self.student.model.save_pretrained(out, safe_serialization=True)
-            save_tokenizer(self.student, out)
-            atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())  # last: "finished"
+            ckpt.save_final(out, self.student.model, lambda d: save_tokenizer(self.student, d))
+            atomic_write_bytes(out / SUMMARY_FILE, json.dumps(summary, indent=1).encode())  # last: "finished"
         if self.world > 1:
             dist.barrier()
         return summary

@@ -64,16 +64,36 @@ def check_mix_cache(cache, mix) -> None:
         raise InvalidInputError(f"--mix-cache {mix.path} cannot be mixed with {cache.path}: " + "; ".join(diffs))
 
 
-def train_and_eval_sources(cfg: TrainConfig, cache, only: list[str] | None = None):
-    """(train source, eval source or None): the cache/selection itself, or a seeded hash split of it,
-    restricted to the seq ids ``only`` when given (the sound shards of a damaged cache)."""
+def check_usable(cache, what: str, allow_incomplete: bool) -> None:
+    """Refuse to train on an unfinished build (a writer still running, or one that crashed: its manifest says
+    ``complete: false``) unless ``allow_incomplete``, which trains on what is committed with a warning; and refuse a
+    cache or selection with no sequence at all."""
+    m = cache.manifest
+    if not m.complete:
+        if not allow_incomplete:
+            raise InvalidInputError(
+                f"{what} {cache.path} is an unfinished build (complete: false in its manifest: still being built, or "
+                f"interrupted): it holds only the {m.sequences} sequences committed so far; finish it with `logitstore "
+                "build ... --resume`, or pass --allow-incomplete to train on what is committed")
+        logger.warning("%s %s is an unfinished build: training on the %d sequences committed so far "
+                       "(--allow-incomplete)", what, cache.path, m.sequences)
+    if len(cache) == 0:
+        raise InvalidInputError(f"{what} {cache.path if cache.selection is None else 'selection'} holds no sequence "
+                                "to train on")
+
+
+def train_and_eval_sources(cfg: TrainConfig, cache, only: list[str] | None = None, eval_cache=None):
+    """(train source, eval source or None): the cache/selection itself (as opened and checked: ``Cache.source``),
+    or a seeded hash split of it, restricted to the seq ids ``only`` when given (the sound shards of a damaged
+    cache)."""
+    eval_source = None if eval_cache is None else eval_cache.source
     if not cfg.holdout and only is None:
-        return cfg.cache, (cfg.eval or None)
+        return cache.source, eval_source
     ids = only if only is not None else cache.scalars(["seq_id"]).column(0).to_pylist()
     w = cache.weights
     if not cfg.holdout:
         return Selection(cache=str(cache.path), cache_fingerprint=cache_fingerprint(cache.manifest), seq_ids=ids,
-                         weights=[w[x] for x in ids] if w else None, query="sound shards"), (cfg.eval or None)
+                         weights=[w[x] for x in ids] if w else None, query="sound shards"), eval_source
     parts: dict[bool, list[str]] = {True: [], False: []}
     for sid in ids:
         parts[in_fraction(sid, HOLDOUT_SEED, cfg.holdout)].append(sid)

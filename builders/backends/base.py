@@ -22,6 +22,8 @@ __all__ = ["Backend", "Scored"]
 class Backend(Protocol):
     vocab_size: int
     tokenizer: Any
+    #: the longest sequence (in tokens) the teacher takes, from its config; None when it names none
+    max_positions: int | None
     #: exactness of the fields this backend produces (see FORMAT.md); {} means all exact
     exactness: dict[str, str]
 

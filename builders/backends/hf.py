@@ -71,6 +71,32 @@ def load_tokenizer(teacher: str, *, trust_remote_code: bool = False, role: str =
         raise _load_error(teacher, src, exc, role) from exc
 
 
+#: config attributes that give a model's context length, by architecture family
+MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def max_positions_of(config: Any) -> int | None:
+    """The longest sequence a model with this (transformers) config takes, in tokens; None when it names none."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key in MAX_POSITION_KEYS:
+            v = getattr(cfg, key, None) if cfg is not None else None
+            if type(v) is int and v > 0:
+                return v
+    return None
+
+
+def teacher_max_positions(teacher: str, *, trust_remote_code: bool = False) -> int | None:
+    """``max_positions_of`` the teacher's config, read without loading its weights (a coordinator that only
+    tokenises)."""
+    from transformers import AutoConfig
+
+    src, kwargs = _source(teacher, trust_remote_code)
+    try:
+        return max_positions_of(AutoConfig.from_pretrained(src, **kwargs))
+    except (OSError, ValueError, ImportError, KeyError) as exc:
+        raise _load_error(teacher, src, exc) from exc
+
+
 def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False,
                  role: str = "teacher"):
     """(model, tokenizer, identity dict) for a model directory, a hub id or a .gguf file."""
@@ -98,9 +124,25 @@ class TransformersBackend:
                  trust_remote_code: bool = False, role: str = "teacher"):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidInputError(f"--device {device}: CUDA is not available on this machine")
+        model, tokenizer, identity = load_teacher(teacher, dtype=dtype, device=device,
+                                                  trust_remote_code=trust_remote_code, role=role)
+        self._setup(teacher, model, tokenizer, identity, device=device, dtype=dtype, extract_mb=extract_mb, role=role)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, identity: dict[str, Any], *, name: str, device: str = "cpu",
+                   dtype: str = "fp32", extract_mb: int = 96, role: str = "teacher") -> TransformersBackend:
+        """A backend around a model already in memory (benchmarks of random-weight models of real shapes; a
+        caller that loaded the model itself), with the same checks as a loaded teacher. ``name`` names it in
+        errors; ``identity`` is its manifest record."""
+        backend = cls.__new__(cls)
+        backend._setup(name, model.to(device).eval(), tokenizer, dict(identity), device=device, dtype=dtype,
+                       extract_mb=extract_mb, role=role)
+        return backend
+
+    def _setup(self, teacher: str, model, tokenizer, identity: dict[str, Any], *, device: str, dtype: str,
+               extract_mb: int, role: str = "teacher") -> None:
         self.role = role
-        self.model, self.tokenizer, self.identity = load_teacher(teacher, dtype=dtype, device=device,
-                                                                 trust_remote_code=trust_remote_code, role=role)
+        self.model, self.tokenizer, self.identity = model, tokenizer, identity
         self.device = torch.device(device)
         self.body = self.model.base_model
         head = Head.of(self.model)
@@ -108,6 +150,13 @@ class TransformersBackend:
             raise TeacherLoadError(f"{role} {teacher}: {type(self.model).__name__} exposes no separate LM head")
         self.head = head
         self.vocab_size = self.head.vocab_size
+        self.max_positions = max_positions_of(self.model.config)
+        rows = min(self.vocab_size, int(self.model.get_input_embeddings().num_embeddings))
+        if len(self.tokenizer) > rows:
+            raise TeacherLoadError(
+                f"{role} {teacher}: its tokenizer has {len(self.tokenizer)} tokens, its embedding and LM head only "
+                f"{rows} rows, so token ids >= {rows} cannot be scored; give the model with the tokenizer it was "
+                "trained with")
         self.chunk_rows = chunk_rows_for(self.vocab_size, extract_mb << 20)
         self._check_head(teacher, dtype)
         self.extract_mb = extract_mb

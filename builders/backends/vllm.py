@@ -157,6 +157,8 @@ class VLLMBackend:
                             logprobs_mode="raw_logprobs")
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = int(self.llm.model_config.get_vocab_size())
+        engine_len = getattr(self.llm.model_config, "max_model_len", None)  # the engine's, --max-model-len included
+        self.max_positions = int(engine_len) if engine_len else None
         self._flat = "flat_logprobs" in getattr(vllm.SamplingParams, "__struct_fields__", ())
         self._vllm = vllm
         self._settings = {"tensor_parallel_size": tensor_parallel_size, "max_logprobs": self.max_logprobs,

@@ -65,6 +65,7 @@ class FakeBackend:
 
     exactness: dict = {}
     vocab_size = 49152
+    max_positions = None  # no context limit of its own
     scored: list = []  # seq token tuples, over the life of the test
     fail_after: int | None = None  # raise after this many score calls (a crash mid-build)
     _tokenizers: dict = {}

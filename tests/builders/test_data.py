@@ -20,17 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from builders.data import (
-    MAX_REPORT_EXAMPLES,
-    BadRecordError,
-    DataFormatError,
-    Example,
-    Fields,
-    SkipReport,
-    data_fingerprint,
-    iter_records,
-    load_examples,
-)
+from builders.data import MAX_REPORT_EXAMPLES, Example, Fields, SkipReport, load_examples
+from builders.inputs import BadRecordError, DataFormatError, data_fingerprint, iter_records
 from logitstore.errors import LogitstoreError
 
 HEADER, END = "<|im_start|>assistant\n", "<|im_end|>"  # the ChatML markers of SmolLM2's template

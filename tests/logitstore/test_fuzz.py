@@ -27,7 +27,7 @@ import logitstore
 from logitstore import Codec, MassTopK
 from logitstore.errors import LogitstoreError
 from logitstore.verify import verify
-from tests.conftest import make_sequences, write_cache
+from tests.conftest import make_sequences, write_cache, write_manifest
 from tools.soak import sequence_values  # the one "every decoded value of a sequence" of the soak and the fuzz tests
 
 EXAMPLE_LIMIT_S = 20  # per example; a sound read of this cache takes ~20 ms
@@ -212,8 +212,10 @@ def _paths(node, prefix=()):
 
 
 @settings(max_examples=120, **SETTINGS)
-@given(which=st.integers(0, 10**6), value=JSON_VALUE, drop=st.booleans())
-def test_edited_manifests_raise_or_read_exactly(fuzzed, which, value, drop):
+@given(which=st.integers(0, 10**6), value=JSON_VALUE, drop=st.booleans(), sign=st.booleans())
+def test_edited_manifests_raise_or_read_exactly(fuzzed, which, value, drop, sign):
+    """An edit by hand (``sign`` false: the checksum no longer matches) or a consistent rewrite (``sign``: the
+    checksum recomputed, so the reader's own checks of every value are what stand between it and a wrong read)."""
     fuzzed.restore()
     doc = json.loads(fuzzed.files["manifest.json"])
     paths = _paths(doc)[1:]
@@ -226,5 +228,5 @@ def test_edited_manifests_raise_or_read_exactly(fuzzed, which, value, drop):
         del parent[path[-1]]
     else:
         parent[path[-1]] = value
-    (fuzzed.work / "manifest.json").write_text(json.dumps(edited))
+    write_manifest(fuzzed.work, edited, sign=sign)
     fuzzed.check(None)

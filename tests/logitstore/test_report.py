@@ -16,7 +16,7 @@ import pytest
 
 import logitstore
 from logitstore import MassTopK, report
-from logitstore.errors import CacheNotFoundError, InvalidInputError
+from logitstore.errors import CacheExistsError, CacheNotFoundError, InvalidInputError
 from logitstore.report import write_report
 from tests.conftest import BuiltCache, make_sequence, write_cache
 from tools.cli.store import add_report
@@ -225,9 +225,13 @@ def test_subparser_runs_the_report(verdict_cache, tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote {out}\n"
     page = _Page(out.read_text(encoding="utf-8"))
     assert len(page.tables["highest-entropy"]) == 1 + 3 and len(page.tables["confident-wrong"]) == 1 + 3
-    out.write_text("old")  # an existing file is replaced
-    assert args.func(args) == 0 and out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    before = out.read_text(encoding="utf-8")
+    assert args.func(args) == 0 and out.read_text(encoding="utf-8") == before  # an earlier report is replaced
     assert sorted(x.name for x in tmp_path.iterdir()) == ["cli.html"]
+    out.write_text("the user's notes")  # any other file is never overwritten
+    with pytest.raises(CacheExistsError, match="not a logitstore report"):
+        args.func(args)
+    assert out.read_text() == "the user's notes"
     args = p.parse_args(["report", str(verdict_cache.path), "-o", str(out), "--top", "0"])
     with pytest.raises(InvalidInputError, match="--top 0"):
         args.func(args)

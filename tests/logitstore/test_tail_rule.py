@@ -191,7 +191,7 @@ def test_a_version_1_cache_reads_exactly_as_it_was_written(v1, name):
 
 
 def test_a_version_1_cache_is_not_resumed_by_this_writer(v1):
-    with pytest.raises(InvalidInputError, match="format version 1 cache"):
+    with pytest.raises(FormatVersionError, match="format_version 1 cache and this logitstore writes version 2"):
         with ls.CacheWriter(v1 / "topk", vocab_size=64, rule=TopK(6), resume=True,
                             teacher={"id": "tiny-random", "revision": "r1", "dtype": "fp32"},
                             tokenizer={"name": "none", "fingerprint": "", "vocab_size": 64}):
@@ -204,3 +204,20 @@ def test_an_unknown_version_is_refused_by_name(v1):
     (v1 / "topk" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(FormatVersionError, match="format_version 3 is not readable"):
         ls.open(v1 / "topk")
+
+
+def test_materializing_a_selection_keeps_the_tail_draws(tmp_path):
+    from logitstore.subset import make_selection, materialize
+
+    build(tmp_path / "c", TopKTail(4, 12, 2.0), ls.Codec())
+    sel = make_selection(tmp_path / "c", where="n_tokens > 6")
+    m = materialize(sel, tmp_path / "m")
+    assert m.sequences == len(sel.seq_ids) > 0 and verify(tmp_path / "m") == []
+    src = {s.seq_id: s for s in ls.open(tmp_path / "c")}
+    for s in ls.open(tmp_path / "m"):
+        a = src[s.seq_id]
+        u = s.tail_ids.shape[1]
+        np.testing.assert_array_equal(s.tail_ids, a.tail_ids[:, :u])
+        np.testing.assert_array_equal(s.tail_counts, a.tail_counts[:, :u])
+        np.testing.assert_array_equal(s.tail_logprobs, a.tail_logprobs[:, :u])
+        np.testing.assert_array_equal(s.proposal_log_norm, a.proposal_log_norm)

@@ -3,6 +3,7 @@ the reader refuses damaged shards and unknown format versions instead of returni
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -183,6 +184,9 @@ def test_unknown_format_version_is_refused(cache, version, advice):
     (lambda m: m["rule"].update(k="many"), "rule"),
     (lambda m: m.update(shards={"a": 1}), "shard"),
     (lambda m: m.update(complete="yes"), "complete"),
+    (lambda m: m["shards"][0].update(file="."), "outside"),  # once an IndexError in the path check
+    (lambda m: m["shards"][0].update(file=""), "outside"),
+    (lambda m: m.pop("totals"), "totals"),  # required from format version 2
 ])
 def test_malformed_manifest(cache, edit, word):
     m = read_manifest(cache.path)
@@ -191,6 +195,77 @@ def test_malformed_manifest(cache, edit, word):
     with pytest.raises(CorruptCacheError, match=word):
         logitstore.open(cache.path)
     assert [p.file for p in verify(cache.path)] == ["manifest.json"]
+
+
+# ---------------------------------------------------------------- hand edits: the manifest checksum
+
+
+HAND_EDITS = {
+    "totals deleted": lambda m: m.pop("totals"),
+    "tokenizer.vocab_size changed": lambda m: m["tokenizer"].update(vocab_size=m["tokenizer"].get("vocab_size", 7) + 1),
+    "teacher revision changed": lambda m: m["teacher"].update(revision="sha256-0000000000000000"),
+    "complete set to false": lambda m: m.update(complete=False),
+    "checksum deleted": lambda m: m.pop("checksum"),
+}
+
+
+@pytest.mark.parametrize("edit", list(HAND_EDITS.values()), ids=list(HAND_EDITS))
+def test_a_hand_edited_manifest_is_refused_by_every_command(cache, edit, tmp_path, capsys):
+    """A manifest edited by hand (its checksum no longer matches, or is gone) is refused by the reader, reported
+    by verify, and every command exits 2 with one line naming the file, instead of describing a cache that is not
+    what was built."""
+    from tools.cli import main
+
+    m = read_manifest(cache.path)
+    edit(m)
+    write_manifest(cache.path, m, sign=False)
+    with pytest.raises(CorruptCacheError, match="edited or damaged"):
+        logitstore.open(cache.path)
+    problems = verify(cache.path)
+    assert [p.file for p in problems] == ["manifest.json"] and "edited or damaged" in problems[0].message
+    for argv in (["info", str(cache.path)], ["sql", str(cache.path), "SELECT count(*) FROM sequences"],
+                 ["select", str(cache.path), "--where", "true", "-o", str(tmp_path / "s.json")]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"logitstore {argv[0]}: ") and "manifest.json" in err, err
+    assert main(["verify", "-q", str(cache.path)]) == 1
+    assert "FAIL manifest.json" in capsys.readouterr().out
+    assert not (tmp_path / "s.json").exists()
+
+
+def _downgrade_to_version_1(path):
+    """Rewrite a cache as logitstore 0.1 wrote it: shards that describe themselves as format version 1, a
+    manifest of version 1 without a checksum."""
+    m = read_manifest(path)
+    for s in m["shards"]:
+        f = path / s["file"]
+        t = pq.read_table(f)
+        meta = json.loads(t.schema.metadata[b"logitstore"])
+        meta["format_version"] = 1
+        t = t.replace_schema_metadata({b"logitstore": json.dumps(meta).encode()})
+        pq.write_table(t, f, compression="zstd", use_dictionary=False, write_page_checksum=True)
+        s["bytes"] = f.stat().st_size
+        s["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    m["format_version"] = 1
+    m["totals"]["bytes"] = sum(s["bytes"] for s in m["shards"])
+    write_manifest(path, m, sign=False)
+    m.pop("checksum", None)
+    (path / "manifest.json").write_text(json.dumps(m, indent=1))
+
+
+def test_a_version_1_cache_stays_readable_and_is_not_resumed(cache):
+    _downgrade_to_version_1(cache.path)
+    assert "checksum" not in read_manifest(cache.path)
+    got = {s.seq_id: s for s in logitstore.open(cache.path)}
+    assert sorted(got) == sorted(r.seq_id for r in cache.refs)
+    for r in cache.refs:
+        np.testing.assert_array_equal(got[r.seq_id].input_ids, r.input_ids)
+    assert verify(cache.path) == []
+    with pytest.raises(FormatVersionError, match="format_version 1 cache and this logitstore writes version 2"):
+        logitstore.CacheWriter(cache.path, vocab_size=cache.vocab, rule=cache.rule, codec=cache.codec,
+                               resume=True).open()
+    assert read_manifest(cache.path)["format_version"] == 1 and "checksum" not in read_manifest(cache.path)
 
 
 def test_a_shard_entry_dropped_from_the_manifest(cache):

@@ -5,6 +5,7 @@ and the reference inputs."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -57,6 +58,11 @@ def _assert_cache_equals_refs(path, refs, rule, codec):
 def test_manifest_describes_the_cache(ranked_cache):
     m = read_manifest(ranked_cache.path)
     assert m["format"] == "logitstore" and m["format_version"] == 2 == logitstore.FORMAT_VERSION
+    # FORMAT.md: the last key is the sha256 of the canonical JSON (sorted keys, no whitespace) of all the others
+    assert list(m)[-1] == "checksum"
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert m["checksum"] == hashlib.sha256(canonical.encode("ascii")).hexdigest()
     assert m["complete"] is True
     assert m["vocab_size"] == ranked_cache.vocab
     assert m["rule"] == {"rule": "mass", "p": 0.9, "k": 24}

@@ -230,3 +230,26 @@ def test_bad_runs_are_refused_with_one_line_and_nothing_written(case, want, tiny
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and want in err and err.startswith("logitstore distill:"), err
     assert not run.exists()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_users_directory_is_no_run_and_is_left_as_it_is(resume, tiny_teacher, prompts, student_cfg, tmp_path,
+                                                           capsys):
+    """-o RUN takes only a new or empty directory or a distill run of ours (run.json), as build -o and train -o do;
+    --resume does not make a user's directory ours."""
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep me")
+    code = main(args(tiny_teacher, prompts, student_cfg, run, *(["--resume"] if resume else [])))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "holds no distill run of logitstore's" in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"] and (run / "notes.txt").read_text() == "keep me"
+
+
+def test_a_run_inside_a_model_directory_student_is_refused(tiny_teacher, prompts, tmp_path, capsys):
+    student = tmp_path / "student"
+    shutil.copytree(tiny_teacher, student)
+    run = student / "run"
+    code = main(args(tiny_teacher, prompts, student, run))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is the student" in err and not run.exists(), err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -96,3 +97,22 @@ def test_a_training_run_killed_with_sigkill_resumes_to_the_same_weights(text_cac
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_a_version_1_cache_still_trains(tmp_path):
+    """A cache written by logitstore 0.1 (format version 1, tests/data/format-v1) is read and trained on."""
+    import shutil
+
+    from tests.trainers.conftest import write_student_config
+    from trainers.loop import train
+
+    v1 = Path(__file__).resolve().parents[1] / "data" / "format-v1"
+    for name, loss in (("topk", "forward_kl"), ("sample", "forward_kl")):
+        cache = tmp_path / name
+        shutil.copytree(v1 / name, cache)
+        cfg = write_student_config(tmp_path / f"student-{name}" / "config.json", vocab=64, hidden=16)
+        out = tmp_path / f"out-{name}"
+        summary = train(TrainConfig(cache=str(cache), student=str(cfg), output=str(out), loss=loss, max_steps=3,
+                                    batch_size=2, max_length=16, eval=str(cache), quiet=True))
+        assert summary["steps"] == 3 and math.isfinite(summary["eval_ce"]) and math.isfinite(summary["eval_kl"])
+        assert (out / "model.safetensors").is_file()

@@ -266,6 +266,11 @@ def build(args: argparse.Namespace) -> int:
     skipped = (m.build.get("skipped") or {}).get("counts") or {}
     print(f"{args.output}: {m.sequences:,} sequences, {m.positions:,} positions, {size(m.bytes)}"
           + (f", {m.bytes / m.positions:.1f} bytes/position" if m.positions else ""))
+    lim = m.build.get("length_limit") or {}
+    if lim.get("by") == "teacher":
+        given = "no --max-length given" if lim["max_length"] is None else f"below --max-length {lim['max_length']}"
+        print(f"length limit: {lim['applied']} tokens, the teacher's context length ({given}); longer records: "
+              f"--on-long {lim['on_long']}")
     if skipped:
         print("skipped or changed: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
     if m.duplicates_skipped:

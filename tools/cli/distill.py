@@ -21,7 +21,7 @@ from tools.cli.train import add_config_arguments, config_from_args
 #: training flags renamed --train-NAME (the build has --NAME)
 PREFIXED = ("temperature", "max_length", "dtype", "device")
 #: training fields each round sets itself (or that have no meaning across rounds)
-ROUND_FIELDS = ("cache", "output", "resume", "quiet", "seed", "scores")
+ROUND_FIELDS = ("cache", "output", "resume", "force", "quiet", "seed", "scores")
 COLUMNS = ["round", "positions", "pass_rate", "teacher_nll", "reverse_kl_estimate", "train_loss", "eval_ce",
            "eval_kl"]
 
@@ -65,8 +65,8 @@ def distill(args: argparse.Namespace) -> int:
     cfg = DistillConfig(
         teacher=args.teacher, prompts=args.prompts, student=args.student, output=args.output, rounds=args.rounds,
         build=build_flags.build_config(args), policy=build_flags.policy_config(args, ""), seed=args.seed,
-        train=config_from_args(args, prefixed=PREFIXED, cache="", output="", resume=False, quiet=args.quiet,
-                               seed=args.seed, scores=""))
+        train=config_from_args(args, prefixed=PREFIXED, cache="", output="", resume=False, force=False,
+                               quiet=args.quiet, seed=args.seed, scores=""))
     records = run(cfg, resume=args.resume, progress=not args.quiet, say=say)
     print(format_table(COLUMNS, [[r.get(c) for c in COLUMNS] for r in records], digits=4))
     print(f"\nstudent: {records[-1]['student'] if records else '-'} in {args.output}; rounds: "

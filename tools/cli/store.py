@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from logitstore.errors import CacheExistsError, CacheNotFoundError, InvalidInputError
+from logitstore.errors import CacheExistsError, CacheNotFoundError, InvalidInputError, LogitstoreError
 from tools.cli.text import format_table, size
 
 # ---------------------------------------------------------------- info
@@ -26,6 +26,8 @@ def add_info(sub) -> None:
     p.add_argument("cache", metavar="CACHE", help="cache directory, selection file, or union (a distill RUN)")
     p.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
     p.add_argument("--json", action="store_true", help="same as --format json")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="a selection whose seq ids are not all in its cache: use those that are (default: refuse)")
     p.set_defaults(func=info)
 
 
@@ -56,7 +58,7 @@ def info(args: argparse.Namespace) -> int:
 
     if is_union(args.cache):
         return _union_info(args)
-    cache = Cache(args.cache)
+    cache = Cache(args.cache, allow_missing=args.allow_missing)
     m = cache.manifest
     d = {
         "path": str(cache.path),
@@ -126,6 +128,7 @@ def add_verify(sub) -> None:
 
 def verify(args: argparse.Namespace) -> int:
     from logitstore.format import MANIFEST_NAME
+    from logitstore.manifest import load_manifest
     from logitstore.progress import progress_bar
     from logitstore.verify import verify as verify_cache
 
@@ -143,10 +146,19 @@ def verify(args: argparse.Namespace) -> int:
         bar.close()
     for p in problems:
         print(f"FAIL {p}")
+    unfinished = ""
+    try:
+        m = load_manifest(args.cache)
+        if not m.complete:
+            unfinished = (f"; the build is not finished (complete: false in its manifest: still running or "
+                          f"interrupted): its {m.sequences:,} committed sequences were checked, `logitstore build ... "
+                          "--resume` continues it")
+    except LogitstoreError:  # a damaged manifest: its problem is in the list above
+        pass
     if problems:
-        print(f"{args.cache}: {len(problems)} problem(s) found")
+        print(f"{args.cache}: {len(problems)} problem(s) found{unfinished}")
         return 1
-    print(f"{args.cache}: OK")
+    print(f"{args.cache}: OK{unfinished}")
     return 0
 
 
@@ -164,12 +176,23 @@ def add_sql(sub) -> None:
                     "exactness (field, exactness, meaning). "
                     "Macros: support_entropy(lps), top1_margin(lps), sparse_kl/sparse_js/sparse_tvd(ids_p, lps_p, "
                     "ids_q, lps_q). On a union (a union.json, or a logitstore distill RUN directory) the views hold "
-                    "every member cache with its labels first (round), and the table members lists them.")
+                    "every member cache with its labels first (round), and the table members lists them. "
+                    "What a query may do: read the cache (a union's member caches), and the files and directories "
+                    "named with --allow-path (nothing else: DuckDB's file, network and extension access is off); "
+                    "statements SELECT (WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE), EXPLAIN, SET VARIABLE, and CREATE / "
+                    "INSERT / UPDATE / DELETE / DROP / ALTER of in-memory tables, views and macros. It never writes a "
+                    "file: COPY, EXPORT, ATTACH, INSTALL, LOAD, PRAGMA and CALL are refused (write results with "
+                    "--format csv or json and a shell redirect).")
     p.add_argument("cache", metavar="CACHE", help="cache directory, selection file, or union (a distill RUN)")
     p.add_argument("query", metavar="QUERY", help='e.g. "SELECT seq_id, mean_entropy FROM sequences WHERE correct"')
+    p.add_argument("--allow-path", action="append", default=[], metavar="PATH",
+                   help="a file or directory the query may read besides the cache, e.g. a `logitstore score` "
+                        "directory to join (repeatable)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="output: a table (default), CSV, or JSON (an array of row objects)")
     p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default 40)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="a selection whose seq ids are not all in its cache: use those that are (default: refuse)")
     p.set_defaults(func=sql)
 
 
@@ -197,15 +220,24 @@ def sql(args: argparse.Namespace) -> int:
     import duckdb
 
     from logitstore.query import connect
+    from logitstore.reader import Cache
+    from logitstore.sqlguard import SQL_STATEMENTS, allow_paths, check_statements
+    from logitstore.union import is_union
 
+    check_statements(args.query, SQL_STATEMENTS, "QUERY")
+    source = args.cache if is_union(args.cache) else Cache(args.cache, allow_missing=args.allow_missing)
+    con = connect(source, confine_to=allow_paths(args.allow_path))
     try:
-        rel = connect(args.cache).sql(args.query)
+        rel = con.sql(args.query)
         if rel is None:  # a statement without a result (SET, CREATE ...)
             return 0
         if args.format == "table":
             rel.show(max_rows=args.max_rows, max_width=10_000)
             return 0
         cols, rows = rel.columns, rel.fetchall()
+    except duckdb.PermissionException as exc:
+        raise InvalidInputError(f"query refused: {' '.join(str(exc).split())} (a query reads only the cache and the "
+                                "paths given with --allow-path)") from None
     except duckdb.Error as exc:
         raise InvalidInputError(f"query failed: {' '.join(str(exc).split())}") from None
     if args.format == "csv":
@@ -238,20 +270,31 @@ def add_select(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --fraction (default 0)")
     p.add_argument("--limit", type=int, help="keep at most this many (in query order)")
     p.add_argument("--materialize", action="store_true", help="write a standalone cache at -o instead of a selection")
-    p.add_argument("--force", action="store_true", help="replace an existing selection file (not a cache)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing selection file (only a selection file: never a cache, a directory or any "
+                        "other file)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="PATH",
+                   help="a file or directory a --query may read besides the cache, e.g. a diff or score directory "
+                        "to join (repeatable); --where and --weight are expressions over the views and read no file")
     p.set_defaults(func=select)
 
 
 def select(args: argparse.Namespace) -> int:
-    from logitstore.selection import save_selection
+    from logitstore.selection import is_our_selection, save_selection
+    from logitstore.sqlguard import allow_paths
     from logitstore.subset import make_selection, materialize
 
     out = Path(args.output)
     if out.exists() and (args.materialize or not args.force):
         raise CacheExistsError(f"{out} exists; choose another path"
                                + ("" if args.materialize else " or pass --force to replace the selection file"))
+    if out.exists() and not is_our_selection(out):
+        what = "a directory" if out.is_dir() else "not a selection file"
+        raise CacheExistsError(f"-o {out} is {what}: --force replaces only a selection file written by logitstore "
+                               "select, never a cache, a shard, a manifest or any other file; choose another path")
     sel = make_selection(args.cache, where=args.where, query=args.query, weight=args.weight,
-                         fraction=args.fraction, seed=args.seed, limit=args.limit)
+                         fraction=args.fraction, seed=args.seed, limit=args.limit,
+                         allow_paths=tuple(allow_paths(args.allow_path)))
     if not args.materialize:
         save_selection(out, sel)
         print(f"{out}: {len(sel.seq_ids):,} sequences of {args.cache}"
