@@ -152,7 +152,7 @@ class TransformersBackend:
         self.vocab_size = self.head.vocab_size
         self.max_positions = max_positions_of(self.model.config)
         rows = min(self.vocab_size, int(self.model.get_input_embeddings().num_embeddings))
-        if len(self.tokenizer) > rows:
+        if self.tokenizer is not None and len(self.tokenizer) > rows:  # from_model may have no tokenizer
             raise TeacherLoadError(
                 f"{role} {teacher}: its tokenizer has {len(self.tokenizer)} tokens, its embedding and LM head only "
                 f"{rows} rows, so token ids >= {rows} cannot be scored; give the model with the tokenizer it was "
