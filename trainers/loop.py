@@ -38,7 +38,7 @@ from trainers import checkpoint as ckpt
 from trainers.config import TrainConfig
 from trainers.cross import CrossTokenizer
 from trainers.data import StreamingLoader
-from trainers.evaluation import METRICS_FILE, batch_targets, eval_and_log, log_metrics, to_device
+from trainers.evaluation import METRICS_FILE, batch_targets, eval_and_log, last_logged, log_metrics, to_device
 from trainers.losses import Objective
 from trainers.mixing import MixedLoader
 from trainers.rundir import SUMMARY_FILE, RunDir, student_identity
@@ -336,6 +336,8 @@ class _Run:
         finally:
             bar.close()
         self.save(step)
+        if not metrics and main:  # resumed at the last step (or logging off): the last row an earlier attempt logged
+            metrics = last_logged(out)
         final_eval = eval_and_log(self.student, eval_src, cfg, self.device, out, step, main, self.world,
                                  self.cross) \
             if eval_src else {}
