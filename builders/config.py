@@ -2,9 +2,10 @@
 
 ``BuildConfig`` holds everything a build depends on besides the teacher, the data and the
 output: the sparse-entry rule and codec, the backend and its options, the record fields
-and length policy, batching, generation mode, storage, and (``ray``) where a distributed
-build runs. ``build_record`` turns it into the manifest's ``build`` record, the
-description a resume is compared with (``RESUME_BUILD_KEYS``).
+and length policy, batching, generation mode (and, with ``policy``, the model the responses are
+sampled from instead of the teacher), storage, and (``ray``) where a distributed build runs.
+``build_record`` turns it into the manifest's ``build`` record, the description a resume is
+compared with (``RESUME_BUILD_KEYS``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ class RayOptions:
 
 
 @dataclasses.dataclass
+class PolicyConfig:
+    """The model that samples the responses of generation mode instead of the teacher (``--responses-from``)."""
+
+    path: str
+    """a local model directory with the teacher's tokenizer (e.g. a ``logitstore train`` output)"""
+    backend: str = "transformers"
+    """the policy's backend (its ``generate`` samples, its ``score`` gives policy_logprob and policy_entropy)"""
+    backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """dtype, device, ... as for the teacher's backend"""
+    round: int | None = None
+    """the round of ``logitstore distill`` this build belongs to (recorded in build.policy)"""
+
+
+@dataclasses.dataclass
 class BuildConfig:
     """Everything a build depends on besides the teacher and the data."""
 
@@ -70,6 +85,8 @@ class BuildConfig:
     """also cache the non-target positions (prompt tokens), with loss_mask false"""
     generation: GenerationConfig | None = None
     """sample responses from the teacher instead of scoring the given text (generation mode)"""
+    policy: PolicyConfig | None = None
+    """generation mode: sample the responses from this model instead of the teacher (``builders.policy``)"""
     shard_mb: float = 256
     """shard size limit in MiB"""
     row_group_positions: int = 65536
@@ -80,14 +97,17 @@ class BuildConfig:
 
 
 #: build arguments a resume must match (the writer also checks teacher, tokenizer, rule and codec)
-RESUME_BUILD_KEYS = ("data_fingerprint", "fields", "max_length", "on_long", "cache_prompt", "generation", "seed")
+RESUME_BUILD_KEYS = ("data_fingerprint", "fields", "max_length", "on_long", "cache_prompt", "generation", "seed",
+                     "policy")
 #: a distributed resume must also keep the windows, which define the blocks
 RAY_RESUME_KEYS = RESUME_BUILD_KEYS + ("window",)
 
 
 def build_record(teacher: str, data: Path, data_fp: str, config: BuildConfig, backend_options: dict,
-                 argv: list[str] | None) -> dict[str, Any]:
-    """The manifest's ``build`` record: everything needed to reproduce the build."""
+                 argv: list[str] | None, policy: dict[str, Any] | None = None,
+                 policy_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's ``build`` record: everything needed to reproduce the build (``policy``: the identity record
+    of the model the responses were sampled from, ``builders.policy.policy_record``; its run settings apart)."""
     rec = {
         "teacher": teacher, "data": str(data), "data_fingerprint": data_fp, "backend": config.backend,
         "backend_options": backend_options,
@@ -95,7 +115,10 @@ def build_record(teacher: str, data: Path, data_fp: str, config: BuildConfig, ba
         "on_bad": config.on_bad, "token_budget": config.token_budget, "window": config.window,
         "cache_prompt": config.cache_prompt, "seed": config.seed, "argv": argv, "skipped": None,
         "generation": dataclasses.asdict(config.generation) if config.generation else None,
+        "policy": policy,
     }
+    if policy is not None:
+        rec["policy_options"] = policy_options or {}
     if config.ray is not None:
         rec["ray"] = config.ray.to_dict()
     return rec

@@ -6,7 +6,11 @@ with ``config.ray``, hands the same plan to a pool of Ray actors (``builders.ray
 In this process: the sequences to score (``builders.plan.sequences_to_score``) are taken in
 windows, each window sorted by length and cut into token-budget batches, scored by the backend
 and written through one ``CacheWriter`` (``builders.scoring``), with a progress bar in
-positions/s. Everything needed to reproduce the build goes into the manifest. ``resume=True``
+positions/s. With ``config.policy`` (``--responses-from``) the responses of generation mode are sampled
+from that model instead of the teacher, which scores them, and the policy's own logprob and entropy
+of each position are stored beside the teacher's (``builders.policy``). Everything needed to
+reproduce the build goes into the manifest, and the time spent sampling, in the policy's pass and in
+the teacher's scoring (``build.timings_s``). ``resume=True``
 keeps the committed shards, skips the sequences they hold and redoes the rest; a resume with a
 different teacher, tokenizer, rule, codec or data is refused.
 """
@@ -25,6 +29,7 @@ from builders.config import BuildConfig, build_record, length_limit
 from builders.data import SkipReport
 from builders.inputs import data_fingerprint
 from builders.plan import Plan, sequences_to_score, window_seed
+from builders.policy import check_policy, load_policy, policy_record
 from builders.scoring import open_writer, score_items
 from logitstore.contract import check_rule_and_codec
 from logitstore.errors import CacheExistsError, InvalidInputError
@@ -41,14 +46,15 @@ def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config:
           resume: bool = False, progress: bool = True, argv: list[str] | None = None) -> Manifest:
     """Build (or, with ``resume``, continue) the cache ``out`` from ``data`` scored by ``teacher``."""
     out, data = Path(out), Path(data)
-    _check_config(config)  # before any model loads
+    _check_config(teacher, config)  # before any model loads
     if config.ray is not None:
         from builders.ray_build import build_ray
 
         return build_ray(teacher, data, out, config, resume=resume, progress=progress, argv=argv)
     data_fp = _check_inputs(data, out, resume)
+    policy = load_policy(config.policy) if config.policy is not None else None
     backend = get_backend(config.backend)(teacher, **config.backend_options)
-    return _build_with(backend, teacher, data, data_fp, out, config, resume, progress, argv)
+    return _build_with(backend, teacher, data, data_fp, out, config, resume, progress, argv, policy)
 
 
 def build_with(backend: Backend, teacher: str, data: str | os.PathLike, out: str | os.PathLike,
@@ -57,15 +63,18 @@ def build_with(backend: Backend, teacher: str, data: str | os.PathLike, out: str
     """``build`` with a backend already made (a model in memory, a benchmark): the same checks, plan,
     batches and writer; ``teacher`` is the name the manifest's build record gives it."""
     out, data = Path(out), Path(data)
-    _check_config(config)
+    _check_config(teacher, config)
     data_fp = _check_inputs(data, out, resume)
-    return _build_with(backend, teacher, data, data_fp, out, config, resume, progress, argv)
+    policy = load_policy(config.policy) if config.policy is not None else None
+    return _build_with(backend, teacher, data, data_fp, out, config, resume, progress, argv, policy)
 
 
-def _check_config(config: BuildConfig) -> None:
+def _check_config(teacher: str, config: BuildConfig) -> None:
     if config.token_budget < 2:
         raise InvalidInputError(f"token_budget={config.token_budget} must be at least 2")
     check_rule_and_codec(config.rule, config.codec)
+    if config.policy is not None:
+        check_policy(teacher, config)  # generation mode, a model directory, the teacher's tokenizer
 
 
 def _check_inputs(data: Path, out: Path, resume: bool) -> str:
@@ -84,19 +93,23 @@ def _check_inputs(data: Path, out: Path, resume: bool) -> str:
 
 
 def _build_with(backend: Backend, teacher: str, data: Path, data_fp: str, out: Path, config: BuildConfig,
-                resume: bool, progress: bool, argv: list[str] | None) -> Manifest:
-    build_args = build_record(teacher, data, data_fp, config, {**config.backend_options, **backend.options()}, argv)
+                resume: bool, progress: bool, argv: list[str] | None, policy=None) -> Manifest:
+    build_args = build_record(teacher, data, data_fp, config, {**config.backend_options, **backend.options()}, argv,
+                              policy=None if policy is None else policy_record(policy, config.policy),
+                              policy_options=None if policy is None else
+                              {**config.policy.backend_options, **policy.options()})
     config, build_args["length_limit"] = length_limit(config, backend.max_positions)
     # a failed first build that committed nothing leaves nothing behind: the writer removes the directory it
     # created, under its lock (so never the directory of another build that started meanwhile)
-    return _run(backend, data, out, config, build_args, resume, progress)
+    return _run(backend, data, out, config, build_args, resume, progress, policy)
 
 
 def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, resume: bool,
-         progress: bool) -> Manifest:
+         progress: bool, policy=None) -> Manifest:
     import torch
 
     gen = torch.Generator().manual_seed(config.seed)
+    timings = {"generate": 0.0, "policy_score": 0.0, "teacher_score": 0.0}
     report = SkipReport()
     bar = progress_bar(progress, desc="scoring")
     t0, done_positions, done_seqs = time.time(), 0, 0
@@ -108,16 +121,18 @@ def _run(backend, data: Path, out: Path, config: BuildConfig, build_args: dict, 
             bar.update(positions)
             bar.set_postfix(seqs=done_seqs, refresh=False)
 
-    with open_writer(backend, out, config, build_args, resume) as writer:
+    with open_writer(backend, out, config, build_args, resume, policy=policy) as writer:
         committed = _committed_records(out) if resume and writer.manifest.shards and config.generation else None
-        items = sequences_to_score(backend, data, config, report, committed_records=committed, progress=progress)
+        items = sequences_to_score(backend, data, config, report, committed_records=committed, progress=progress,
+                                   sampler=policy, timings=timings)
         plan = Plan(writer.committed_ids)
         for index, _, todo in plan.windows(items, config.window):
             gen.manual_seed(window_seed(config.seed, index))
-            score_items(backend, writer, todo, config, gen, on_batch)
+            score_items(backend, writer, todo, config, gen, on_batch, policy=policy, timings=timings)
         writer.manifest.duplicates_skipped = plan.duplicates
         writer.manifest.build["skipped"] = report.to_dict()
         writer.manifest.build["elapsed_s"] = round(time.time() - t0, 1)
+        writer.manifest.build["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     if bar is not None:
         bar.close()
     logger.info("built %s: %d sequences, %d positions in %.1f s", out, done_seqs, done_positions, time.time() - t0)

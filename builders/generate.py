@@ -1,4 +1,7 @@
-"""Generation mode: the teacher samples N responses per prompt, each then scored and verified.
+"""Generation mode: N responses are sampled per prompt, each then scored and verified.
+
+The sampler is the teacher, or another model (``--responses-from POLICY``: ``builders.policy``);
+either is a backend (``builders.backends.base.Backend``) whose ``generate`` is called per prompt.
 
 Prompts come from the same inputs as scoring: a ``prompt`` field (with or without a
 ``response``, which is ignored here) or a chat, whose trailing assistant turns are
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -104,10 +108,12 @@ def _prompt_ids(raw: Any, loc: str, enc: Encoder, fields: Fields) -> list[int]:
 
 def sampled_examples(backend: Any, prompts: Iterator[tuple[int, np.ndarray, str | None]], cfg: GenerationConfig, *,
                      seed: int, skip: dict[int, int] | None = None, max_length: int | None = None,
-                     report: SkipReport | None = None) -> Iterator[tuple[Example, int, bool | None]]:
-    """(example, sample index, verdict) for every response; prompts with all ``cfg.n`` samples in ``skip``
-    (record -> committed samples) are not sampled again. Prompts that leave no room under
-    ``max_length`` and empty responses are counted in ``report``."""
+                     report: SkipReport | None = None, timings: dict[str, float] | None = None
+                     ) -> Iterator[tuple[Example, int, bool | None]]:
+    """(example, sample index, verdict) for every response the sampler ``backend`` gives; prompts with all
+    ``cfg.n`` samples in ``skip`` (record -> committed samples) are not sampled again. Prompts that leave no
+    room under ``max_length`` and empty responses are counted in ``report``; ``timings["generate"]`` (when
+    given) accumulates the seconds spent in ``backend.generate``."""
     verify = get_verifier(cfg.verifier) if cfg.verifier else None
     report = report if report is not None else SkipReport()
     for record, prompt, answer in prompts:
@@ -118,11 +124,14 @@ def sampled_examples(backend: Any, prompts: Iterator[tuple[int, np.ndarray, str 
             report.add("too_long", f"record {record}: the prompt's {len(prompt)} tokens leave no room for a "
                                    f"response under max_length={max_length}; skipped")
             continue
+        t0 = time.perf_counter()
         responses = backend.generate(prompt, n=cfg.n, max_new_tokens=new, temperature=cfg.temperature,
                                      top_p=cfg.top_p, seed=prompt_seed(seed, record))
+        if timings is not None:
+            timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - t0
         for j, resp in enumerate(responses):
             if len(resp) == 0:
-                report.add("empty_response", f"record {record} sample {j}: the teacher produced no token; skipped")
+                report.add("empty_response", f"record {record} sample {j}: the sampler produced no token; skipped")
                 continue
             ids = np.concatenate([prompt, resp]).astype(np.int32)
             mask = np.zeros(len(ids), bool)

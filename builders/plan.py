@@ -1,9 +1,10 @@
 """What a build scores, in which groups: the sequences of the input, their windows and token-budget batches.
 
 ``sequences_to_score`` reads and tokenises the records (``builders.data``) or, in generation
-mode, samples the teacher's responses to their prompts (``builders.generate``), as ``Item``s in
-input order. ``Plan`` cuts that stream into windows of ``window`` items, drops duplicates (the
-same seq id twice) and what a resumed cache already holds; window ``i`` is the same for every
+mode, samples responses to their prompts (``builders.generate``; from the teacher, or from a
+``sampler`` such as the policy of ``--responses-from``), as ``Item``s in input order. ``Plan``
+cuts that stream into windows of ``window`` items, drops duplicates (the same seq id twice) and
+what a resumed cache already holds; window ``i`` is the same for every
 backend and for one process or many (``builders.ray_build``), and its rule-sample draws use
 ``window_seed(seed, i)``. ``batches`` sorts a window by length and cuts it into batches under
 the token budget (little padding). ``positions_of`` says which positions of a sequence are cached.
@@ -110,10 +111,12 @@ def window_seed(seed: int, index: int) -> int:
 
 
 def sequences_to_score(backend, data: Path, config: BuildConfig, report: SkipReport, *,
-                       committed_records: dict[int, int] | None = None, progress: bool = False) -> Iterator[Item]:
-    """The sequences to score, in input order: the records themselves, or (generation mode) the teacher's
-    samples of their prompts. ``backend`` needs a ``tokenizer`` (and ``generate`` in generation mode);
-    ``committed_records`` (record -> samples already in the cache) spares resampling finished prompts."""
+                       committed_records: dict[int, int] | None = None, progress: bool = False, sampler=None,
+                       timings: dict[str, float] | None = None) -> Iterator[Item]:
+    """The sequences to score, in input order: the records themselves, or (generation mode) samples of their
+    prompts, from ``sampler`` (default: the teacher ``backend``). ``backend`` needs a ``tokenizer`` (and the sampler
+    ``generate``); ``committed_records`` (record -> samples already in the cache) spares resampling finished
+    prompts; ``timings["generate"]`` (when given) accumulates the seconds spent sampling."""
     if config.generation is None:
         for ex in load_examples(data, backend.tokenizer, fields=config.fields, max_length=config.max_length,
                                 on_long=config.on_long, on_bad=config.on_bad, report=report):
@@ -122,8 +125,9 @@ def sequences_to_score(backend, data: Path, config: BuildConfig, report: SkipRep
     prompts = load_prompts(data, backend.tokenizer, fields=config.fields, on_bad=config.on_bad, report=report)
     bar = progress_bar(progress, unit="prompt", desc="generating")  # sampling comes before any scoring
     last = None
-    for ex, j, verdict in sampled_examples(backend, prompts, config.generation, seed=config.seed,
-                                           skip=committed_records or {}, max_length=config.max_length, report=report):
+    for ex, j, verdict in sampled_examples(backend if sampler is None else sampler, prompts, config.generation,
+                                           seed=config.seed, skip=committed_records or {},
+                                           max_length=config.max_length, report=report, timings=timings):
         if bar is not None and ex.record != last:
             bar.update(1)
             last = ex.record

@@ -8,10 +8,13 @@ import dataclasses
 
 import numpy as np
 
+from logitstore.format import POLICY_FIELDS
 from logitstore.records import Scored, SequenceRecord
 
 #: the optional per-position fields of rules that draw (Block and Sequence)
 TAIL_FIELDS = ("tail_ids", "tail_logprobs", "tail_counts", "n_tail", "proposal_log_norm")
+#: every optional per-position field (None where a cache has none): the draws', and the policy's (--responses-from)
+OPTIONAL_FIELDS = TAIL_FIELDS + POLICY_FIELDS
 
 
 @dataclasses.dataclass
@@ -37,6 +40,8 @@ class Block:
     tail_counts: np.ndarray | None = None  # [P, U] uint16, 0 where invalid
     n_tail: np.ndarray | None = None  # [P] int32
     proposal_log_norm: np.ndarray | None = None  # [P] float32 (a proposal temperature != 1)
+    policy_logprob: np.ndarray | None = None  # [P] float32 (responses from a policy): its logprob of the label
+    policy_entropy: np.ndarray | None = None  # [P] float32, its entropy
 
     def __len__(self) -> int:
         return self.pos_offsets.size - 1
@@ -55,7 +60,7 @@ class Block:
             tail_mass=self.tail_mass[a:b], ids=self.ids[a:b],
             logprobs=None if self.logprobs is None else self.logprobs[a:b],
             n_entries=self.n_entries[a:b], counts=None if self.counts is None else self.counts[a:b],
-            **{name: None if getattr(self, name) is None else getattr(self, name)[a:b] for name in TAIL_FIELDS},
+            **{name: None if getattr(self, name) is None else getattr(self, name)[a:b] for name in OPTIONAL_FIELDS},
         )
 
 
@@ -89,6 +94,8 @@ class Sequence:
     tail_counts: np.ndarray | None = None
     n_tail: np.ndarray | None = None
     proposal_log_norm: np.ndarray | None = None
+    policy_logprob: np.ndarray | None = None
+    policy_entropy: np.ndarray | None = None
 
     def record_of(self) -> SequenceRecord:
         """This sequence as ``CacheWriter.add`` takes it (entries trimmed to their widest position; the stored
@@ -105,6 +112,7 @@ class Sequence:
             scored.tail_logprobs, scored.n_tail = self.tail_logprobs[:, :u], self.n_tail
         return SequenceRecord(input_ids=self.input_ids, positions=self.pos, loss_mask=self.loss_mask, scored=scored,
                               seq_id=self.seq_id, record=int(self.record), sample=int(self.sample),
-                              correct=self.correct,
+                              correct=self.correct, policy_logprob=self.policy_logprob,
+                              policy_entropy=self.policy_entropy,
                               aggregates={"mean_entropy": self.mean_entropy, "teacher_nll": self.teacher_nll,
                                           "token_accuracy": self.token_accuracy})

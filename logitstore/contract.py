@@ -5,7 +5,9 @@
 and checks its shapes, ``check`` enforces the per-position invariants vectorised (ids in
 range and distinct, logprobs finite, ``<= 0`` and descending, tail mass in ``[0, 1]``,
 counts under rule sample, tail draws under rule topk_tail (distinct, outside the head, counts
-summing to the draws), what the codec can represent), and ``row`` makes the buffered
+summing to the draws), the policy's values of a cache with responses from another model (its
+logprobs finite and ``<= 0``, its entropies finite and ``>= 0``), what the codec can represent), and
+``row`` makes the buffered
 row with the per-sequence aggregates computed from the full-precision inputs. ``verify``
 checks the same invariants on decoded shards (``has_repeats`` is shared).
 """
@@ -54,6 +56,8 @@ class RecordArrays:
     lp_v: np.ndarray | None = None  # the valid entries' logprobs, flat
     drawn: TailArrays | None = None  # rule topk_tail: the tail draws
     log_norm: np.ndarray | None = None  # [N] float32, a tempered proposal's log Z
+    policy_lp: np.ndarray | None = None  # [N] float32, the policy's logprob of each label (responses from a policy)
+    policy_ent: np.ndarray | None = None  # [N] float32, the policy's entropy
 
 
 @dataclasses.dataclass
@@ -70,8 +74,8 @@ class TailArrays:
 class Contract:
     """The checks of one cache's rule, codec and vocabulary (see the module docstring)."""
 
-    def __init__(self, rule: Rule, codec: C.Codec, vocab_size: int):
-        self.rule, self.codec, self.vocab_size = rule, codec, vocab_size
+    def __init__(self, rule: Rule, codec: C.Codec, vocab_size: int, *, policy: bool = False):
+        self.rule, self.codec, self.vocab_size, self.policy = rule, codec, vocab_size, policy
 
     def arrays(self, sid: str, tok: np.ndarray, rec: SequenceRecord) -> RecordArrays:
         """The record's per-position values as numpy arrays of the writer's dtypes, shapes checked."""
@@ -124,7 +128,24 @@ class Contract:
             a.log_norm = as_numpy(sc.proposal_log_norm, np.float32).ravel()
             if a.log_norm.size != N:
                 raise InvalidInputError(f"seq {sid}: proposal_log_norm has {a.log_norm.size} values for {N} positions")
+        self._policy_arrays(sid, rec, a, N)
         return a
+
+    def _policy_arrays(self, sid: str, rec: SequenceRecord, a: RecordArrays, N: int) -> None:
+        given = [n for n in ("policy_logprob", "policy_entropy") if getattr(rec, n) is not None]
+        if not self.policy:
+            if given:
+                raise InvalidInputError(f"seq {sid}: {', '.join(given)} belong to a cache whose responses come from "
+                                        "a policy (CacheWriter(policy=True)); this one has none")
+            return
+        if len(given) != 2:
+            raise InvalidInputError(f"seq {sid}: this cache's responses come from a policy: policy_logprob and "
+                                    "policy_entropy are required")
+        a.policy_lp = as_numpy(rec.policy_logprob, np.float32).ravel()
+        a.policy_ent = as_numpy(rec.policy_entropy, np.float32).ravel()
+        for name, v in (("policy_logprob", a.policy_lp), ("policy_entropy", a.policy_ent)):
+            if v.size != N:
+                raise InvalidInputError(f"seq {sid}: {name} has {v.size} values for {N} positions")
 
     def _tail_arrays(self, sid: str, sc, N: int) -> TailArrays | None:
         given = [name for name in ("tail_ids", "tail_logprobs", "tail_counts") if getattr(sc, name) is not None]
@@ -169,10 +190,16 @@ class Contract:
         if self.codec.values == "qdelta" and lp_v.size and lp_v.min() < -C.QDELTA_MAX * step:
             raise InvalidInputError(f"seq {sid}: logprobs below {-C.QDELTA_MAX * step:.0f} nats "
                                     f"do not fit the qdelta codec at step {step}")
+        if a.policy_lp is not None:
+            if not (np.isfinite(a.policy_lp).all() and a.policy_lp.max(initial=0) <= LP_TOL):
+                raise InvalidInputError(f"seq {sid}: policy_logprob must be finite and <= 0")
+            if not (np.isfinite(a.policy_ent).all() and a.policy_ent.min(initial=0) >= -LP_TOL):
+                raise InvalidInputError(f"seq {sid}: policy_entropy must be finite and >= 0")
         if "fp16" in (self.codec.values, self.codec.scalars):
             floor = -65504.0  # the most negative finite IEEE half
+            scalar_min = min(a.label_lp.min(initial=0), 0 if a.policy_lp is None else a.policy_lp.min(initial=0))
             if (self.codec.values == "fp16" and lp_v.min(initial=0) < floor) or \
-                    (self.codec.scalars == "fp16" and a.label_lp.min(initial=0) < floor):
+                    (self.codec.scalars == "fp16" and scalar_min < floor):
                 raise InvalidInputError(f"seq {sid}: logprobs below {floor} do not fit the fp16 codec")
         cnt = a.counts
         if cnt is not None and (cnt.shape != ids.shape or (cnt[valid] < 1).any()
@@ -243,6 +270,8 @@ class Contract:
             tail_counts=None if a.drawn is None else a.drawn.counts[a.drawn.valid].astype(np.uint16),
             n_tail=None if a.drawn is None else a.drawn.n.copy(),
             log_norm=None if a.log_norm is None else a.log_norm.copy(),
+            policy_logprob=None if a.policy_lp is None else np.minimum(a.policy_lp, 0),
+            policy_entropy=None if a.policy_ent is None else np.maximum(a.policy_ent, 0),
             **agg,
         )
 

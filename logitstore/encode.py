@@ -25,7 +25,7 @@ from logitstore import format as F
 DATA_PAGE_BYTES = 2 << 20  # Parquet data page target: 2 MiB measured smallest at k=50 (BENCHMARKS.md)
 _SPLIT = ("input_ids", "label_logprob", "entropy", "tail_mass", "topk_ids", "topk_codes", "topk_logprobs",
           "topk_logprob_deltas", "sample_counts", "tail_ids", "tail_codes", "tail_logprobs", "tail_logprob_deltas",
-          "tail_counts", "proposal_log_norm")
+          "tail_counts", "proposal_log_norm", *F.POLICY_FIELDS)
 
 
 def encode_rows(buf: list[dict[str, Any]], *, schema: pa.Schema, codec: C.Codec, code_of: np.ndarray | None
@@ -74,6 +74,9 @@ def encode_rows(buf: list[dict[str, Any]], *, schema: pa.Schema, codec: C.Codec,
         cols.update(_tail_columns(buf, schema, codec, code_of, pos_off))
     if "proposal_log_norm" in schema.names:
         cols["proposal_log_norm"] = per_pos(cat("log_norm").astype(ftype, copy=False), "proposal_log_norm")
+    for name in F.POLICY_FIELDS:
+        if name in schema.names:
+            cols[name] = per_pos(cat(name).astype(ftype, copy=False), name)
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 

@@ -33,6 +33,9 @@ ID_CODECS = ("ranked", "raw")
 #: Types of the per-position float fields (label_logprob, entropy, tail_mass).
 SCALAR_DTYPES = ("fp32", "fp16")
 ID_MAP_NAME = "id_map.parquet"
+#: The per-position fields of a cache whose responses were sampled from another model (``build --responses-from``):
+#: what that policy itself said of each position's token. Present iff the manifest's exactness lists them.
+POLICY_FIELDS = ("policy_logprob", "policy_entropy")
 #: Encodings of the entry logprobs. "qdelta": non-negative integer deltas down the sorted
 #: list, in units of ``logprob_step`` (lossy, bounded); "fp16"/"fp32": the values themselves;
 #: "none": not stored (rule "sample" only: ids and counts are all its estimator needs).
@@ -80,6 +83,10 @@ POSITION_COLUMNS = [
     ("tail_counts", None, False, "rule topk_tail: how many of the tail_draws hit each tail id"),
     ("proposal_log_norm", None, False, "rules with proposal_temperature != 1: log Z of the proposal "
      "q_x = exp(logprob_x / T - log Z) over its support; float32 or float16"),
+    ("policy_logprob", None, False, "responses from another model (--responses-from): that policy's full-vocabulary "
+     "temperature-1 logprob of the label (nats, <= 0); float32 or float16"),
+    ("policy_entropy", None, False, "responses from another model: the policy's full-vocabulary entropy (nats); "
+     "float32 or float16"),
 ]
 SCALAR_COLUMNS = tuple(name for name, t, _, _ in SEQUENCE_COLUMNS if name != "input_ids")
 
@@ -110,10 +117,11 @@ def tail_value_column(value_codec: str) -> str | None:
     return None if name is None else name.replace("topk_", "tail_", 1)
 
 
-def shard_schema(*, rule: str, value_codec: str, id_codec: str, scalar_dtype: str, tempered: bool = False
-                 ) -> pa.Schema:
+def shard_schema(*, rule: str, value_codec: str, id_codec: str, scalar_dtype: str, tempered: bool = False,
+                 policy: bool = False) -> pa.Schema:
     """The Arrow schema of a shard written under sparse-entry ``rule`` with the given codecs; ``tempered``: the
-    rule draws from a proposal with temperature != 1 (then the shard has ``proposal_log_norm``)."""
+    rule draws from a proposal with temperature != 1 (then the shard has ``proposal_log_norm``); ``policy``: the
+    responses were sampled from another model (then the shard has ``policy_logprob`` and ``policy_entropy``)."""
     if rule not in RULES:
         raise ValueError(f"rule {rule!r} is not one of {RULES}")
     if value_codec == "none" and (rule != "sample" or tempered):
@@ -148,6 +156,10 @@ def shard_schema(*, rule: str, value_codec: str, id_codec: str, scalar_dtype: st
                 if name == "tail_counts" else t
         elif name == "proposal_log_norm":
             if not tempered:
+                continue
+            t = ftype
+        elif name in POLICY_FIELDS:
+            if not policy:
                 continue
             t = ftype
         fields.append(pa.field(name, t, nullable=nl))

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from logitstore.errors import CacheNotFoundError, CorruptCacheError, FormatVersionError
-from logitstore.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS
+from logitstore.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, POLICY_FIELDS, READABLE_VERSIONS
 from logitstore.jsonfile import read_json
 
 #: The manifest key holding the sha256 of everything else in it (FORMAT.md, "Manifest"); from format version 2.
@@ -86,6 +86,12 @@ class Manifest:
     @property
     def bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
+
+    @property
+    def has_policy(self) -> bool:
+        """The responses were sampled from another model (``build --responses-from``): the shards hold the policy's
+        per-position fields, which the exactness record lists (FORMAT.md)."""
+        return all(name in self.exactness for name in POLICY_FIELDS)
 
     def shard_numbers(self) -> list[int]:
         """The number each shard was written under (its self-description's ``shard``): its index among the
@@ -201,6 +207,8 @@ def _check_types(m: Manifest, where: str) -> None:
         Codec.from_dict(m.codec)
     except (LogitstoreError, TypeError, ValueError, KeyError) as exc:
         raise CorruptCacheError(f"{where}: rule {m.rule!r:.80} / codec {m.codec!r:.120} is malformed ({exc})") from exc
+    if sum(name in m.exactness for name in POLICY_FIELDS) == 1:
+        raise bad("exactness", m.exactness, f"both or neither of {', '.join(POLICY_FIELDS)}")
     if type(m.complete) is not bool:
         raise bad("complete", m.complete, "true or false")
     if not _is_int(m.duplicates_skipped):

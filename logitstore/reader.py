@@ -61,8 +61,9 @@ class Cache:
         self.codec = C.Codec.from_dict(self.manifest.codec)
         self.rule = rule_from_dict(self.manifest.rule)
         self.k = self.rule.k
+        self.policy = self.manifest.has_policy  # responses from another model: the policy's per-position fields
         self.schema = F.shard_schema(rule=self.rule.name, value_codec=self.codec.values, id_codec=self.codec.ids,
-                                     scalar_dtype=self.codec.scalars, tempered=self.rule.tempered)
+                                     scalar_dtype=self.codec.scalars, tempered=self.rule.tempered, policy=self.policy)
         self.id_map = read_id_map(self.path, self.manifest) if self.manifest.id_map else None
         self._index: dict[str, tuple[int, int]] | None = None  # seq_id -> (shard, row)
         self._files: dict[int, pq.ParquetFile] = {}
@@ -292,13 +293,15 @@ class Cache:
         if self.rule.name == "sample":
             counts = C.pad_flat(_flat2(col("sample_counts"))[1], mask, n_pos, k, 0)
         f32 = lambda name: _flat(col(name))[1].astype(np.float32, copy=False)  # noqa: E731
-        tail = self._decode_tail(col, n_pos) if self.rule.name == "topk_tail" else {}
+        extra = self._decode_tail(col, n_pos) if self.rule.name == "topk_tail" else {}  # the optional fields
         if self.rule.tempered:
-            tail["proposal_log_norm"] = f32("proposal_log_norm")
+            extra["proposal_log_norm"] = f32("proposal_log_norm")
+        if self.policy:
+            extra.update({name: f32(name) for name in F.POLICY_FIELDS})
         return Block(
             scalars=scal, token_offsets=tok_off, input_ids=input_ids, pos_offsets=pos_off, pos=pos, labels=labels,
             loss_mask=_flat(col("loss_mask"))[1], label_logprob=f32("label_logprob"), entropy=f32("entropy"),
-            tail_mass=f32("tail_mass"), ids=ids, logprobs=lps, n_entries=n_ent, counts=counts, **tail,
+            tail_mass=f32("tail_mass"), ids=ids, logprobs=lps, n_entries=n_ent, counts=counts, **extra,
         )
 
     def _decode_tail(self, col, n_pos: int) -> dict[str, np.ndarray | None]:

@@ -3,8 +3,9 @@
 ``Scored`` is what a teacher backend returns for one sequence: the sparse entries of N
 requested positions under the cache's rule plus the exact per-position fields (the data
 contract of DESIGN.md). ``SequenceRecord`` is one sequence as ``CacheWriter.add`` takes it:
-its tokens, which positions are cached, their loss mask, the ``Scored`` values, and the
-per-sequence fields (id, source record, sample index, verdict). Arrays may be numpy arrays,
+its tokens, which positions are cached, their loss mask, the ``Scored`` values, the
+per-sequence fields (id, source record, sample index, verdict) and, for responses sampled
+from another model (``build --responses-from``), what that policy said of each position. Arrays may be numpy arrays,
 lists or torch tensors (converted by the writer without importing torch).
 
 Shapes, per sequence with T tokens and N cached positions, K entry slots:
@@ -14,6 +15,8 @@ Shapes, per sequence with T tokens and N cached positions, K entry slots:
 - ``label_logprob``, ``entropy``, ``tail_mass``, ``argmax`` ``[N]``; ``counts [N, K]`` under rule sample
 - rule topk_tail: ``tail_ids``, ``tail_logprobs``, ``tail_counts`` ``[N, U]`` within ``n_tail [N]``
 - a proposal temperature != 1: ``proposal_log_norm [N]``
+- responses from a policy: ``policy_logprob``, ``policy_entropy`` ``[N]`` (on the ``SequenceRecord``: they are
+  not the teacher's)
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ class SequenceRecord:
     record: int = 0  # index of the source record
     sample: int = 0  # sample index of a generated response
     correct: bool | None = None  # verifier verdict
+    policy_logprob: Any | None = None  # [N] float, the policy's full-vocabulary temperature-1 logprob of each label
+    policy_entropy: Any | None = None  # [N] float, the policy's full-vocabulary entropy at each position
     aggregates: dict[str, float | None] | None = None
     """mean_entropy / teacher_nll / token_accuracy to store instead of recomputing them (carried over from
     another cache, whose positions may be a subset of what they were computed on)"""

@@ -95,7 +95,7 @@ def materialize(source, out: str | os.PathLike, *, provenance: dict | None = Non
              **(provenance or {}), "source_build": m.build}
     with CacheWriter(out, vocab_size=m.vocab_size, rule=rule_from_dict(m.rule), codec=Codec.from_dict(m.codec),
                      teacher=m.teacher, tokenizer=m.tokenizer, build=build, exactness=m.exactness,
-                     temperature=m.temperature) as w:
+                     temperature=m.temperature, policy=m.has_policy) as w:
         for s in src:
             w.add(s.record_of())
     return w.manifest

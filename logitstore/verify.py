@@ -9,7 +9,8 @@ implies, and the recorded sequence/position/entry counts; and every decoded
 value satisfies the invariants of FORMAT.md (ids < vocab and unique per
 position, logprobs <= 0 and descending, tail mass in [0, 1], entropy in
 [0, ln V], positions strictly increasing in [1, n_tokens), aggregates equal to
-their recomputation, stored mass + tail mass = 1 within the codec's bound).
+their recomputation, stored mass + tail mass = 1 within the codec's bound, and, where the responses
+came from a policy, its logprobs <= 0 and its entropies in [0, ln V]).
 """
 
 from __future__ import annotations
@@ -137,6 +138,11 @@ def _invariants(cache: Cache, b) -> list[str]:
             ok |= np.isneginf(b.proposal_log_norm) & (b.n_tail == 0)
         if not ok.all():
             bad.append("proposal_log_norm must be finite (-inf only where no tail is drawn)")
+    if cache.policy:
+        if not (np.isfinite(b.policy_logprob).all() and (b.policy_logprob <= 0).all()):
+            bad.append("policy_logprob must be finite and <= 0")
+        if not ((b.policy_entropy >= 0) & (b.policy_entropy <= math.log(V) * (1 + 1e-3) + 1e-3)).all():
+            bad.append(f"policy_entropy outside [0, ln V = {math.log(V):.3f}]")
     bad += _sequence_invariants(cache, b)
     return bad
 

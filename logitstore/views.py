@@ -12,8 +12,10 @@
   ``topk_logprobs`` (decoded: token ids through the id map, logprobs from the quantised
   deltas), ``sample_counts`` for sampled caches (NULL otherwise), and ``tail_ids``,
   ``tail_logprobs``, ``tail_counts`` (the tail draws of a ``topk_tail`` cache, decoded the same
-  way; empty lists where a cache has no tail draws), and ``proposal_log_norm`` (rules drawn at a
-  proposal temperature != 1, NULL otherwise).
+  way; empty lists where a cache has no tail draws), ``proposal_log_norm`` (rules drawn at a
+  proposal temperature != 1, NULL otherwise), and ``policy_logprob``, ``policy_entropy`` (what the
+  model that sampled the responses said of each position, in a cache built with
+  ``--responses-from``; NULL otherwise).
 - ``manifest`` is one row per manifest key (``key``, ``value`` as JSON text), e.g.
   ``SELECT value FROM manifest WHERE key = 'teacher'``.
 - ``exactness`` is one row per stored field (``field``, ``exactness``: exact, quantised,
@@ -21,6 +23,9 @@
   and a query can check ``SELECT exactness FROM exactness WHERE field = 'entropy'``.
 - opened on a selection file, both views hold only the selected sequences, and the table
   ``selection`` (``seq_id``, ``weight``) holds the selection itself.
+- ``connect(cache, con, prefix="m1_")`` names all of these ``m1_sequences``, ``m1_tokens``, ...
+  (the macros keep their names), so several caches can sit in one connection
+  (``logitstore.union``).
 
 Macros over a position's entry lists (nats throughout):
 
@@ -83,9 +88,10 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def connect(cache, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+def connect(cache, con: duckdb.DuckDBPyConnection | None = None, *, prefix: str = "") -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views, the manifest table and the macros of the open ``cache`` (a
-    ``logitstore.reader.Cache``; it is passed in, not imported, so the reader can offer ``Cache.sql``)."""
+    ``logitstore.reader.Cache``; it is passed in, not imported, so the reader can offer ``Cache.sql``); every
+    view and table name starts with ``prefix``."""
     for info, path in zip(cache.manifest.shards, cache.shard_paths):  # cheap: DuckDB checks no page CRC
         size = path.stat().st_size if path.is_file() else None
         if size != info.bytes:
@@ -98,8 +104,8 @@ def connect(cache, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckD
     if cache.shard_paths:
         src = "read_parquet([" + ", ".join(_sql_str(str(p)) for p in cache.shard_paths) + "])"
     else:  # a cache with no committed shard: the same views, over an empty table of its shard schema
-        con.register("logitstore_empty_shard", cache.schema.empty_table())
-        src = "logitstore_empty_shard"
+        src = f"{prefix}logitstore_empty_shard"
+        con.register(src, cache.schema.empty_table())
     if cache.selection is not None:
         sel = cache.selection
         import pyarrow as pa
@@ -107,16 +113,16 @@ def connect(cache, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckD
         con.register("_logitstore_selection", pa.table({
             "seq_id": pa.array(sel.seq_ids, pa.string()),
             "weight": pa.array(sel.weights if sel.weights is not None else [None] * len(sel.seq_ids), pa.float64())}))
-        con.execute("CREATE OR REPLACE TABLE selection AS SELECT * FROM _logitstore_selection")
+        con.execute(f"CREATE OR REPLACE TABLE {prefix}selection AS SELECT * FROM _logitstore_selection")
         con.unregister("_logitstore_selection")
-        src = f"(SELECT * FROM {src} WHERE seq_id IN (SELECT seq_id FROM selection))"
-    con.execute(f"CREATE OR REPLACE VIEW sequences AS SELECT {', '.join(SEQUENCE_VIEW_COLUMNS)} FROM {src}")
-    con.execute(f"CREATE OR REPLACE VIEW tokens AS {_tokens_sql(cache, src, con)}")
+        src = f"(SELECT * FROM {src} WHERE seq_id IN (SELECT seq_id FROM {prefix}selection))"
+    con.execute(f"CREATE OR REPLACE VIEW {prefix}sequences AS SELECT {', '.join(SEQUENCE_VIEW_COLUMNS)} FROM {src}")
+    con.execute(f"CREATE OR REPLACE VIEW {prefix}tokens AS {_tokens_sql(cache, src, con, prefix)}")
     m = cache.manifest.to_dict()
-    con.execute("CREATE OR REPLACE TABLE manifest (key VARCHAR, value VARCHAR)")
-    con.executemany("INSERT INTO manifest VALUES (?, ?)", [(k, json.dumps(v)) for k, v in m.items()])
-    con.execute("CREATE OR REPLACE TABLE exactness (field VARCHAR, exactness VARCHAR, meaning VARCHAR)")
-    con.executemany("INSERT INTO exactness VALUES (?, ?, ?)",
+    con.execute(f"CREATE OR REPLACE TABLE {prefix}manifest (key VARCHAR, value VARCHAR)")
+    con.executemany(f"INSERT INTO {prefix}manifest VALUES (?, ?)", [(k, json.dumps(v)) for k, v in m.items()])
+    con.execute(f"CREATE OR REPLACE TABLE {prefix}exactness (field VARCHAR, exactness VARCHAR, meaning VARCHAR)")
+    con.executemany(f"INSERT INTO {prefix}exactness VALUES (?, ?, ?)",
                     [(k, v, EXACTNESS_MEANING.get(v, "")) for k, v in cache.manifest.exactness.items()])
     return con
 
@@ -125,7 +131,7 @@ def _has_setting(con, name: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM duckdb_settings() WHERE name = ?", [name]).fetchone()[0])
 
 
-def _tokens_sql(cache, src: str, con) -> str:
+def _tokens_sql(cache, src: str, con, prefix: str) -> str:
     """One row per position: unnest an index and subscript the per-position lists with it, so a query
     that names only scalar fields neither reads nor unpacks the entry lists (19x faster than unnesting
     every list at 2M positions; BENCHMARKS.md)."""
@@ -133,9 +139,9 @@ def _tokens_sql(cache, src: str, con) -> str:
     from_ = f"(SELECT *, unnest(range(1, len(pos) + 1)) AS _i FROM {src})"
     if cache.id_map is not None:
         # the code -> token id table as a one-row constant list (1-based), joined once
-        con.execute("CREATE OR REPLACE TABLE logitstore_id_map AS SELECT list(token_id ORDER BY code) AS _id_map "
-                    f"FROM read_parquet({_sql_str(str(cache.path / cache.manifest.id_map['file']))})")
-        from_ += ", logitstore_id_map"
+        con.execute(f"CREATE OR REPLACE TABLE {prefix}logitstore_id_map AS SELECT list(token_id ORDER BY code) AS "
+                    f"_id_map FROM read_parquet({_sql_str(str(cache.path / cache.manifest.id_map['file']))})")
+        from_ += f", {prefix}logitstore_id_map"
     head = (_ids_sql(cache, F.id_column(codec.ids), "topk_ids"),
             _logprobs_sql(codec, F.value_column(codec.values)[0], "topk_logprobs"))
     counts = ("list_transform(sample_counts[_i], lambda x: x::INTEGER) AS sample_counts"
@@ -147,10 +153,12 @@ def _tokens_sql(cache, src: str, con) -> str:
     else:  # empty lists where a cache has no tail draws
         tail = ("[]::INTEGER[] AS tail_ids", "[]::FLOAT[] AS tail_logprobs", "[]::INTEGER[] AS tail_counts")
     norm = "proposal_log_norm[_i]::FLOAT" if cache.rule.tempered else "NULL::FLOAT"
+    policy = ", ".join(f"{name}[_i]::FLOAT AS {name}" if cache.policy else f"NULL::FLOAT AS {name}"
+                       for name in F.POLICY_FIELDS)  # NULL where the responses were not sampled from a policy
     return (f"SELECT seq_id, pos[_i] AS pos, input_ids[pos[_i] + 1] AS label, "
             f"label_logprob[_i]::FLOAT AS label_logprob, entropy[_i]::FLOAT AS entropy, "
             f"tail_mass[_i]::FLOAT AS tail_mass, loss_mask[_i] AS loss_mask, {', '.join(head)}, {counts}, "
-            f"{', '.join(tail)}, {norm} AS proposal_log_norm FROM {from_}")
+            f"{', '.join(tail)}, {norm} AS proposal_log_norm, {policy} FROM {from_}")
 
 
 def _ids_sql(cache, column: str, alias: str) -> str:

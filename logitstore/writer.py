@@ -94,6 +94,7 @@ class CacheWriter:
         resume: bool = False,
         resume_build_keys: tuple[str, ...] = (),
         id_counts: np.ndarray | None = None,
+        policy: bool = False,
     ):
         if not (1 <= vocab_size <= 2**31 - 1):
             raise InvalidInputError(f"vocab_size={vocab_size} must be in [1, 2**31)")
@@ -113,6 +114,8 @@ class CacheWriter:
             ex["tail_logprobs"] = values
         if rule.tempered:
             ex["proposal_log_norm"] = scalars
+        if policy:  # responses sampled from another model: its per-position fields (SequenceRecord.policy_*)
+            ex.update({name: scalars for name in F.POLICY_FIELDS})
         for key, word in (exactness or {}).items():
             if key not in ex or word not in EXACTNESS_WORDS:
                 raise InvalidInputError(
@@ -127,9 +130,10 @@ class CacheWriter:
         # token frequencies the ranked id map is built from (default: the first row group's entries); writers of
         # the parts of one cache (``logitstore.parts``) pass the same counts, so the parts share one id map
         self.id_counts = None if id_counts is None else np.asarray(id_counts, np.int64).ravel()
-        self._contract = Contract(rule, codec, self.vocab_size)
+        self.policy = bool(policy)
+        self._contract = Contract(rule, codec, self.vocab_size, policy=self.policy)
         self.schema = F.shard_schema(rule=rule.name, value_codec=codec.values, id_codec=codec.ids,
-                                     scalar_dtype=codec.scalars, tempered=rule.tempered)
+                                     scalar_dtype=codec.scalars, tempered=rule.tempered, policy=self.policy)
         self.manifest: Manifest | None = None
         self.committed_ids: set[str] = set()
         self._seen: set[str] = set()
@@ -266,6 +270,9 @@ class CacheWriter:
             for name in ("vocab_size", "rule", "codec", "teacher", "tokenizer", "temperature")
             if getattr(old, name) != getattr(new, name)
         ] + build_key_diffs(old.build, new.build, self.resume_build_keys)
+        if old.has_policy != self.policy:
+            diffs.append(f"policy fields: cache has {'them' if old.has_policy else 'none'}, this build "
+                         f"{'has them' if self.policy else 'has none'} (responses from another model or not)")
         if diffs:
             raise InvalidInputError(f"cannot resume {self.path}: " + "; ".join(diffs))
 

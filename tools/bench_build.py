@@ -40,7 +40,8 @@ def _batches(tok, n_seq: int, seq_len: int, batch: int):
 
 
 #: the rules whose build throughput is compared with the top-k build of the same data
-RULES = ("topk 32", "topk_tail 8 24", "topk_tail 16 16", "topk_tail 8 24 2.0", "sample 50", "sample 50 2.0")
+RULES = ("topk 32", "topk_tail 4 16 2.0", "topk_tail 8 24", "topk_tail 16 16", "topk_tail 8 24 2.0", "sample 50",
+         "sample 50 2.0")
 
 
 def _rule(spec: str):

@@ -191,7 +191,7 @@ def replay_backend(model, tokenizer, identity: dict, name: str):
     from builders.backends.hf import TransformersBackend
 
     class Replay(TransformersBackend):
-        states: dict[tuple, torch.Tensor] = {}
+        states: dict[tuple, torch.Tensor]  # per instance: set below
 
         def hidden(self, input_ids):
             new = [x for x in {tuple(int(t) for t in x) for x in input_ids} if x not in self.states]

@@ -82,6 +82,11 @@ class TrainConfig:
                                     "are (default: refuse it, as a sign it was edited or made from another cache)")
     allow_incomplete: bool = _f(False, "train on an unfinished build (manifest complete: false), on the sequences "
                                        "committed so far (default: refuse it)")
+    mix_cache: str = _f("", "a second CACHE or SELECTION (e.g. off-policy data) mixed in per batch: each batch comes "
+                            "from CACHE with probability --mix-ratio, else from this one (GKD's lambda); same rule, "
+                            "vocabulary and tokenizer as CACHE")
+    mix_ratio: float = _f(0.5, "with --mix-cache: the fraction lambda of batches drawn from CACHE (1: CACHE only, 0: "
+                               "--mix-cache only); which batch comes from where is seeded by --seed")
     keep_fraction: float = _f(1.0, "train on this fraction of each batch's target tokens, chosen by --keep-by")
     keep_by: str = _f("teacher_entropy", "rank tokens by teacher_entropy, student_entropy or score:COLUMN "
                                          "(a column of --scores)")
@@ -156,6 +161,10 @@ class TrainConfig:
             raise _bad("dtype", self.dtype, f"choose from {', '.join(DTYPES)}")
         if self.eval and self.holdout:
             raise InvalidInputError("give --eval or --holdout, not both")
+        if not 0 <= self.mix_ratio <= 1:
+            raise _bad("mix_ratio", self.mix_ratio, "must be in [0, 1] (the fraction of batches from CACHE)")
+        if self.mix_cache and self.epochs:
+            raise InvalidInputError("--epochs counts passes over one cache; with --mix-cache give --max-steps only")
         if self.cross_tokenizer:
             self._validate_cross(_bad)
         elif self.teacher_tokenizer:

@@ -140,3 +140,21 @@ def log_metrics(out: Path, row: dict[str, Any]) -> None:
     """Append one JSON row to ``OUT/metrics.jsonl``."""
     with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def last_logged(out: Path) -> dict[str, Any]:
+    """The last training row of ``OUT/metrics.jsonl`` (one with a ``loss`` and an ``lr``), or ``{}``: what a run
+    resumed at its final step reports as its last metrics, since it trains no step itself."""
+    last: dict[str, Any] = {}
+    try:
+        lines = (out / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return last
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and "loss" in row and "lr" in row:
+            last = row
+    return last

@@ -9,7 +9,8 @@ tokenizer (``--cross-tokenizer``) plugs in ``trainers.cross.CrossTokenizer`` ins
 teacher batch into a student batch of aligned chunks and gives that batch's loss. Then AdamW with a
 linear warm-up and a cosine decay, gradient clipping, and every so often metrics
 (``OUT/metrics.jsonl``), an evaluation on held-out data (``trainers.evaluation``) and a
-checkpoint (``trainers.checkpoint``). What the run reads is decided first (``trainers.sources``).
+checkpoint (``trainers.checkpoint``). What the run reads is decided first (``trainers.sources``); with
+``--mix-cache`` a second cache is mixed in per batch (``trainers.mixing``, GKD's lambda).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the body runs under DistributedDataParallel
 (gloo on CPU, nccl on CUDA), each rank reads its own part of the data (the loader
@@ -32,15 +33,17 @@ import torch.distributed as dist
 
 from logitstore.errors import InvalidInputError, LogitstoreError
 from logitstore.head import Head
+from logitstore.manifest import atomic_write_bytes
 from logitstore.rules import Rule
 from trainers import checkpoint as ckpt
 from trainers.config import TrainConfig
 from trainers.cross import CrossTokenizer
 from trainers.data import StreamingLoader
-from trainers.evaluation import METRICS_FILE, batch_targets, eval_and_log, log_metrics, to_device
+from trainers.evaluation import METRICS_FILE, batch_targets, eval_and_log, last_logged, log_metrics, to_device
 from trainers.losses import Objective
+from trainers.mixing import MixedLoader
 from trainers.rundir import SUMMARY_FILE, RunDir, student_identity
-from trainers.sources import check_cache, check_usable, train_and_eval_sources
+from trainers.sources import check_cache, check_mix_cache, check_usable, train_and_eval_sources
 from trainers.student import Student, check_student, load_student, save_tokenizer
 from trainers.view import student_view
 from trainers.weighting import coefficients
@@ -169,6 +172,13 @@ class _Run:
                 only = box[0]
         if only is not None:
             logger.warning("training on %d of %d sequences (damaged shards left out)", len(only), len(cache))
+        self.mix = None
+        if cfg.mix_cache:
+            self.mix = logitstore.open(cfg.mix_cache, allow_missing=cfg.allow_missing)
+            check_usable(self.mix, "--mix-cache", cfg.allow_incomplete)
+            check_mix_cache(cache, self.mix)
+            if not cfg.skip_verify and self.main:
+                check_cache(self.mix, skip_bad=False, what="--mix-cache")
         return train_and_eval_sources(cfg, cache, only, eval_cache)
 
     def open_student(self, state: dict | None) -> None:
@@ -179,6 +189,8 @@ class _Run:
         self.cross = CrossTokenizer(cfg, self.manifest, student) if cfg.cross_tokenizer else None
         if self.cross is None:
             check_student(student, self.cache)
+        if self.mix is not None and self.cross is None:
+            check_student(student, self.mix)
         if state is not None:
             from transformers import AutoModelForCausalLM
 
@@ -194,20 +206,25 @@ class _Run:
                                                              else None)
         self.student, self.body = student, body
 
-    def open_loader(self, source) -> StreamingLoader:
+    def open_loader(self, source) -> StreamingLoader | MixedLoader:
         cfg = self.cfg
         score_cols = [cfg.keep_by.split(":", 1)[1]] if cfg.keep_by.startswith("score:") and cfg.keep_fraction < 1 \
             else []
-        loader = StreamingLoader(source, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed,
-                                 buffer_size=cfg.shuffle_buffer, num_workers=cfg.num_workers, pack=cfg.pack,
-                                 scores=cfg.scores or None, score_columns=score_cols)
+        def stream(src, seed):
+            return StreamingLoader(src, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=seed,
+                                   buffer_size=cfg.shuffle_buffer, num_workers=cfg.num_workers, pack=cfg.pack,
+                                   scores=cfg.scores or None, score_columns=score_cols)
+
+        loader = stream(source, cfg.seed)
         self.max_steps = cfg.max_steps
+        if self.mix is not None:  # validate() refused --epochs with --mix-cache
+            return MixedLoader(loader, stream(self.mix.source, cfg.seed + 1), ratio=cfg.mix_ratio, seed=cfg.seed)
         if cfg.epochs:
             per_epoch = sum(len(loader.epoch_plan(0, worker=w)) for w in range(max(1, cfg.num_workers)))
             self.max_steps = min(self.max_steps, max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)))
         return loader
 
-    def optimiser(self, loader: StreamingLoader, state: dict | None) -> None:
+    def optimiser(self, loader: StreamingLoader | MixedLoader, state: dict | None) -> None:
         """The objective, AdamW and the schedule over the steps this run takes; a resumed run's saved state."""
         cfg = self.cfg
         # a cross-tokenizer run's targets are aligned chunks: its objective takes the 'other' bucket
@@ -280,7 +297,7 @@ class _Run:
         self.objective.step_end(acc.get("kd", acc["loss"]), step)  # TAID adapts to the distillation term
         return acc
 
-    def loop(self, loader: StreamingLoader, eval_src) -> dict[str, Any]:
+    def loop(self, loader: StreamingLoader | MixedLoader, eval_src) -> dict[str, Any]:
         """Train to ``max_steps`` with metrics, evaluations and checkpoints; then save the final model."""
         from tqdm.auto import tqdm
 
@@ -314,6 +331,8 @@ class _Run:
         finally:
             bar.close()
         self.save(step)
+        if not metrics and main:  # resumed at the last step (or logging off): the last row an earlier attempt logged
+            metrics = last_logged(out)
         final_eval = eval_and_log(self.student, eval_src, cfg, self.device, out, step, main, self.world,
                                  self.cross) \
             if eval_src else {}
@@ -321,7 +340,7 @@ class _Run:
                    "last": metrics, **final_eval, "output": str(out), "world_size": self.world}
         if main:
             ckpt.save_final(out, self.student.model, lambda d: save_tokenizer(self.student, d))
-            (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+            atomic_write_bytes(out / SUMMARY_FILE, json.dumps(summary, indent=1).encode())  # last: "finished"
         if self.world > 1:
             dist.barrier()
         return summary

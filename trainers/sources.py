@@ -4,7 +4,8 @@
 damaged cache, or (``--skip-bad-shards``) returns the seq ids of its sound shards.
 ``train_and_eval_sources`` gives the loader its sources: the cache or selection itself, a
 selection of the sound shards, or a seeded hash split (``--holdout``) that is the same for
-every ``--seed``, so runs with different seeds evaluate on the same sequences.
+every ``--seed``, so runs with different seeds evaluate on the same sequences. ``check_mix_cache``
+refuses a ``--mix-cache`` whose batches the objective could not take like CACHE's.
 """
 
 from __future__ import annotations
@@ -46,6 +47,21 @@ def check_cache(cache, *, skip_bad: bool, what: str = "CACHE") -> list[str] | No
             keep.update(cache.read(i, None, ["seq_id"], restrict=False).column(0).to_pylist())
     return [sid for sid in cache.scalars(["seq_id"]).column(0).to_pylist() if sid in keep] if cache.selection \
         else sorted(keep)
+
+
+def check_mix_cache(cache, mix) -> None:
+    """Refuse a ``--mix-cache`` that differs from CACHE in what the loss reads: the vocabulary, the tokenizer, the
+    rule (its k may differ: each batch is padded to its own k) or whether logprobs are stored."""
+    a, b = cache.manifest, mix.manifest
+    rule_a = {k: v for k, v in a.rule.items() if k != "k"}
+    rule_b = {k: v for k, v in b.rule.items() if k != "k"}
+    diffs = [f"{what}: CACHE has {x!r}, --mix-cache has {y!r}" for what, x, y in (
+        ("vocab_size", a.vocab_size, b.vocab_size),
+        ("tokenizer fingerprint", (a.tokenizer or {}).get("fingerprint"), (b.tokenizer or {}).get("fingerprint")),
+        ("rule (k aside)", rule_a, rule_b),
+        ("logprobs stored", a.codec.get("values") != "none", b.codec.get("values") != "none")) if x != y]
+    if diffs:
+        raise InvalidInputError(f"--mix-cache {mix.path} cannot be mixed with {cache.path}: " + "; ".join(diffs))
 
 
 def check_usable(cache, what: str, allow_incomplete: bool) -> None:

@@ -92,8 +92,10 @@ def _has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
 
 
-def load_student(spec: str, *, manifest, tokenizer: str = "", seed: int = 0, cache_tokenizer: bool = True) -> Student:
-    """The student named by ``spec`` (see the module docstring), in float32 on the CPU. ``cache_tokenizer=False``
+def load_student(spec: str, *, manifest=None, tokenizer: str = "", seed: int = 0,
+                 cache_tokenizer: bool = True) -> Student:
+    """The student named by ``spec`` (see the module docstring), in float32 on the CPU; ``manifest``: the cache's,
+    whose tokenizer a fresh student without one falls back to (None: no cache yet). ``cache_tokenizer=False``
     (a cross-tokenizer student): a fresh student never borrows the cache's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -120,7 +122,7 @@ def load_student(spec: str, *, manifest, tokenizer: str = "", seed: int = 0, cac
         raise InvalidInputError(f"--student {spec}: {type(model).__name__} exposes no separate LM head")
     candidates = [Path(tokenizer)] if tokenizer else []
     candidates.append(path.parent if fresh else path)
-    cache_tok = (manifest.tokenizer or {}).get("name", "")
+    cache_tok = ((manifest.tokenizer if manifest is not None else None) or {}).get("name", "")
     if fresh and cache_tokenizer and cache_tok and Path(cache_tok).is_dir():  # a fresh student has none of its own
         candidates.append(Path(cache_tok))
     tok, tok_dir = None, None

@@ -32,42 +32,43 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TeacherLoadError(LogitstoreError, OSError):
-    """The teacher could not be loaded (missing path, no hub access, unsupported architecture)."""
+    """The teacher (or another model loaded the same way: a policy) could not be loaded (missing path, no hub
+    access, unsupported architecture). Messages name the model by its ``role``."""
 
 
-def _source(teacher: str, trust_remote_code: bool) -> tuple[str, dict[str, Any]]:
+def _source(teacher: str, trust_remote_code: bool, role: str = "teacher") -> tuple[str, dict[str, Any]]:
     """(what ``from_pretrained`` is given, its keyword arguments) for a model directory, hub id or .gguf file."""
     path = Path(teacher)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise TeacherLoadError(f"teacher {teacher}: no such .gguf file")
+            raise TeacherLoadError(f"{role} {teacher}: no such .gguf file")
         return str(path.parent), {**kwargs, "gguf_file": path.name}
     if path.exists():
         if not (path / "config.json").is_file():
-            raise TeacherLoadError(f"teacher {teacher}: a directory without config.json is not a model directory")
+            raise TeacherLoadError(f"{role} {teacher}: a directory without config.json is not a model directory")
         return str(path), kwargs
     if teacher.count("/") == 1 and not teacher.startswith((".", "/")):
         return teacher, kwargs  # a hub id
-    raise TeacherLoadError(f"teacher {teacher}: not a model directory, a .gguf file or a hub id (org/name)")
+    raise TeacherLoadError(f"{role} {teacher}: not a model directory, a .gguf file or a hub id (org/name)")
 
 
-def _load_error(teacher: str, src: str, exc: BaseException) -> TeacherLoadError:
+def _load_error(teacher: str, src: str, exc: BaseException, role: str = "teacher") -> TeacherLoadError:
     hint = ("; without hub access, download the model where a hub is reachable and pass its directory"
             if src == teacher and not Path(teacher).exists() else "")
     reason = " ".join(str(exc).split())  # transformers' messages span lines; ours is one line
-    return TeacherLoadError(f"teacher {teacher}: cannot load ({reason}){hint}")
+    return TeacherLoadError(f"{role} {teacher}: cannot load ({reason}){hint}")
 
 
-def load_tokenizer(teacher: str, *, trust_remote_code: bool = False):
+def load_tokenizer(teacher: str, *, trust_remote_code: bool = False, role: str = "teacher"):
     """The teacher's tokenizer alone (what a coordinator that only tokenises needs)."""
     from transformers import AutoTokenizer
 
-    src, kwargs = _source(teacher, trust_remote_code)
+    src, kwargs = _source(teacher, trust_remote_code, role)
     try:
         return AutoTokenizer.from_pretrained(src, **kwargs)
     except (OSError, ValueError, ImportError, KeyError) as exc:
-        raise _load_error(teacher, src, exc) from exc
+        raise _load_error(teacher, src, exc, role) from exc
 
 
 #: config attributes that give a model's context length, by architecture family
@@ -96,62 +97,65 @@ def teacher_max_positions(teacher: str, *, trust_remote_code: bool = False) -> i
         raise _load_error(teacher, src, exc) from exc
 
 
-def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
+def load_teacher(teacher: str, *, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False,
+                 role: str = "teacher"):
     """(model, tokenizer, identity dict) for a model directory, a hub id or a .gguf file."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise InvalidInputError(f"--dtype {dtype!r}: allowed {', '.join(DTYPES)}")
-    src, kwargs = _source(teacher, trust_remote_code)
-    tok = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+    src, kwargs = _source(teacher, trust_remote_code, role)
+    tok = load_tokenizer(teacher, trust_remote_code=trust_remote_code, role=role)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError, ImportError, KeyError) as exc:  # missing files, no tokenizer, gguf missing, ...
-        raise _load_error(teacher, src, exc) from exc
+        raise _load_error(teacher, src, exc, role) from exc
     model = model.to(device).eval()
     return model, tok, model_identity(teacher, model, dtype)
 
 
 class TransformersBackend:
-    """See the module docstring. ``extract_mb`` bounds the memory of the head/softmax chunks."""
+    """See the module docstring. ``extract_mb`` bounds the memory of the head/softmax chunks; ``role`` names the
+    model in messages ("teacher", or "policy" for the model of ``--responses-from``)."""
 
     exactness: dict[str, str] = {}
 
     def __init__(self, teacher: str, *, dtype: str = "fp32", device: str = "cpu", extract_mb: int = 96,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, role: str = "teacher"):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidInputError(f"--device {device}: CUDA is not available on this machine")
         model, tokenizer, identity = load_teacher(teacher, dtype=dtype, device=device,
-                                                  trust_remote_code=trust_remote_code)
-        self._setup(teacher, model, tokenizer, identity, device=device, dtype=dtype, extract_mb=extract_mb)
+                                                  trust_remote_code=trust_remote_code, role=role)
+        self._setup(teacher, model, tokenizer, identity, device=device, dtype=dtype, extract_mb=extract_mb, role=role)
 
     @classmethod
     def from_model(cls, model, tokenizer, identity: dict[str, Any], *, name: str, device: str = "cpu",
-                   dtype: str = "fp32", extract_mb: int = 96) -> TransformersBackend:
+                   dtype: str = "fp32", extract_mb: int = 96, role: str = "teacher") -> TransformersBackend:
         """A backend around a model already in memory (benchmarks of random-weight models of real shapes; a
         caller that loaded the model itself), with the same checks as a loaded teacher. ``tokenizer`` may be None
         for a model that only scores token ids (the tokenizer-size check is then skipped); ``name`` names it in
         errors; ``identity`` is its manifest record."""
         backend = cls.__new__(cls)
         backend._setup(name, model.to(device).eval(), tokenizer, dict(identity), device=device, dtype=dtype,
-                       extract_mb=extract_mb)
+                       extract_mb=extract_mb, role=role)
         return backend
 
     def _setup(self, teacher: str, model, tokenizer, identity: dict[str, Any], *, device: str, dtype: str,
-               extract_mb: int) -> None:
+               extract_mb: int, role: str = "teacher") -> None:
+        self.role = role
         self.model, self.tokenizer, self.identity = model, tokenizer, identity
         self.device = torch.device(device)
         self.body = self.model.base_model
         head = Head.of(self.model)
         if head is None:
-            raise TeacherLoadError(f"teacher {teacher}: {type(self.model).__name__} exposes no separate LM head")
+            raise TeacherLoadError(f"{role} {teacher}: {type(self.model).__name__} exposes no separate LM head")
         self.head = head
         self.vocab_size = self.head.vocab_size
         self.max_positions = max_positions_of(self.model.config)
         rows = min(self.vocab_size, int(self.model.get_input_embeddings().num_embeddings))
-        if self.tokenizer is not None and len(self.tokenizer) > rows:  # None: scored on token ids (from_model)
+        if self.tokenizer is not None and len(self.tokenizer) > rows:  # from_model may have no tokenizer
             raise TeacherLoadError(
-                f"teacher {teacher}: its tokenizer has {len(self.tokenizer)} tokens, its embedding and LM head only "
+                f"{role} {teacher}: its tokenizer has {len(self.tokenizer)} tokens, its embedding and LM head only "
                 f"{rows} rows, so token ids >= {rows} cannot be scored; give the model with the tokenizer it was "
                 "trained with")
         self.chunk_rows = chunk_rows_for(self.vocab_size, extract_mb << 20)
@@ -177,7 +181,7 @@ class TransformersBackend:
         err = float((got - want).abs().max())
         if not err <= tol:
             raise TeacherLoadError(
-                f"teacher {teacher}: {type(self.model).__name__} transforms its logits in a way this backend does "
+                f"{self.role} {teacher}: {type(self.model).__name__} transforms its logits in a way this backend does "
                 f"not reproduce (max logprob difference {err:.3g} on a probe); refusing rather than storing "
                 "wrong values")
 

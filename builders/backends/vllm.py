@@ -139,7 +139,7 @@ class VLLMBackend:
 
     def __init__(self, teacher: str, *, dtype: str = "bf16", device: str = "cuda", max_logprobs: int = 64,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-                 trust_remote_code: bool = False, extract_mb: int | None = None, seed: int = 0):
+                 trust_remote_code: bool = False, extract_mb: int | None = None, seed: int = 0, role: str = "teacher"):
         vllm = import_vllm()
         if dtype not in DTYPES:
             raise InvalidInputError(f"--dtype {dtype!r}: allowed {', '.join(DTYPES)}")
@@ -148,7 +148,7 @@ class VLLMBackend:
         if max_logprobs < 1:
             raise InvalidInputError(f"max_logprobs={max_logprobs} must be at least 1")
         if Path(teacher).suffix == ".gguf":
-            raise InvalidInputError(f"teacher {teacher}: use --backend transformers for .gguf files")
+            raise InvalidInputError(f"{role} {teacher}: use --backend transformers for .gguf files")
         self.vllm_version = vllm.__version__
         self.max_logprobs = int(max_logprobs)
         self.llm = vllm.LLM(model=teacher, dtype=DTYPES[dtype], seed=seed, tensor_parallel_size=tensor_parallel_size,

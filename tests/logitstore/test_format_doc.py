@@ -37,11 +37,13 @@ def test_version_is_documented():
 def test_every_schema_variant_is_documented_with_its_types():
     documented = doc_columns()
     seen: dict[str, set[str]] = {}
-    for rule, values, ids, scalars, tempered in itertools.product(F.RULES, F.VALUE_CODECS, F.ID_CODECS,
-                                                                   F.SCALAR_DTYPES, (False, True)):
+    for rule, values, ids, scalars, tempered, policy in itertools.product(F.RULES, F.VALUE_CODECS, F.ID_CODECS,
+                                                                           F.SCALAR_DTYPES, (False, True),
+                                                                           (False, True)):
         if (values == "none" and (rule != "sample" or tempered)) or (tempered and rule not in F.SAMPLING_RULES):
             continue
-        schema = F.shard_schema(rule=rule, value_codec=values, id_codec=ids, scalar_dtype=scalars, tempered=tempered)
+        schema = F.shard_schema(rule=rule, value_codec=values, id_codec=ids, scalar_dtype=scalars, tempered=tempered,
+                                policy=policy)
         for field in schema:
             seen.setdefault(field.name, set()).add(short(field.type))
     assert set(seen) == set(documented), "columns in code vs FORMAT.md"

@@ -116,3 +116,19 @@ def test_a_version_1_cache_still_trains(tmp_path):
                                     batch_size=2, max_length=16, eval=str(cache), quiet=True))
         assert summary["steps"] == 3 and math.isfinite(summary["eval_ce"]) and math.isfinite(summary["eval_kl"])
         assert (out / "model.safetensors").is_file()
+
+
+def test_a_run_killed_after_its_last_checkpoint_still_reports_its_last_metrics(text_cache, student_config, tmp_path):
+    """Killed between the final checkpoint and the summary, a resumed run trains no step; its summary's ``last``
+    is the row the first attempt logged at that step, not empty (``distill`` records its train loss from it)."""
+    from trainers.loop import train
+
+    out = tmp_path / "o"
+    first = train(_cfg(text_cache, student_config, out, trace_data=False))
+    assert first["last"]["step"] == 3 and math.isfinite(first["last"]["loss"])
+    for name in ("summary.json", "model.safetensors"):  # what a kill before the end leaves out
+        (out / name).unlink()
+    again = train(_cfg(text_cache, student_config, out, trace_data=False, resume=True))
+    assert again["steps"] == 3
+    assert again["last"] == first["last"]
+    assert json.loads((out / "summary.json").read_text())["last"] == first["last"]

@@ -1,9 +1,11 @@
 """The builders' subcommands: ``build`` (teacher inference into a cache) and ``score`` (a student's view of one).
 
 ``add_build`` registers the flags (DESIGN.md fixes the names ``--top-k``, ``--resume``,
-``--max-length``, ``--sample``, ``--generate``, ``--verifier``); ``build`` turns them into one
-``builders.config.BuildConfig`` and hands it to the one driver, ``builders.driver.build``, which
-runs in this process or, with ``--ray``, over a pool of Ray actors.
+``--max-length``, ``--sample``, ``--generate``, ``--verifier``, ``--responses-from``) in groups that
+``logitstore distill`` registers too (``add_rule_flags``, ``add_input_flags``, ``add_teacher_flags``,
+``add_generation_flags``, ``add_policy_flags``, ``add_field_flags``, ``add_storage_flags``);
+``build_config`` turns them into one ``builders.config.BuildConfig``, which ``build`` hands to the one
+driver, ``builders.driver.build``, which runs in this process or, with ``--ray``, over a pool of Ray actors.
 """
 
 from __future__ import annotations
@@ -29,25 +31,30 @@ def add_build(sub) -> None:
     b.add_argument("teacher", metavar="TEACHER")
     b.add_argument("data", metavar="DATA")
     b.add_argument("-o", "--output", required=True, metavar="CACHE", help="cache directory to create (or resume)")
-    _rule_flags(b)
+    add_rule_flags(b)
     b.add_argument("--resume", action="store_true",
                    help="continue an interrupted build of CACHE (same teacher, data, rule)")
+    add_input_flags(b)
+    add_teacher_flags(b)
+    _ray_flags(b)
+    add_generation_flags(b)
+    add_policy_flags(b)
+    add_field_flags(b)
+    add_storage_flags(b)
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=build)
+
+
+def add_input_flags(b) -> None:
     b.add_argument("--max-length", type=int, metavar="N", help="longest sequence in tokens (default: no limit)")
     b.add_argument("--on-long", choices=["truncate", "skip"], default="truncate",
                    help="records over --max-length (default: truncate)")
     b.add_argument("--on-bad", choices=["error", "skip"], default="error",
                    help="bad records: stop with an error naming file, line and field (default), or skip and count")
     b.add_argument("--cache-prompt", action="store_true", help="also cache non-target positions (loss_mask false)")
-    _teacher_flags(b)
-    _ray_flags(b)
-    _generation_flags(b)
-    _field_flags(b)
-    _storage_flags(b)
-    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    b.set_defaults(func=build)
 
 
-def _rule_flags(b) -> None:
+def add_rule_flags(b) -> None:
     from builders.config import default_rule
 
     r = b.add_argument_group("entries per position (one rule)",
@@ -68,7 +75,7 @@ def _rule_flags(b) -> None:
                         "draw); importance weights from the stored logprobs keep the estimate unbiased (default 1)")
 
 
-def _teacher_flags(b) -> None:
+def add_teacher_flags(b) -> None:
     t = b.add_argument_group("teacher")
     t.add_argument("--backend", default="transformers",
                    help="teacher backend: transformers (CPU or GPU, every field exact) or vllm (CUDA GPUs; the "
@@ -83,7 +90,8 @@ def _teacher_flags(b) -> None:
     t.add_argument("--extract-mb", type=int, default=96, help="memory for the LM head/softmax chunks, MiB (default 96)")
     t.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model repository's own Python code to run")
-    t.add_argument("--seed", type=int, default=0, help="seed of the --sample and --tail-draws draws")
+    t.add_argument("--seed", type=int, default=0, help="seed of the sampled responses (--generate) and of the --sample "
+                                                      "and --tail-draws draws (default 0)")
     v = b.add_argument_group("vLLM backend (--backend vllm; pip install 'logitstore[vllm]')")
     v.add_argument("--max-logprobs", type=int, metavar="K", help="the engine's max_logprobs (default: the rule's k)")
     v.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="GPUs per model (default 1)")
@@ -105,7 +113,7 @@ def _ray_flags(b) -> None:
     d.add_argument("--ray-cpus-per-actor", type=float, default=1, metavar="C", help="CPUs per actor (default 1)")
 
 
-def _generation_flags(b) -> None:
+def add_generation_flags(b) -> None:
     g = b.add_argument_group("generation mode (sequence-level KD, correctness)")
     g.add_argument("--generate", type=int, metavar="N",
                    help="sample N responses per prompt (prompt field or chat) and cache them instead of the records")
@@ -118,13 +126,34 @@ def _generation_flags(b) -> None:
                         "or package.module:function")
 
 
-def _field_flags(b) -> None:
+def add_policy_flags(b, *, responses_from: bool = True) -> None:
+    """The model the responses are sampled from (``--responses-from``; ``distill`` sets it per round itself)."""
+    g = b.add_argument_group("responses from another model (on-policy distillation)")
+    if responses_from:
+        g.add_argument("--responses-from", metavar="POLICY",
+                       help="with --generate N: sample the responses from POLICY (a local model directory with the "
+                            "teacher's tokenizer, e.g. a logitstore train output) instead of the teacher, which "
+                            "scores them; the cache also stores the policy's own logprob and entropy per position "
+                            "(policy_logprob, policy_entropy)")
+    g.add_argument("--policy-backend", choices=["transformers", "vllm"], default="transformers",
+                   help="the policy's backend (default transformers)")
+    g.add_argument("--policy-dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="the policy's dtype (default fp32; bf16 with --policy-backend vllm)")
+    g.add_argument("--policy-device", default=None,
+                   help="the policy's device (default: the teacher's --device); docs/onpolicy.md shows how teacher and "
+                        "policy share or split GPUs")
+    g.add_argument("--policy-gpu-memory-utilization", type=float, default=0.3, metavar="F",
+                   help="--policy-backend vllm: its share of GPU memory (default 0.3; on the teacher's GPU the two "
+                        "shares must fit together)")
+
+
+def add_field_flags(b) -> None:
     f = b.add_argument_group("record fields")
     for name in ("text", "messages", "prompt", "response", "answer"):
         f.add_argument(f"--{name}-field", default=name, metavar="NAME", help=f"the {name} field (default {name})")
 
 
-def _storage_flags(b) -> None:
+def add_storage_flags(b) -> None:
     s = b.add_argument_group("storage (FORMAT.md)")
     s.add_argument("--values", choices=["qdelta", "fp16", "fp32", "none"], default="qdelta",
                    help="entry logprobs: quantised deltas (default, max error 0.0195 nats), fp16, fp32 (lossless), "
@@ -196,6 +225,19 @@ def _backend_options(args: argparse.Namespace, rule) -> dict:
             "device": "cpu" if args.device is None else args.device, "extract_mb": args.extract_mb}
 
 
+def policy_config(args: argparse.Namespace, path: str, round_index: int | None = None):
+    """The ``PolicyConfig`` of the policy flags, sampling from ``path``."""
+    from builders.config import PolicyConfig
+
+    vllm = args.policy_backend == "vllm"
+    device = args.policy_device or args.device or ("cuda" if vllm else "cpu")
+    opts = {"dtype": args.policy_dtype or ("bf16" if vllm else "fp32"), "device": device,
+            "trust_remote_code": args.trust_remote_code}
+    opts.update({"max_logprobs": 1, "gpu_memory_utilization": args.policy_gpu_memory_utilization} if vllm
+                else {"extract_mb": args.extract_mb})
+    return PolicyConfig(path=path, backend=args.policy_backend, backend_options=opts, round=round_index)
+
+
 def build_config(args: argparse.Namespace):
     """The ``BuildConfig`` the flags describe."""
     from builders.config import BuildConfig, RayOptions
@@ -213,11 +255,17 @@ def build_config(args: argparse.Namespace):
     elif args.verifier:
         raise InvalidInputError("--verifier judges generated responses: it needs --generate N")
     ray = None
-    if args.ray is not None:
+    if getattr(args, "ray", None) is not None:
         ray = RayOptions(address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
                          gpus_per_actor=args.ray_gpus_per_actor, cpus_per_actor=args.ray_cpus_per_actor)
+    policy = None
+    if getattr(args, "responses_from", None):
+        if generation is None:
+            raise InvalidInputError(f"--responses-from {args.responses_from}: responses are sampled in generation "
+                                    "mode; give --generate N as well")
+        policy = policy_config(args, args.responses_from)
     return BuildConfig(
-        rule=rule, codec=codec, backend=args.backend, generation=generation, ray=ray,
+        rule=rule, codec=codec, backend=args.backend, generation=generation, ray=ray, policy=policy,
         backend_options=_backend_options(args, rule),
         fields=Fields(text=args.text_field, messages=args.messages_field, prompt=args.prompt_field,
                       response=args.response_field, answer=args.answer_field),

@@ -14,15 +14,16 @@ import sys
 from pathlib import Path
 
 from logitstore.errors import CacheExistsError, CacheNotFoundError, InvalidInputError, LogitstoreError
-from tools.cli.text import size
+from tools.cli.text import format_table, size
 
 # ---------------------------------------------------------------- info
 
 
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="what a cache holds: teacher, tokenizer, k rule, sizes, field exactness",
-                       description="Summarise a cache (or a selection of one) from its manifest (no shard is read).")
-    p.add_argument("cache", metavar="CACHE", help="cache directory or selection file")
+                       description="Summarise a cache (or a selection of one) from its manifest (no shard is read); "
+                                   "for a union (a distill RUN), one line per member cache.")
+    p.add_argument("cache", metavar="CACHE", help="cache directory, selection file, or union (a distill RUN)")
     p.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
     p.add_argument("--json", action="store_true", help="same as --format json")
     p.add_argument("--allow-missing", action="store_true",
@@ -30,9 +31,33 @@ def add_info(sub) -> None:
     p.set_defaults(func=info)
 
 
+def _union_info(args: argparse.Namespace) -> int:
+    from logitstore.reader import Cache
+    from logitstore.union import load_union, union_file
+
+    file = union_file(args.cache)
+    u = load_union(file)
+    rows = []
+    for m in u.members:
+        c = Cache(m.cache if Path(m.cache).is_absolute() else file.parent / m.cache)
+        rows.append({**m.labels, "cache": str(c.path), "complete": c.manifest.complete, "sequences": len(c),
+                     "positions": c.manifest.positions, "teacher": c.manifest.teacher.get("id"),
+                     "policy": (c.manifest.build.get("policy") or {}).get("id")})
+    if args.json or args.format == "json":
+        print(json.dumps({"union": str(file), "labels": u.labels, "members": rows}, indent=1))
+        return 0
+    print(f"union        {file}: {len(rows)} member caches, labels {', '.join(u.labels)}")
+    cols = [*u.labels, "sequences", "positions", "complete", "cache"]
+    print(format_table(cols, [[r[c] for c in cols] for r in rows]))
+    return 0
+
+
 def info(args: argparse.Namespace) -> int:
     from logitstore.reader import Cache
+    from logitstore.union import is_union
 
+    if is_union(args.cache):
+        return _union_info(args)
     cache = Cache(args.cache, allow_missing=args.allow_missing)
     m = cache.manifest
     d = {
@@ -146,16 +171,19 @@ def add_sql(sub) -> None:
         description="Run a DuckDB query over the cache. Views: sequences (one row per sequence: seq_id, record, "
                     "sample, input_ids, n_tokens, n_positions, n_targets, mean_entropy, teacher_nll, token_accuracy, "
                     "correct) and tokens (one row per cached position: seq_id, pos, label, label_logprob, entropy, "
-                    "tail_mass, loss_mask, topk_ids, topk_logprobs, sample_counts); tables manifest (key, value) and "
+                    "tail_mass, loss_mask, topk_ids, topk_logprobs, sample_counts, tail_ids, tail_logprobs, "
+                    "tail_counts, proposal_log_norm, policy_logprob, policy_entropy); tables manifest (key, value) and "
                     "exactness (field, exactness, meaning). "
                     "Macros: support_entropy(lps), top1_margin(lps), sparse_kl/sparse_js/sparse_tvd(ids_p, lps_p, "
-                    "ids_q, lps_q). What a query may do: read the cache, and the files and directories named with "
-                    "--allow-path (nothing else: DuckDB's file, network and extension access is off); statements "
-                    "SELECT (WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE), EXPLAIN, SET VARIABLE, and CREATE / INSERT / "
-                    "UPDATE / DELETE / DROP / ALTER of in-memory tables, views and macros. It never writes a file: "
-                    "COPY, EXPORT, ATTACH, INSTALL, LOAD, PRAGMA and CALL are refused (write results with --format "
-                    "csv or json and a shell redirect).")
-    p.add_argument("cache", metavar="CACHE", help="cache directory or selection file")
+                    "ids_q, lps_q). On a union (a union.json, or a logitstore distill RUN directory) the views hold "
+                    "every member cache with its labels first (round), and the table members lists them. "
+                    "What a query may do: read the cache (a union's member caches), and the files and directories "
+                    "named with --allow-path (nothing else: DuckDB's file, network and extension access is off); "
+                    "statements SELECT (WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE), EXPLAIN, SET VARIABLE, and CREATE / "
+                    "INSERT / UPDATE / DELETE / DROP / ALTER of in-memory tables, views and macros. It never writes a "
+                    "file: COPY, EXPORT, ATTACH, INSTALL, LOAD, PRAGMA and CALL are refused (write results with "
+                    "--format csv or json and a shell redirect).")
+    p.add_argument("cache", metavar="CACHE", help="cache directory, selection file, or union (a distill RUN)")
     p.add_argument("query", metavar="QUERY", help='e.g. "SELECT seq_id, mean_entropy FROM sequences WHERE correct"')
     p.add_argument("--allow-path", action="append", default=[], metavar="PATH",
                    help="a file or directory the query may read besides the cache, e.g. a `logitstore score` "
@@ -194,9 +222,11 @@ def sql(args: argparse.Namespace) -> int:
     from logitstore.query import connect
     from logitstore.reader import Cache
     from logitstore.sqlguard import SQL_STATEMENTS, allow_paths, check_statements
+    from logitstore.union import is_union
 
     check_statements(args.query, SQL_STATEMENTS, "QUERY")
-    con = connect(Cache(args.cache, allow_missing=args.allow_missing), confine_to=allow_paths(args.allow_path))
+    source = args.cache if is_union(args.cache) else Cache(args.cache, allow_missing=args.allow_missing)
+    con = connect(source, confine_to=allow_paths(args.allow_path))
     try:
         rel = con.sql(args.query)
         if rel is None:  # a statement without a result (SET, CREATE ...)

@@ -35,26 +35,35 @@ def add_train(sub) -> None:
     p.set_defaults(func=train)
 
 
-def add_config_arguments(p: argparse.ArgumentParser, *, positional_optional: bool = False) -> None:
-    """One flag per ``TrainConfig`` field, its help from the field's metadata."""
+def add_config_arguments(p, *, positional_optional: bool = False, skip: tuple[str, ...] = (),
+                         prefixed: tuple[str, ...] = ()) -> None:
+    """One flag per ``TrainConfig`` field, its help from the field's metadata; none for the fields in ``skip``,
+    and ``--train-NAME`` (dest ``train_NAME``) for those in ``prefixed`` (``distill``, whose build flags have the
+    plain names). ``p`` is a parser or an argument group."""
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         help_ = f.metadata["help"]
         if f.metadata.get("positional"):
             p.add_argument(f.name, metavar="CACHE", nargs="?" if positional_optional else None, default="", help=help_)
             continue
-        flag = "--" + f.name.replace("_", "-")
+        dest = f"train_{f.name}" if f.name in prefixed else f.name
+        flag = "--" + dest.replace("_", "-")
         names, metavar = ([flag, "-o"], "OUT") if f.name == "output" else ([flag], f.name.upper())
         names += list(f.metadata.get("aliases", ()))
         if f.type in ("bool", bool):
-            p.add_argument(*names, dest=f.name, action="store_true", help=help_)
+            p.add_argument(*names, dest=dest, action="store_true", help=help_)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             shown = "" if f.default in ("", None) else f" (default {f.default})"
-            p.add_argument(*names, dest=f.name, type=typ, default=f.default, metavar=metavar, help=help_ + shown)
+            p.add_argument(*names, dest=dest, type=typ, default=f.default, metavar=metavar, help=help_ + shown)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+def config_from_args(args: argparse.Namespace, *, prefixed: tuple[str, ...] = (), **fixed) -> TrainConfig:
+    """The ``TrainConfig`` of the flags (``prefixed`` as in ``add_config_arguments``), ``fixed`` fields given."""
+    return TrainConfig(**{f.name: fixed[f.name] if f.name in fixed else
+                          getattr(args, f"train_{f.name}" if f.name in prefixed else f.name)
+                          for f in dataclasses.fields(TrainConfig)})
 
 
 def train(args: argparse.Namespace) -> int:
