@@ -48,7 +48,7 @@ def embedded_gguf_path() -> Path:
 def prepare_embedded_teacher(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return a directory with a safetensors copy of the embedded teacher, making it on first use."""
     out = Path(cache_dir) if cache_dir else home_dir() / "smollm2-135m-instruct"
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+    if _complete(out):
         if not (out / MODEL_ID_FILE).is_file():  # a copy made before the id record existed
             atomic_write_bytes(out / MODEL_ID_FILE, json.dumps({"id": TEACHER_ID}).encode("utf-8"))
         return out
@@ -71,12 +71,27 @@ def prepare_embedded_teacher(cache_dir: str | os.PathLike | None = None) -> Path
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantised.state_dict(), assign=True)
     plain.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
+    # each process writes its own copy and renames it into place; of processes racing here (test workers, a
+    # user's parallel jobs), the first rename wins and the others keep it and drop theirs
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / MODEL_ID_FILE).write_text(json.dumps({"id": TEACHER_ID}), encoding="utf-8")  # caches name it by this id
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    if _complete(out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # an incomplete copy (an older layout, or files deleted by hand)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not _complete(out):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process renamed its copy in first
+        return out
     logger.info("saved the embedded teacher to %s", out)
     return out
+
+
+def _complete(out: Path) -> bool:
+    return (out / "model.safetensors").is_file() and (out / "config.json").is_file()

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,15 @@ import pytest
 
 import logitstore
 from logitstore import Codec, MassTopK, Sampled, Scored, SequenceRecord, TopK
+
+# Under pytest-xdist (the default: pyproject's addopts) the workers share the cores: each one, and the processes
+# its tests start, gets its share of threads instead of every worker running one thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+    if "torch" in sys.modules:  # imported before this file: set its pool too
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 #: The codecs every round trip is run under.
 CODECS = {

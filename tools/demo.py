@@ -40,11 +40,11 @@ TRAIN_WHERE = f"NOT ({EVAL_WHERE}) AND teacher_nll < 6"  # drop text the teacher
 class Settings:
     def __init__(self, quick: bool):
         self.quick = quick
-        self.problems = 16 if quick else 80
+        self.problems = 8 if quick else 80
         self.samples = 2 if quick else 4
-        self.max_new_tokens = 32 if quick else 40
+        self.max_new_tokens = 24 if quick else 40
         self.text = 120 if quick else 300
-        self.steps = 40 if quick else 150
+        self.steps = 20 if quick else 150
         self.batch = 8
 
 
