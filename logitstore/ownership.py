@@ -1,6 +1,6 @@
 """What is logitstore's own on disk: a directory is written into, and a file deleted, only when it is ours.
 
-A command that writes where a user points it (``build -o CACHE``, ``train -o OUT``, ``diff -o``,
+A command that writes where a user points it (``build -o CACHE``, ``train -o OUT``, ``export -o``, ``diff -o``,
 ``score -o``) may find something there already. It takes it for its own only when it says so:
 
 - a cache directory is ours when it holds our manifest (a ``manifest.json`` whose ``format`` is

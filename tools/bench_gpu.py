@@ -331,7 +331,7 @@ def trainer(cache: Path, device, tiny: bool, sizes: Sizes, root: Path) -> dict:
 
     def kd_step():
         with autocast():
-            loss, _ = micro_loss(body, student, batch, cfg, obj, c.manifest.vocab_size, c.rule)
+            loss, _ = micro_loss(body, student.head, batch, cfg, obj, c.manifest.vocab_size, c.rule)
         loss.backward()
         opt_kd.step()
         opt_kd.zero_grad(set_to_none=True)

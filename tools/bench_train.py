@@ -76,7 +76,7 @@ def step_overhead(cache: Path, student_dir: Path, batch: int, length: int, repea
     labels = torch.where(b["attention_mask"].bool(), b["input_ids"], -100)
 
     def kd_step():
-        loss, _ = micro_loss(body, student, b, cfg, obj, manifest.vocab_size, ls.TopK(manifest.rule["k"]))
+        loss, _ = micro_loss(body, student.head, b, cfg, obj, manifest.vocab_size, ls.TopK(manifest.rule["k"]))
         loss.backward()
         opt_kd.step()
         opt_kd.zero_grad(set_to_none=True)

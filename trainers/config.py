@@ -26,6 +26,10 @@ CROSS = ("alm", "gold")  # cross-tokenizer methods (trainers.cross)
 DTYPES = ("auto", "fp32", "bf16")
 
 
+def _bad(flag: str, value: Any, allowed: str) -> InvalidInputError:
+    return InvalidInputError(f"--{flag.replace('_', '-')} {value!r}: {allowed}")
+
+
 def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - the argparse word
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
@@ -122,60 +126,74 @@ class TrainConfig:
         return "sampled" if rule in ("sample", "topk_tail") and self.loss == "forward_kl" and \
             self.temperature == 1.0 else "other"
 
+    def check_rule(self, rule: str, cache: str) -> None:
+        """Refuse a tail policy the cache ``cache`` (sparse-entry rule named ``rule``) cannot serve."""
+        if self.resolved_tail(rule) == "sampled" and rule not in ("sample", "topk_tail"):
+            raise InvalidInputError(f"--tail sampled needs a cache with draws (built with --sample D or --top-k K "
+                                    f"--tail-draws D); {cache} has rule {rule!r}: use --tail other, label or "
+                                    "renormalize")
+
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps > 0 else max(0, self.max_steps // 20)
 
     def validate(self) -> TrainConfig:
-        def bad(flag: str, value: Any, allowed: str) -> InvalidInputError:
-            return InvalidInputError(f"--{flag.replace('_', '-')} {value!r}: {allowed}")
-
         self._check_types()
         for name in ("cache", "student", "output"):
             if not getattr(self, name):
                 raise InvalidInputError(f"{'CACHE' if name == 'cache' else '--' + name} is required")
         if self.force and self.resume:
             raise InvalidInputError("--force starts OUT over and --resume continues it: give one of them")
-        if self.loss not in LOSSES:
-            raise bad("loss", self.loss, f"choose from {', '.join(LOSSES)}")
-        if self.tail != "auto" and self.tail not in TAILS:
-            raise bad("tail", self.tail, f"choose from auto, {', '.join(TAILS)}")
-        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "chunk_size", "log_every",
-                     "shuffle_buffer", "keep_checkpoints"):
+        self.validate_loss()
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "log_every", "shuffle_buffer",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise bad(name, getattr(self, name), "must be >= 1")
-        for name in ("head_memory_mb", "eval_every", "save_every", "warmup_steps", "num_workers", "eval_sequences"):
+                raise _bad(name, getattr(self, name), "must be >= 1")
+        for name in ("eval_every", "save_every", "warmup_steps", "num_workers", "eval_sequences"):
             if getattr(self, name) < 0:
-                raise bad(name, getattr(self, name), "must be >= 0")
-        if not self.temperature > 0:
-            raise bad("temperature", self.temperature, "must be > 0")
-        if not 0 <= self.ce_weight <= 1:
-            raise bad("ce_weight", self.ce_weight, "must be in [0, 1]")
-        if not 0 < self.keep_fraction <= 1:
-            raise bad("keep_fraction", self.keep_fraction, "must be in (0, 1]")
+                raise _bad(name, getattr(self, name), "must be >= 0")
         if not 0 <= self.holdout < 1:
-            raise bad("holdout", self.holdout, "must be in [0, 1)")
+            raise _bad("holdout", self.holdout, "must be in [0, 1)")
         if self.epochs < 0:
-            raise bad("epochs", self.epochs, "must be >= 0")
+            raise _bad("epochs", self.epochs, "must be >= 0")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise InvalidInputError(f"--lr {self.lr} must be > 0 and --min-lr-ratio {self.min_lr_ratio} in [0, 1]")
-        if self.keep_by not in KEEP_BY and not self.keep_by.startswith("score:"):
-            raise bad("keep_by", self.keep_by, f"choose from {', '.join(KEEP_BY)} or score:COLUMN")
-        if self.keep_by.startswith("score:") and self.keep_fraction < 1 and not self.scores:
-            raise InvalidInputError(f"--keep-by {self.keep_by} needs --scores SCORES (from `logitstore score`)")
-        if self.route not in ROUTES:
-            raise bad("route", self.route, f"choose from {', '.join(ROUTES)}")
         if self.dtype not in DTYPES:
-            raise bad("dtype", self.dtype, f"choose from {', '.join(DTYPES)}")
+            raise _bad("dtype", self.dtype, f"choose from {', '.join(DTYPES)}")
         if self.eval and self.holdout:
             raise InvalidInputError("give --eval or --holdout, not both")
         if not 0 <= self.mix_ratio <= 1:
-            raise bad("mix_ratio", self.mix_ratio, "must be in [0, 1] (the fraction of batches from CACHE)")
+            raise _bad("mix_ratio", self.mix_ratio, "must be in [0, 1] (the fraction of batches from CACHE)")
         if self.mix_cache and self.epochs:
             raise InvalidInputError("--epochs counts passes over one cache; with --mix-cache give --max-steps only")
         if self.cross_tokenizer:
-            self._validate_cross(bad)
+            self._validate_cross(_bad)
         elif self.teacher_tokenizer:
             raise InvalidInputError("--teacher-tokenizer goes with --cross-tokenizer alm|gold")
+        return self
+
+    def validate_loss(self) -> TrainConfig:
+        """Check the ``LOSS_FIELDS`` only (what shapes one micro-batch's loss; ``validate`` checks everything)."""
+        self._check_types()
+        if self.loss not in LOSSES:
+            raise _bad("loss", self.loss, f"choose from {', '.join(LOSSES)}")
+        if self.tail != "auto" and self.tail not in TAILS:
+            raise _bad("tail", self.tail, f"choose from auto, {', '.join(TAILS)}")
+        if self.chunk_size < 1:
+            raise _bad("chunk_size", self.chunk_size, "must be >= 1")
+        if self.head_memory_mb < 0:
+            raise _bad("head_memory_mb", self.head_memory_mb, "must be >= 0")
+        if not self.temperature > 0:
+            raise _bad("temperature", self.temperature, "must be > 0")
+        if not 0 <= self.ce_weight <= 1:
+            raise _bad("ce_weight", self.ce_weight, "must be in [0, 1]")
+        if not 0 < self.keep_fraction <= 1:
+            raise _bad("keep_fraction", self.keep_fraction, "must be in (0, 1]")
+        if self.keep_by not in KEEP_BY and not self.keep_by.startswith("score:"):
+            raise _bad("keep_by", self.keep_by, f"choose from {', '.join(KEEP_BY)} or score:COLUMN")
+        if self.keep_by.startswith("score:") and self.keep_fraction < 1 and not self.scores:
+            raise InvalidInputError(f"--keep-by {self.keep_by} needs --scores SCORES (from `logitstore score`)")
+        if self.route not in ROUTES:
+            raise _bad("route", self.route, f"choose from {', '.join(ROUTES)}")
         return self
 
     def _validate_cross(self, bad) -> None:
@@ -223,6 +241,11 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
+
+#: The options that shape the loss of one micro-batch: what ``trainers.hf`` (the Hugging Face Trainer integration)
+#: takes, the rest being the Trainer's own arguments.
+LOSS_FIELDS = ("loss", "tail", "temperature", "ce_weight", "beta", "alpha", "taid_start", "taid_end", "keep_fraction",
+               "keep_by", "keep_lowest", "scores", "route", "chunk_size", "head_memory_mb")
 
 #: Options that may differ between a run and its resumption (they do not shape the trajectory).
 RESUMABLE_CHANGES = ("output", "max_steps", "resume", "quiet", "log_every", "eval_every", "save_every",

@@ -33,21 +33,15 @@ per-part batch counts (known from metadata) to find how many batches each part a
 gave, skips them without decoding, and rotates the workers so the next batch comes from
 the part whose turn it was. The remaining stream is exactly the uninterrupted one.
 
-Collation (predicted-token layout: index ``t`` of a row holds the teacher entry for
-``pos = t + 1``, the token the student's output at ``t`` predicts), all ``[B, T]`` or
-``[B, T, K]`` with ``T`` the longest row of the batch: ``input_ids``, ``attention_mask``,
-``position_ids`` (restarting per packed sequence), ``segment_ids`` (0 padding, 1.. per
-packed sequence), ``target_mask`` (cached position with ``loss_mask``), ``labels``,
-``topk_ids``, ``topk_valid``, ``topk_logprobs`` (absent when the cache stores none),
-``counts`` (rule sample), ``tail_ids``, ``tail_valid``, ``tail_logprobs``, ``tail_counts``
-(``[B, T, U]``, rule topk_tail), ``proposal_log_norm`` (a proposal temperature != 1),
-``tail_mass``, ``teacher_entropy``, ``label_logprob``,
-``weight`` (selection weight on the sequence's tokens), ``correct`` (1/0/-1), ``pos``
-(-1 where none), ``score_<name>`` (NaN where missing), plus ``seq_ids`` and ``epoch``.
+Collation: ``trainers.collate.collate`` lays out each batch (the keys and their layout are listed
+there): ``input_ids``, ``attention_mask``, ``position_ids``, ``segment_ids``, ``target_mask``,
+``labels``, the teacher entries and scalars, ``weight``, ``correct``, ``pos``, ``score_<name>``,
+plus ``seq_ids`` and ``epoch``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -62,20 +56,13 @@ import torch
 from logitstore.errors import InvalidInputError
 from logitstore.reader import Block, Cache
 from logitstore.scores import load_scores
+from trainers.collate import CacheKind, collate, pack_rows, ranges
 
 logger = logging.getLogger(__name__)
 
 # Settings a resumed loader must share with the one whose state it loads.
 _RESUME_KEYS = ("seed", "world_size", "num_workers", "batch_size", "max_length", "pack", "shuffle", "buffer_size",
                 "epochs", "sequences")
-
-
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated ``arange(s, s + n)`` for each (s, n), and the index within each range."""
-    lens = np.asarray(lens, np.int64)
-    ends = np.cumsum(lens)
-    within = np.arange(int(ends[-1]) if lens.size else 0) - np.repeat(ends - lens, lens)
-    return np.repeat(np.asarray(starts, np.int64), lens) + within, within
 
 
 @dataclasses.dataclass
@@ -88,17 +75,23 @@ class _Plan:
     offset: np.ndarray  # [n] first token column in its row
 
 
-class _Source:
-    """The cache's metadata and the plan and batch making of one loader (shared with DataLoader workers)."""
+class SequenceSource:
+    """The metadata of a cache's (selected) sequences, the plan over them, and their decoding (the loader's seam,
+    shared with its DataLoader workers and with ``trainers.hf``).
+
+    Per sequence, in storage order (index ``i`` below): ``seq_ids``, ``n_tokens``, ``length`` (tokens kept
+    under ``max_length``), ``weight`` (a selection's weight, else 1) and ``group`` (its row group, an index into
+    ``groups``, the ``(shard, row_group)`` pairs; row group ``g`` holds the sequences ``gstart[g]`` to
+    ``gstart[g] + gcount[g] - 1``). ``plan(epoch, part, parts).order`` is a part's epoch order (the module
+    docstring), ``decode(indices)`` decodes sequences, ``collate`` makes a batch of a plan, ``with_settings``
+    gives the same metadata under another seed or shuffle.
+    """
 
     def __init__(self, cache: Cache, cfg: dict[str, Any]):
         self.cache, self.cfg, self.scores, self.score_names = cache, cfg, {}, []
         # workers open their own Cache; a loaded selection's cache path may be relative to its file
         self.reopen = cache.source
-        self.values = cache.codec.values != "none"
-        self.sampled = cache.rule.name == "sample"
-        self.tail = cache.rule.name == "topk_tail"
-        self.tempered = cache.rule.tempered
+        self.kind = CacheKind.of(cache)
         keep = None if cache.selection is None else pa.array(sorted(set(cache.selection.seq_ids)), pa.string())
         ids, ntok, rows, self.groups = [], [], [], []
         for s in range(cache.num_shards):  # the seq_id and n_tokens columns only
@@ -135,6 +128,17 @@ class _Source:
         """Fresh file handles (called in each DataLoader worker)."""
         self.cache = Cache(self.reopen)
 
+    def with_settings(self, **changes: Any) -> SequenceSource:
+        """This source (the same metadata, nothing re-read) with some plan settings changed (``seed``, ``shuffle``,
+        ``buffer_size``, ``batch_size``, ``pack``)."""
+        bad = sorted(set(changes) - {"seed", "shuffle", "buffer_size", "batch_size", "pack"})
+        if bad:
+            raise InvalidInputError(f"with_settings: {bad} cannot change; seed, shuffle, buffer_size, batch_size "
+                                    "and pack can")
+        other = copy.copy(self)
+        other.cfg, other._plans = {**self.cfg, **changes}, {}
+        return other
+
     # ------------------------------------------------------------ plan (metadata only)
     def plan(self, epoch: int, part: int, parts: int) -> _Plan:
         key = (epoch, part, parts)
@@ -148,7 +152,7 @@ class _Source:
         c = self.cfg
         g = np.random.default_rng([c["seed"], epoch]).permutation(len(self.groups)) if c["shuffle"] \
             else np.arange(len(self.groups))
-        order = _ranges(self.gstart[g], self.gcount[g])[0]
+        order = ranges(self.gstart[g], self.gcount[g])[0]
         cut = np.arange(parts + 1) * order.size // parts
         order = order[cut[part]:cut[part + 1]].copy()
         if c["shuffle"]:
@@ -159,18 +163,17 @@ class _Source:
         if not c["pack"]:
             i = np.arange(n)
             return _Plan(order, np.r_[np.arange(0, n, B), n], i % B, np.zeros(n, np.int64))
-        row, off, r, fill, ml = np.empty(n, np.int64), np.empty(n, np.int64), -1, 0, c["max_length"]
-        for i, ln in enumerate(self.length[order].tolist()):  # greedy packing is sequential by nature
-            if r < 0 or fill + ln > ml:
-                r, fill = r + 1, 0
-            row[i], off[i], fill = r, fill, fill + ln
+        row, off = pack_rows(self.length[order], c["max_length"])
         starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]] & (row % B == 0)) if n else np.zeros(0, np.int64)
         return _Plan(order, np.r_[starts, n], row % B, off)
 
     # ------------------------------------------------------------ reading
-    def _window(self, order: np.ndarray, after: np.ndarray, tables: dict) -> tuple[Block, np.ndarray]:
-        """Decode the sequences ``order`` (one window) at once; returns the block and each one's block row.
-        ``tables`` keeps the raw row groups that the next window (``after``) reads again."""
+    def decode(self, order: np.ndarray, after: np.ndarray | None = None,
+               tables: dict | None = None) -> tuple[Block, np.ndarray]:
+        """Decode the sequences ``order`` (indices; the loader's window) at once; returns the block and each one's
+        row in it. ``tables`` keeps the raw row groups that the next window (``after``) reads again."""
+        after = np.zeros(0, np.int64) if after is None else after
+        tables = {} if tables is None else tables
         srt = np.argsort(order, kind="stable")  # metadata order is storage order: (shard, row group, row)
         idx = order[srt]
         gs, first = np.unique(self.group[idx], return_index=True)
@@ -206,89 +209,23 @@ class _Source:
                     del windows[w]
                 for w in range(a // buf, (b - 1) // buf + 1):
                     if w not in windows:
-                        windows[w] = self._window(p.order[w * buf:(w + 1) * buf],
+                        windows[w] = self.decode(p.order[w * buf:(w + 1) * buf],
                                                   p.order[(w + 1) * buf:(w + 2) * buf], tables)
                 yield self.collate(p, a, b, windows, epoch)
             skip, epoch = 0, epoch + 1
 
     # ------------------------------------------------------------ collation
     def collate(self, p: _Plan, a: int, b: int, windows: dict, epoch: int) -> dict:
-        seq = p.order[a:b]
-        n, buf = seq.size, self.cfg["buffer_size"]
-        L, row, off = self.length[seq], p.row[a:b], p.offset[a:b]
-        T, B, K = max(1, int((off + L).max())), int(row.max()) + 1, self.cache.k
-        K = max([K] + [windows[w][0].ids.shape[1] for w in range(a // buf, (b - 1) // buf + 1)])
-        new_row = np.r_[True, row[1:] != row[:-1]]
-        seg = np.arange(n) - np.flatnonzero(new_row)[np.cumsum(new_row) - 1] + 1  # 1.. within each row
-        z = lambda d, fill=0, *k: np.full((B * T, *k), fill, d)  # noqa: E731
-        o = dict(input_ids=z(np.int64), attention_mask=z(np.int64), position_ids=z(np.int64),
-                 segment_ids=z(np.int64), target_mask=z(bool), labels=z(np.int64), topk_ids=z(np.int64, 0, K),
-                 topk_valid=z(bool, False, K), tail_mass=z(np.float32), teacher_entropy=z(np.float32),
-                 label_logprob=z(np.float32), weight=z(np.float32), correct=z(np.int8, -1), pos=z(np.int32, -1))
-        if self.values:
-            o["topk_logprobs"] = z(np.float32, -np.inf, K)
-        if self.sampled:
-            o["counts"] = z(np.float32, 0, K)
-        if self.tail:
-            U = max(windows[w][0].tail_ids.shape[1] for w in range(a // buf, (b - 1) // buf + 1))
-            o.update(tail_ids=z(np.int64, 0, U), tail_valid=z(bool, False, U), tail_logprobs=z(np.float32, -np.inf, U),
-                     tail_counts=z(np.float32, 0, U))
-        if self.tempered:
-            o["proposal_log_norm"] = z(np.float32)
-        slot_all = np.arange(n)
+        """The batch of plan entries ``[a, b)``, from the decoded windows that hold them."""
+        seq, buf, idx = p.order[a:b], self.cfg["buffer_size"], np.arange(a, b)
+        pieces = []
         for w in range(a // buf, (b - 1) // buf + 1):
             blk, where = windows[w]
-            inw = (np.arange(a, b) // buf) == w
-            slots, br = slot_all[inw], where[np.arange(a, b)[inw] - w * buf]
-            src, within = _ranges(blk.token_offsets[br], L[slots])
-            dst = np.repeat(row[slots] * T + off[slots], L[slots]) + within
-            o["input_ids"][dst] = blk.input_ids[src]
-            o["attention_mask"][dst] = 1
-            o["position_ids"][dst] = within
-            o["segment_ids"][dst] = np.repeat(seg[slots], L[slots])
-            o["weight"][dst] = np.repeat(self.weight[seq[slots]], L[slots])
-            cor = np.array([-1 if c is None else int(c) for c in blk.scalars["correct"][br]], np.int8)
-            o["correct"][dst] = np.repeat(cor, L[slots])
-            src, _ = _ranges(blk.pos_offsets[br], np.diff(blk.pos_offsets)[br])
-            owner = np.repeat(slots, np.diff(blk.pos_offsets)[br])
-            keep = blk.pos[src] < L[owner]
-            src, owner = src[keep], owner[keep]
-            ps = blk.pos[src]
-            dst = row[owner] * T + off[owner] + ps - 1
-            kb = blk.ids.shape[1]
-            valid = np.arange(kb)[None, :] < blk.n_entries[src][:, None]
-            o["pos"][dst], o["target_mask"][dst], o["labels"][dst] = ps, blk.loss_mask[src], blk.labels[src]
-            o["tail_mass"][dst], o["teacher_entropy"][dst] = blk.tail_mass[src], blk.entropy[src]
-            o["label_logprob"][dst] = blk.label_logprob[src]
-            o["topk_ids"][dst, :kb] = np.where(valid, blk.ids[src], 0)
-            o["topk_valid"][dst, :kb] = valid
-            if self.values:
-                o["topk_logprobs"][dst, :kb] = np.where(valid, blk.logprobs[src], -np.inf)
-            if self.sampled:
-                o["counts"][dst, :kb] = blk.counts[src]
-            if self.tail:
-                ub = blk.tail_ids.shape[1]
-                tv = np.arange(ub)[None, :] < blk.n_tail[src][:, None]
-                o["tail_ids"][dst, :ub] = np.where(tv, blk.tail_ids[src], 0)
-                o["tail_valid"][dst, :ub] = tv
-                o["tail_logprobs"][dst, :ub] = np.where(tv, blk.tail_logprobs[src], -np.inf)
-                o["tail_counts"][dst, :ub] = blk.tail_counts[src]
-            if self.tempered:
-                o["proposal_log_norm"][dst] = blk.proposal_log_norm[src]
-        if self.score_names:
-            vals = np.full((B * T, len(self.score_names)), np.nan, np.float32)
-            got = [(i, *self.scores[sid]) for i, sid in enumerate(self.seq_ids[seq]) if sid in self.scores]
-            if got:
-                who = np.concatenate([np.full(q.size, i) for i, q, _ in got])
-                ps = np.concatenate([q for _, q, _ in got])
-                v = np.concatenate([v for _, _, v in got])
-                keep = (ps >= 1) & (ps < L[who])
-                vals[(row[who] * T + off[who] + ps - 1)[keep]] = v[keep]
-            for i, name in enumerate(self.score_names):
-                o[f"score_{name}"] = vals[:, i]
-        out: dict[str, Any] = {k: torch.from_numpy(v.reshape(B, T, *v.shape[1:])) for k, v in o.items()}
-        out["seq_ids"], out["epoch"] = self.seq_ids[seq].tolist(), epoch
-        return out
+            inw = (idx // buf) == w
+            pieces.append((blk, np.flatnonzero(inw), where[idx[inw] - w * buf]))
+        return collate(pieces, kind=self.kind, seq_ids=self.seq_ids[seq].tolist(), length=self.length[seq],
+                       row=p.row[a:b], offset=p.offset[a:b], weight=self.weight[seq], epoch=epoch,
+                       scores=self.scores, score_names=self.score_names)
 
 
 def _identity(batch):
@@ -298,7 +235,7 @@ def _identity(batch):
 class _Parts(torch.utils.data.IterableDataset):
     """One rank's parts; DataLoader worker slot ``s`` runs part worker ``(s + shift) % W``."""
 
-    def __init__(self, src: _Source, rank: int, world_size: int, W: int, skips: list[int], shift: int):
+    def __init__(self, src: SequenceSource, rank: int, world_size: int, W: int, skips: list[int], shift: int):
         super().__init__()
         self.src, self.rank, self.parts, self.W, self.skips, self.shift = src, rank, world_size * W, W, skips, shift
 
@@ -338,7 +275,7 @@ class StreamingLoader:
         opt = lambda v: None if v is None else int(v)  # noqa: E731
         self._cfg = dict(batch_size=int(batch_size), max_length=opt(max_length), seed=int(seed), shuffle=bool(shuffle),
                          buffer_size=int(buffer_size), epochs=opt(epochs), pack=bool(pack))
-        self._src = _Source(cache, self._cfg)
+        self._src = SequenceSource(cache, self._cfg)
         if scores is not None:
             self._src.scores, self._src.score_names = load_scores(scores, score_columns, self._src.seq_ids)
         self.num_truncated = 0 if max_length is None else int((self._src.n_tokens > max_length).sum())
@@ -348,6 +285,11 @@ class StreamingLoader:
         self._batches = 0
 
     # ------------------------------------------------------------ properties
+    @property
+    def source(self) -> SequenceSource:
+        """The sequences' metadata, plan and decoding (``SequenceSource``)."""
+        return self._src
+
     @property
     def num_sequences(self) -> int:
         return len(self._src)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from logitstore.errors import InvalidInputError, LogitstoreError
+from logitstore.head import Head
 from logitstore.manifest import atomic_write_bytes
 from logitstore.rules import Rule
 from trainers import checkpoint as ckpt
@@ -158,11 +159,7 @@ class _Run:
         for c, flag in ((cache, "CACHE"), (eval_cache, "--eval")):
             if c is not None:
                 check_usable(c, flag, cfg.allow_incomplete)
-        rule = self.manifest.rule["rule"]
-        if cfg.resolved_tail(rule) == "sampled" and rule not in ("sample", "topk_tail"):
-            raise InvalidInputError(f"--tail sampled needs a cache with draws (built with --sample D or --top-k K "
-                                    f"--tail-draws D); {cfg.cache} has rule {rule!r}: use --tail other, label or "
-                                    "renormalize")
+        cfg.check_rule(self.manifest.rule["rule"], cfg.cache)
         only = None
         if not cfg.skip_verify:
             if self.main:
@@ -230,11 +227,9 @@ class _Run:
     def optimiser(self, loader: StreamingLoader | MixedLoader, state: dict | None) -> None:
         """The objective, AdamW and the schedule over the steps this run takes; a resumed run's saved state."""
         cfg = self.cfg
-        tail = "other" if self.cross else cfg.resolved_tail(self.manifest.rule["rule"])
-        self.objective = Objective(cfg.loss, tail=tail,
-                                   temperature=cfg.temperature, ce_weight=cfg.ce_weight, beta=cfg.beta,
-                                   alpha=cfg.alpha, taid_start=cfg.taid_start, taid_end=cfg.taid_end,
-                                   total_steps=self.max_steps)
+        # a cross-tokenizer run's targets are aligned chunks: its objective takes the 'other' bucket
+        self.objective = Objective.from_config(cfg.replace(tail="other") if self.cross else cfg,
+                                               self.manifest.rule["rule"], total_steps=self.max_steps)
         self.opt = make_optimizer(self.student.model, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_schedule(cfg.replace(max_steps=self.max_steps)))
         self.start = 0
@@ -284,7 +279,7 @@ class _Run:
             last = self.world == 1 or micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else self.body.no_sync(), _autocast(cfg, device):
                 if self.cross is None:
-                    loss, m = micro_loss(self.body, self.student, batch, cfg, self.objective,
+                    loss, m = micro_loss(self.body, self.student.head, batch, cfg, self.objective,
                                          self.manifest.vocab_size, self.cache.rule)
                 else:
                     loss, m = self.cross.loss(self.body, self.student, batch, self.objective)
@@ -351,23 +346,33 @@ class _Run:
         return summary
 
 
-def micro_loss(body, student: Student, batch: dict, cfg: TrainConfig, objective: Objective, vocab: int,
-               rule: Rule) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one collated micro-batch (and its metrics): the student's body, its head over the target
-    positions in chunks (``student_view``), the token weights and the objective."""
+def micro_loss(body, head: Head, batch: dict, cfg: TrainConfig, objective: Objective, vocab: int, rule: Rule, *,
+               reduction: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one collated micro-batch (and its metrics): the student's body (``body(batch)``: hidden states
+    ``[B, T, H]``), its ``head`` over the target positions in chunks (``student_view``), the token weights
+    (``trainers.weighting``) and the objective.
+
+    ``reduction="mean"``: ``sum_i w_i loss_i / sum_i w_i`` over the micro-batch's target positions (the loop's
+    loss); ``"sum"``: ``sum_i w_i loss_i`` (for a caller that normalises over several micro-batches itself).
+    The metrics are means either way."""
+    if reduction not in ("mean", "sum"):
+        raise InvalidInputError(f"reduction={reduction!r}: choose 'mean' or 'sum'")
     h = body(batch)
     sel = batch["target_mask"]
     hs = h[sel]
     if hs.shape[0] == 0:  # nothing to learn here; keep every parameter in the graph for DDP
-        zero = h.sum() * 0 + student.head.weight.sum() * 0
+        zero = h.sum() * 0 + head.weight.sum() * 0
         return zero, {"loss": 0.0}
     t = batch_targets(batch, sel, vocab, rule)
     need_entropy = cfg.keep_fraction < 1 and cfg.keep_by == "student_entropy"
-    recompute = hs.shape[0] * student.head.vocab_size * 4 > cfg.head_memory_mb * 2**20
-    view = student_view(hs, student.head, t.support()[0], t.labels, temperature=cfg.temperature,
+    recompute = hs.shape[0] * head.vocab_size * 4 > cfg.head_memory_mb * 2**20
+    view = student_view(hs, head, t.support()[0], t.labels, temperature=cfg.temperature,
                         chunk_size=cfg.chunk_size, need_entropy=need_entropy, recompute=recompute)
     weight, kd, ce = coefficients(batch, sel, cfg, view.entropy)
-    return objective(view, t, weight, kd, ce)
+    loss, metrics = objective(view, t, weight, kd, ce)
+    if reduction == "sum":  # reduce() normalised over the positive weights (all of them: weights are >= 0)
+        loss = loss * weight.clamp(min=0).sum().to(loss.dtype)
+    return loss, metrics
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):

@@ -285,6 +285,14 @@ class Objective:
         self.total_steps = total_steps
         self._t, self._momentum, self._prev_loss = self.taid_start, 0.0, None
 
+    @classmethod
+    def from_config(cls, cfg, rule: str, total_steps: int | None = None) -> Objective:
+        """The objective a ``trainers.config.TrainConfig`` names, for a cache of sparse-entry ``rule`` (its name:
+        ``--tail auto`` resolves against it)."""
+        return cls(cfg.loss, tail=cfg.resolved_tail(rule), temperature=cfg.temperature, ce_weight=cfg.ce_weight,
+                   beta=cfg.beta, alpha=cfg.alpha, taid_start=cfg.taid_start, taid_end=cfg.taid_end,
+                   total_steps=total_steps)
+
     @property
     def needs_logprobs(self) -> bool:
         """Whether the targets must carry teacher logprobs."""

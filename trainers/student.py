@@ -61,14 +61,20 @@ class Student:
 
     def hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final hidden states ``[B, T, H]`` of a collated batch (packed rows get a block-diagonal mask)."""
-        ids = batch["input_ids"]
-        if bool((batch["segment_ids"].amax(dim=1) > 1).any()):  # packed: attention stays inside each sequence
-            mask = packed_mask(batch["segment_ids"], next(self.model.parameters()).dtype)
-        else:
-            mask = batch["attention_mask"]
-        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"],
-                                    use_cache=False)
-        return out.last_hidden_state
+        dtype = next(self.model.parameters()).dtype
+        return self.model.base_model(**forward_inputs(batch, dtype)).last_hidden_state
+
+
+def forward_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:
+    """The keyword arguments of a transformers model's forward for a collated batch: ``input_ids``, the attention
+    mask (``[B, 1, T, T]`` block-diagonal of ``dtype`` for packed rows, else the ``[B, T]`` padding mask),
+    ``position_ids`` (restarting per packed sequence) and ``use_cache=False``."""
+    if bool((batch["segment_ids"].amax(dim=1) > 1).any()):  # packed: attention stays inside each sequence
+        mask = packed_mask(batch["segment_ids"], dtype)
+    else:
+        mask = batch["attention_mask"]
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
+            "use_cache": False}
 
 
 def packed_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -132,7 +132,8 @@ class TransformersBackend:
     def from_model(cls, model, tokenizer, identity: dict[str, Any], *, name: str, device: str = "cpu",
                    dtype: str = "fp32", extract_mb: int = 96, role: str = "teacher") -> TransformersBackend:
         """A backend around a model already in memory (benchmarks of random-weight models of real shapes; a
-        caller that loaded the model itself), with the same checks as a loaded teacher. ``name`` names it in
+        caller that loaded the model itself), with the same checks as a loaded teacher. ``tokenizer`` may be None
+        for a model that only scores token ids (the tokenizer-size check is then skipped); ``name`` names it in
         errors; ``identity`` is its manifest record."""
         backend = cls.__new__(cls)
         backend._setup(name, model.to(device).eval(), tokenizer, dict(identity), device=device, dtype=dtype,

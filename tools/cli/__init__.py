@@ -2,7 +2,7 @@
 
 Subcommands: ``build``, ``score`` (``tools.cli.build``); ``info``, ``verify``, ``sql``, ``select``,
 ``diff``, ``merge``, ``report`` (``tools.cli.store``); ``train`` (``tools.cli.train``); ``distill``
-(``tools.cli.distill``, running ``tools.distill``); ``demo``
+(``tools.cli.distill``, running ``tools.distill``); ``export`` (``tools.cli.export``); ``demo``
 (``tools.cli.demo``, running ``tools.demo``). Each exits 0 on success, 1 when ``verify`` finds problems, and 2 with a
 one-line reason on bad input (``logitstore COMMAND: reason``). Libraries below log; only this
 layer prints.
@@ -14,11 +14,12 @@ import argparse
 import sys
 
 from logitstore.errors import LogitstoreError
-from tools.cli import build, demo, distill, store, train
+from tools.cli import build, demo, distill, export, store, train
 
 #: the subcommands in the order ``--help`` lists them
 REGISTER = (build.add_build, store.add_info, store.add_verify, store.add_sql, store.add_select, train.add_train,
-            distill.add_distill, build.add_score, store.add_diff, store.add_merge, store.add_report, demo.add_demo)
+            distill.add_distill, build.add_score, store.add_diff, store.add_merge, store.add_report, export.add_export,
+            demo.add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
