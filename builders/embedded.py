@@ -78,19 +78,26 @@ def prepare_embedded_teacher(cache_dir: str | os.PathLike | None = None) -> Path
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / MODEL_ID_FILE).write_text(json.dumps({"id": TEACHER_ID}), encoding="utf-8")  # caches name it by this id
+    if install_copy(tmp, out):
+        logger.info("saved the embedded teacher to %s", out)
+    return out
+
+
+def install_copy(tmp: Path, out: Path) -> bool:
+    """Rename the finished copy ``tmp`` to ``out``, unless another process's complete copy is there first (then
+    ``tmp`` is dropped). An incomplete ``out`` (files deleted by hand) is replaced. True when ``tmp`` went in."""
     if _complete(out):
         shutil.rmtree(tmp, ignore_errors=True)
-        return out
-    shutil.rmtree(out, ignore_errors=True)  # an incomplete copy (an older layout, or files deleted by hand)
+        return False
+    shutil.rmtree(out, ignore_errors=True)
     try:
         os.replace(tmp, out)
     except OSError:
         if not _complete(out):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process renamed its copy in first
-        return out
-    logger.info("saved the embedded teacher to %s", out)
-    return out
+        shutil.rmtree(tmp, ignore_errors=True)  # another process renamed its copy in between
+        return False
+    return True
 
 
 def _complete(out: Path) -> bool:

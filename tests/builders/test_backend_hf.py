@@ -1,5 +1,7 @@
 """The transformers backend against model(input_ids).logits -> float64 log-softmax, and padding invariance."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -170,3 +172,25 @@ def test_cuda_matches_cpu(tiny_teacher):
     pos = [np.arange(1, len(s)) for s in seq]
     for a, b in zip(cpu.score(seq, pos, MassTopK(0.9, 16)), gpu.score(seq, pos, MassTopK(0.9, 16))):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-3)
+
+
+def test_racing_preparations_of_the_embedded_teacher_keep_one_complete_copy(tmp_path):
+    """Processes preparing the teacher at once (test workers, parallel jobs) each write a copy; the first rename
+    wins, a later one keeps it and drops its own, and an incomplete copy left by hand is replaced."""
+    from builders.embedded import install_copy
+
+    def copy(name: str, marker: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        for f in ("model.safetensors", "config.json"):
+            (d / f).write_text(marker)
+        return d
+
+    out = tmp_path / "teacher"
+    assert install_copy(copy("tmp-1", "first"), out)
+    assert not install_copy(copy("tmp-2", "second"), out)  # the other process got there first
+    assert (out / "model.safetensors").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]  # no copy left behind
+    (out / "model.safetensors").unlink()  # incomplete now
+    assert install_copy(copy("tmp-3", "third"), out)
+    assert (out / "config.json").read_text() == "third" and (out / "model.safetensors").is_file()
