@@ -69,6 +69,7 @@ class Settings:
     loss: str = "reverse_kl"
     top_k: int = 32
     seeds: int = 3
+    mix_ratio: float = 0.0
 
 
 QUICK = Settings(problems=200, heldout=4, base=16, pool=24, prompts=6, base_steps=8, rounds=2, steps=4,
@@ -298,20 +299,35 @@ def main(argv=None) -> int:
         records = run(dc, resume=True, progress=False)
         targets = sum(r["targets"] for r in records)
         on = ev(work / f"on-{seed}" / f"round-{s.rounds:03d}" / "student", seed)
+        mixed = None
+        if s.mix_ratio > 0:
+            log(f"seed {seed}: on-policy mixed with the base cache at ratio {s.mix_ratio}, {s.rounds} rounds")
+            mix_dir = work / f"mix{s.mix_ratio:g}-{seed}"
+            run(dataclasses.replace(dc, output=str(mix_dir),
+                                    train=dc.train.replace(mix_cache=str(work / "base"), mix_ratio=s.mix_ratio)),
+                resume=True, progress=False)
+            mixed = ev(mix_dir / f"round-{s.rounds:03d}" / "student", seed)
         log(f"seed {seed}: off-policy, {targets} teacher-scored target positions of the pool")
         sel, got = off_policy_selection(work / "pool", targets, seed, work / f"off-{seed}.selection.json")
         arm = {"seed": seed, "on_policy": on, "on_targets": targets, "off_targets": got, "rounds": records}
+        if mixed is not None:
+            arm["on_policy_mixed"] = mixed
         for name, loss in off_arms(s):  # the same loss, and forward KL (the usual off-policy loss) if that differs
             train_once(sel, start, work / f"{name}-{seed}", s, s.rounds * s.steps, seed, loss)
             arm[name] = ev(work / f"{name}-{seed}", seed)
         results["arms"].append(arm)
-        log(f"seed {seed}: " + "; ".join(f"{k} {arm[k]}" for k in ("on_policy", *dict(off_arms(s)))))
+        log(f"seed {seed}: " + "; ".join(f"{k} {arm[k]}" for k in on_arms(s) + [n for n, _ in off_arms(s)]))
     log("throughput: a round's teacher scoring against a plain build of the same tokens")
     results["throughput"] = throughput(teacher, start, work, s)
     results["seconds"] = time.time() - t0
     (work / "results.json").write_text(json.dumps(results, indent=1))
     report(results)
     return 0
+
+
+def on_arms(s: Settings) -> list[str]:
+    """The on-policy arms: the rounds alone, and mixed with the base cache when ``--mix-ratio`` is given."""
+    return ["on_policy"] + (["on_policy_mixed"] if s.mix_ratio > 0 else [])
 
 
 def off_arms(s: Settings) -> list[tuple[str, str]]:
@@ -323,16 +339,18 @@ def report(res: dict) -> None:
     from tools.cli.text import format_table
 
     s = Settings(**res["settings"])
-    arms = ["on_policy"] + [name for name, _ in off_arms(s)]
+    ons, offs = on_arms(s), [name for name, _ in off_arms(s)]
+    arms = ons + offs
+    pairs = [(a, b) for a in ons for b in offs]
     stat = lambda v: f"{v.mean():.4f} ± {v.std():.4f} [{v.min():.4f}, {v.max():.4f}]"  # noqa: E731
     rows = []
     for key in ("reverse_kl", "heldout_ce", "pass_rate"):
         vals = {a: np.array([x[a][key] for x in res["arms"]]) for a in arms}
-        rel = [f"{100 * (vals['on_policy'].mean() / vals[a].mean() - 1):+.1f}%" if vals[a].mean() else "n/a"
-               for a in arms[1:]]
+        rel = [f"{100 * (vals[a].mean() / vals[b].mean() - 1):+.1f}%" if vals[b].mean() else "n/a"
+               for a, b in pairs]
         rows.append([key, f"{res['start'][key]:.4f}", *[stat(vals[a]) for a in arms], *rel])
     print(format_table(["metric", "start", *[f"{a} (mean ± sd [min, max])" for a in arms],
-                        *[f"on vs {a}" for a in arms[1:]]], rows))
+                        *[f"{a} vs {b}" for a, b in pairs]], rows))
     t = res["throughput"]
     print(f"\nteacher scoring: round {t['round_teacher_pos_per_s']:.1f} pos/s, plain build "
           f"{t['plain_teacher_pos_per_s']:.1f} pos/s: {t['ratio']:.3f}x; total {res['seconds'] / 60:.1f} min")
