@@ -94,6 +94,8 @@ class BuildConfig:
     seed: int = 0
     ray: RayOptions | None = None
     """score with a pool of Ray actors (``builders.ray_build``) instead of in this process"""
+    lock: bool = True
+    """take the build lock; False only for an object store without conditional creates (``--no-lock``)"""
 
 
 #: build arguments a resume must match (the writer also checks teacher, tokenizer, rule and codec)

@@ -31,6 +31,7 @@ from builders.inputs import data_fingerprint
 from builders.plan import Plan, sequences_to_score, window_seed
 from builders.policy import check_policy, load_policy, policy_record
 from builders.scoring import open_writer, score_items
+from logitstore import remote
 from logitstore.contract import check_rule_and_codec
 from logitstore.errors import CacheExistsError, InvalidInputError
 from logitstore.lock import check_unlocked
@@ -45,9 +46,12 @@ logger = logging.getLogger(__name__)
 def build(teacher: str, data: str | os.PathLike, out: str | os.PathLike, config: BuildConfig, *,
           resume: bool = False, progress: bool = True, argv: list[str] | None = None) -> Manifest:
     """Build (or, with ``resume``, continue) the cache ``out`` from ``data`` scored by ``teacher``."""
-    out, data = Path(out), Path(data)
+    out, data = _out_path(out), Path(data)
     _check_config(teacher, config)  # before any model loads
     if config.ray is not None:
+        if remote.is_remote(out):
+            raise InvalidInputError(f"-o {out}: a distributed build (--ray) writes to a shared filesystem; build "
+                                    "into one, or drop --ray to build into the object store")
         from builders.ray_build import build_ray
 
         return build_ray(teacher, data, out, config, resume=resume, progress=progress, argv=argv)
@@ -62,11 +66,16 @@ def build_with(backend: Backend, teacher: str, data: str | os.PathLike, out: str
                argv: list[str] | None = None) -> Manifest:
     """``build`` with a backend already made (a model in memory, a benchmark): the same checks, plan,
     batches and writer; ``teacher`` is the name the manifest's build record gives it."""
-    out, data = Path(out), Path(data)
+    out, data = _out_path(out), Path(data)
     _check_config(teacher, config)
     data_fp = _check_inputs(data, out, resume)
     policy = load_policy(config.policy) if config.policy is not None else None
     return _build_with(backend, teacher, data, data_fp, out, config, resume, progress, argv, policy)
+
+
+def _out_path(out: str | os.PathLike) -> Path | str:
+    """The output cache: a local path, or an object-store URL kept as the string it is."""
+    return str(out) if remote.is_remote(str(out)) else Path(out)
 
 
 def _check_config(teacher: str, config: BuildConfig) -> None:
@@ -82,6 +91,11 @@ def _check_inputs(data: Path, out: Path, resume: bool) -> str:
     already writing it, a distributed build's directory, a file or a foreign directory, refused: nothing of a
     user's is written over; a cache, continued only with ``resume``)."""
     data_fp = data_fingerprint(data)  # also: a missing data path fails here
+    if remote.is_remote(out):
+        if remote.check_output(out) and not resume:
+            raise CacheExistsError(f"{out} already holds a cache; pass --resume to continue it, or choose a new "
+                                   "output URL")
+        return data_fp
     check_unlocked(out)
     if (out / PARTS_DIR).exists():
         raise InvalidInputError(f"{out} holds the parts of a distributed build (--ray); continue it with --ray "

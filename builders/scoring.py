@@ -33,7 +33,7 @@ def open_writer(backend: Backend, out: Path, config: BuildConfig, build_args: di
         out, vocab_size=backend.vocab_size, rule=config.rule, codec=config.codec, teacher=backend.describe(),
         tokenizer=backend.tokenizer_record(), build=build_args, exactness=exactness,
         shard_bytes=max(1, int(config.shard_mb * 2**20)), row_group_positions=config.row_group_positions,
-        resume=resume, resume_build_keys=RESUME_BUILD_KEYS, policy=policy is not None, **kwargs)
+        resume=resume, resume_build_keys=RESUME_BUILD_KEYS, policy=policy is not None, lock=config.lock, **kwargs)
 
 
 def score_items(backend: Backend, writer: logitstore.CacheWriter, todo: list[Item], config: BuildConfig, gen,

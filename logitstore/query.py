@@ -40,5 +40,5 @@ def connect(cache: Cache | str | os.PathLike, con: duckdb.DuckDBPyConnection | N
     else:
         cache = cache if isinstance(cache, Cache) else Cache(cache)
         con = connect_views(cache, con)
-        own = [cache.path]
+        own = [cache.path] if cache.url is None else [cache.path, cache.url]
     return con if confine_to is None else confine(con, [*own, *confine_to])

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from logitstore import codec as C
 from logitstore import format as F
+from logitstore import remote
 from logitstore.blocks import Block, Sequence
 from logitstore.errors import CorruptCacheError, InvalidInputError
 from logitstore.idmap import read_id_map
@@ -31,6 +32,9 @@ from logitstore.rules import rule_from_dict
 from logitstore.selection import Selection, check_fingerprint, check_known, is_selection_file, load_selection
 
 __all__ = ["Block", "Cache", "Sequence", "open"]
+
+#: a remote cache keeps at most this many shards open (and pinned in the disk cache), and prefetches this many ahead
+MAX_OPEN_REMOTE, PREFETCH = 2, 1
 
 # What pyarrow raises on a damaged file: its own errors, OS errors, and undecodable footers.
 _READ_ERRORS = (OSError, pa.ArrowException, UnicodeDecodeError, ValueError)
@@ -46,9 +50,21 @@ class Cache:
         file's seq ids must all be in the cache, unless ``allow_missing`` (then those that are are used)."""
         self.selection = None  # a Selection when opened through one
         self._subset: frozenset[str] | None = None
+        self.url: str | None = None  # an object-store cache: its URL (``path`` is then its local mirror)
+        self.mirror = None
+        self._pins: dict[int, int] = {}  # shard -> file descriptor holding its disk-cache pin (remote caches)
+        if remote.is_remote(path):
+            self.url, self.mirror = str(path).rstrip("/"), remote.Mirror(str(path))
+            path = self.mirror.open()
         if isinstance(path, Selection) or is_selection_file(path):
             self.selection = path if isinstance(path, Selection) else load_selection(path)
-            self.path = Path(path.cache) if isinstance(path, Selection) else self.selection.cache_path(Path(path))
+            if remote.is_remote(self.selection.cache):  # a selection of a cache in an object store
+                self.url = self.selection.cache.rstrip("/")
+                self.mirror = remote.Mirror(self.url)
+                self.path = self.mirror.open()
+            else:
+                self.path = Path(path.cache) if isinstance(path, Selection) else \
+                    self.selection.cache_path(Path(path))
             self.manifest = load_manifest(self.path)
             check_fingerprint(self.selection, self.manifest, "the selection" if isinstance(path, Selection)
                               else Path(path), self.path)
@@ -89,8 +105,8 @@ class Cache:
         """What opens this same view again (the loader, its DataLoader workers): the cache directory, or the
         selection (already checked) with its cache's absolute path."""
         if self.selection is None:
-            return self.path.resolve()
-        return dataclasses.replace(self.selection, cache=str(self.path.resolve()))
+            return self.url or self.path.resolve()
+        return dataclasses.replace(self.selection, cache=self.url or str(self.path.resolve()))
 
     @property
     def weights(self) -> dict[str, float] | None:
@@ -105,10 +121,38 @@ class Cache:
 
     @property
     def shard_paths(self) -> list[Path]:
+        """Local shard files (for a remote cache, where they are or will be in the disk cache)."""
+        if self.mirror is not None:
+            return [self.mirror.local_path(s.file, s.sha256) for s in self.manifest.shards]
         return [self.path / s.file for s in self.manifest.shards]
 
+    @property
+    def location(self) -> str:
+        """What names this cache in messages: its URL, or its directory."""
+        return self.url or str(self.path)
+
+    def prefetch(self, shards: Iterable[int]) -> None:
+        """Start downloading these shards of a remote cache in the background (a no-op for a local one)."""
+        if self.mirror is not None:
+            self.mirror.prefetch((s.file, s.sha256, s.bytes) for s in (self.manifest.shards[i] for i in shards))
+
+    def close(self) -> None:
+        """Close the shard files and give back the disk-cache pins (a reader may be used again after)."""
+        for shard in list(self._files):
+            self._drop(shard)
+        if self.mirror is not None:
+            self.mirror.close()
+
+    def _drop(self, shard: int) -> None:
+        f = self._files.pop(shard, None)
+        if f is not None:
+            f.close()
+        fd = self._pins.pop(shard, None)
+        if fd is not None:
+            self.mirror.release(fd)
+
     def __repr__(self) -> str:
-        return (f"Cache({str(self.path)!r}, sequences={len(self)}, positions={self.num_positions}, "
+        return (f"Cache({self.location!r}, sequences={len(self)}, positions={self.num_positions}, "
                 f"rule={self.manifest.rule})")
 
     def sql(self, query: str):
@@ -149,6 +193,11 @@ class Cache:
         f = self._files.get(shard)
         if f is None:
             path, info = self.shard_paths[shard], self.manifest.shards[shard]
+            if self.mirror is not None:
+                while len(self._pins) >= MAX_OPEN_REMOTE:  # bounded: the disk cache may evict what is not open
+                    self._drop(next(iter(self._pins)))
+                path, self._pins[shard] = self.mirror.acquire(info.file, info.sha256, info.bytes)
+                self.prefetch(range(shard + 1, min(shard + 1 + PREFETCH, self.num_shards)))
             try:
                 size = path.stat().st_size
                 f = pq.ParquetFile(path, page_checksum_verification=True)

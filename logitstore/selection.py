@@ -29,6 +29,7 @@ from typing import Any
 from logitstore.errors import InvalidInputError, LogitstoreError
 from logitstore.jsonfile import read_json
 from logitstore.manifest import Manifest, atomic_write_bytes, now
+from logitstore.remote import is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +165,14 @@ def check_known(sel: Selection, known, where: str | os.PathLike, cache_dir: Path
 def save_selection(path: str | os.PathLike, sel: Selection) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    cache = Path(sel.cache).resolve()
-    try:
-        rel = os.path.relpath(cache, p.parent.resolve())
-    except ValueError:  # another drive on Windows
-        rel = str(cache)
+    if is_remote(str(sel.cache)):  # a cache in an object store: its URL as it is
+        rel = str(sel.cache)
+    else:
+        cache = Path(sel.cache).resolve()
+        try:
+            rel = os.path.relpath(cache, p.parent.resolve())
+        except ValueError:  # another drive on Windows
+            rel = str(cache)
     d: dict[str, Any] = {"format": SELECTION_FORMAT, "version": SELECTION_VERSION, "cache": rel,
                          "cache_fingerprint": sel.cache_fingerprint, "query": sel.query, "seed": sel.seed,
                          "fraction": sel.fraction, "limit": sel.limit, "created_at": sel.created_at or now(),

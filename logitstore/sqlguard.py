@@ -31,6 +31,7 @@ from typing import Any
 
 import duckdb
 
+from logitstore import remote
 from logitstore.errors import InvalidInputError
 
 SELECT_ONLY = frozenset({"SELECT"})
@@ -118,6 +119,9 @@ def confine(con: duckdb.DuckDBPyConnection, paths: Iterable[str | os.PathLike]) 
     spelling works too), then lock its configuration (see the module docstring)."""
     dirs, files = [], []
     for p in paths:
+        if remote.is_remote(p):  # an object-store cache: its prefix, as DuckDB names its objects
+            dirs.append(str(p).rstrip("/") + "/")
+            continue
         for form in dict.fromkeys((os.path.abspath(p), str(Path(p).resolve()))):
             (dirs if Path(form).is_dir() else files).append(form)
     if dirs:

@@ -77,7 +77,7 @@ def make_selection(cache_path: str | os.PathLike, *, where: str | None = None, q
             if w is None or not (w >= 0):
                 raise InvalidInputError(f"weight {w!r} of {sid}: weights must be non-negative numbers")
             weights.append(float(w))
-    return Selection(cache=str(cache.path), cache_fingerprint=cache_fingerprint(cache.manifest), seq_ids=ids,
+    return Selection(cache=cache.location, cache_fingerprint=cache_fingerprint(cache.manifest), seq_ids=ids,
                      weights=weights if i_w is not None else None, query=query, seed=seed if fraction else None,
                      fraction=fraction, limit=limit, created_at=now())
 

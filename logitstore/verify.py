@@ -25,8 +25,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from logitstore import format as F
+from logitstore import remote
 from logitstore.contract import has_repeats
-from logitstore.errors import LogitstoreError
+from logitstore.errors import CacheNotFoundError, LogitstoreError
 from logitstore.reader import Cache
 from logitstore.writer import file_sha256
 
@@ -42,9 +43,13 @@ class Problem:
 
 def verify(path: str | Path, *, deep: bool = True, progress: Callable[[int, int], None] | None = None) -> list[Problem]:
     """Return the problems found (an empty list means the cache is sound)."""
-    path = Path(path)
+    path = path if remote.is_remote(path) else Path(path)
     try:
         cache = Cache(path, check_totals=False)
+    except (remote.RemoteStoreError, CacheNotFoundError) as exc:
+        if isinstance(path, str):  # a remote cache that cannot be reached or is not there: no report to give
+            raise
+        return [Problem(F.MANIFEST_NAME, str(exc))]
     except LogitstoreError as exc:
         return [Problem(F.MANIFEST_NAME, str(exc))]
     m = cache.manifest
@@ -52,23 +57,65 @@ def verify(path: str | Path, *, deep: bool = True, progress: Callable[[int, int]
     if m.totals_problem():
         problems.append(Problem(F.MANIFEST_NAME, m.totals_problem()))
     listed = {s.file for s in m.shards}
-    shard_dir = path / F.SHARD_DIR
-    if shard_dir.is_dir():
-        for p in sorted(shard_dir.iterdir()):
-            rel = f"{F.SHARD_DIR}/{p.name}"
-            if rel not in listed:
-                what = "temporary file of an interrupted write" if p.name.endswith(".tmp") else "stray file"
-                problems.append(Problem(rel, f"{what}, not listed in the manifest"))
+    for name in _shard_dir_names(cache):
+        rel = f"{F.SHARD_DIR}/{name}"
+        if rel not in listed:
+            what = "temporary file of an interrupted write" if name.endswith(".tmp") else "stray file"
+            problems.append(Problem(rel, f"{what}, not listed in the manifest"))
     for i, _info in enumerate(m.shards):
         if progress:
             progress(i, len(m.shards))
-        problems += _check_shard(cache, i, deep)
+        if cache.mirror is None:
+            problems += _check_shard(cache, i, deep)
+            continue
+        info = cache.manifest.shards[i]  # a remote shard is downloaded into the disk cache, checked, unpinned
+        try:
+            _, fd = cache.mirror.acquire(info.file, info.sha256, info.bytes)
+        except remote.RemoteStoreError as exc:
+            problems.append(Problem(info.file, str(exc)))
+            continue
+        try:
+            problems += _check_shard(cache, i, deep)
+        finally:
+            cache.close()
+            cache.mirror.release(fd)
     return problems
+
+
+def remote_listing(cache: Cache) -> list[Problem]:
+    """The cheap check of a remote cache before training: every listed shard is an object of the manifest's size
+    (each is checked again when downloaded, and its pages by their CRCs when read)."""
+    m = cache.mirror
+    with remote.translated(cache.url, "listing the shards", m.fs):
+        try:
+            sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in m.fs.ls(m.remote(F.SHARD_DIR), detail=True)}
+        except FileNotFoundError:
+            sizes = {}
+    out = []
+    for info in cache.manifest.shards:
+        got = sizes.get(info.file.rsplit("/", 1)[-1])
+        if got != info.bytes:
+            out.append(Problem(info.file, "missing" if got is None else
+                               f"size {got} bytes, manifest says {info.bytes} (truncated or rewritten)"))
+    return out
+
+
+def _shard_dir_names(cache: Cache) -> list[str]:
+    """The names in the cache's shard directory (for a remote cache, the objects under its shards/ prefix)."""
+    if cache.mirror is not None:
+        with remote.translated(cache.url, "listing the shards", cache.mirror.fs):
+            try:
+                return sorted(e.rstrip("/").rsplit("/", 1)[-1]
+                              for e in cache.mirror.fs.ls(cache.mirror.remote(F.SHARD_DIR), detail=False))
+            except FileNotFoundError:
+                return []
+    shard_dir = cache.path / F.SHARD_DIR
+    return sorted(p.name for p in shard_dir.iterdir()) if shard_dir.is_dir() else []
 
 
 def _check_shard(cache: Cache, i: int, deep: bool) -> list[Problem]:
     info = cache.manifest.shards[i]
-    f = cache.path / info.file
+    f = cache.shard_paths[i]
     out = lambda msg: [Problem(info.file, msg)]  # noqa: E731
     if not f.is_file():
         return out("missing")

@@ -92,17 +92,15 @@ def connect(cache, con: duckdb.DuckDBPyConnection | None = None, *, prefix: str 
     """A DuckDB connection with the views, the manifest table and the macros of the open ``cache`` (a
     ``logitstore.reader.Cache``; it is passed in, not imported, so the reader can offer ``Cache.sql``); every
     view and table name starts with ``prefix``."""
-    for info, path in zip(cache.manifest.shards, cache.shard_paths):  # cheap: DuckDB checks no page CRC
-        size = path.stat().st_size if path.is_file() else None
-        if size != info.bytes:
-            raise CorruptCacheError(f"{path}: {'missing' if size is None else f'{size} bytes'}, the manifest says "
-                                    f"{info.bytes}; run logitstore verify")
+    files = _shard_files(cache)
     con = con or duckdb.connect()
+    if cache.mirror is not None:  # DuckDB reads the objects through the same fsspec filesystem, by range requests
+        con.register_filesystem(cache.mirror.fs)
     con.execute("SET lambda_syntax = 'DISABLE_SINGLE_ARROW'") if _has_setting(con, "lambda_syntax") else None
     for m in MACROS:
         con.execute(m)
-    if cache.shard_paths:
-        src = "read_parquet([" + ", ".join(_sql_str(str(p)) for p in cache.shard_paths) + "])"
+    if files:
+        src = "read_parquet([" + ", ".join(_sql_str(p) for p in files) + "])"
     else:  # a cache with no committed shard: the same views, over an empty table of its shard schema
         src = f"{prefix}logitstore_empty_shard"
         con.register(src, cache.schema.empty_table())
@@ -125,6 +123,31 @@ def connect(cache, con: duckdb.DuckDBPyConnection | None = None, *, prefix: str 
     con.executemany(f"INSERT INTO {prefix}exactness VALUES (?, ?, ?)",
                     [(k, v, EXACTNESS_MEANING.get(v, "")) for k, v in cache.manifest.exactness.items()])
     return con
+
+
+def _shard_files(cache) -> list[str]:
+    """The shard files DuckDB reads (for a remote cache, their URLs), each checked against the manifest's size
+    (cheap: DuckDB checks no page CRC)."""
+    shards = cache.manifest.shards
+    if cache.mirror is None:
+        sizes = [p.stat().st_size if p.is_file() else None for p in cache.shard_paths]
+        names = [str(p) for p in cache.shard_paths]
+    else:
+        from logitstore import remote
+
+        m = cache.mirror
+        with remote.translated(cache.url, "listing the shards", m.fs):
+            try:
+                listing = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in m.fs.ls(m.remote("shards"), detail=True)}
+            except FileNotFoundError:
+                listing = {}
+        sizes = [listing.get(s.file.rsplit("/", 1)[-1]) for s in shards]
+        names = [f"{cache.url}/{s.file}" for s in shards]
+    for info, name, size in zip(shards, names, sizes):
+        if size != info.bytes:
+            raise CorruptCacheError(f"{name}: {'missing' if size is None else f'{size} bytes'}, the manifest says "
+                                    f"{info.bytes}; run logitstore verify")
+    return names
 
 
 def _has_setting(con, name: str) -> bool:

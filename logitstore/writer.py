@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from logitstore import codec as C
 from logitstore import format as F
+from logitstore import remote
 from logitstore.contract import Contract, as_numpy, check_rule_and_codec
 from logitstore.encode import encode_rows, shard_writer
 from logitstore.errors import CacheExistsError, CacheWriteError, InvalidInputError, LogitstoreError
@@ -95,6 +96,7 @@ class CacheWriter:
         resume_build_keys: tuple[str, ...] = (),
         id_counts: np.ndarray | None = None,
         policy: bool = False,
+        lock: bool = True,
     ):
         if not (1 <= vocab_size <= 2**31 - 1):
             raise InvalidInputError(f"vocab_size={vocab_size} must be in [1, 2**31)")
@@ -102,7 +104,13 @@ class CacheWriter:
             raise InvalidInputError(f"shard_bytes={shard_bytes} must be positive")
         if row_group_positions < 1:
             raise InvalidInputError(f"row_group_positions={row_group_positions} must be positive")
-        self.path = Path(path)
+        # an object-store URL: shards are staged in a local directory and uploaded whole (``logitstore.remote``)
+        self.target = remote.RemoteTarget(path, lock=lock) if remote.is_remote(path) else None
+        if not lock and self.target is None:
+            raise InvalidInputError("lock=False (--no-lock) is for object stores without conditional creates; a "
+                                    "local cache always takes its build lock")
+        self.location = self.target.url if self.target is not None else str(path)
+        self.path = self.target.staging if self.target is not None else Path(path)
         self.rule, self.codec = rule, codec
         self.vocab_size = int(vocab_size)
         self.shard_bytes, self.row_group_positions = int(shard_bytes), int(row_group_positions)
@@ -158,24 +166,38 @@ class CacheWriter:
             self.abort()
 
     def open(self) -> None:
-        check_output_dir(self.path)  # ours, or refused: nothing of a user's is touched
-        self._created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = BuildLock(self.path)
+        if self.target is not None:
+            self.target.refuse_foreign()  # ours, or refused: nothing of a user's is touched
+            self.target.lock.acquire()  # the lock object (conditional create), before looking at the manifest
+            self._lock = self.target.lock
+        else:
+            check_output_dir(self.path)  # ours, or refused: nothing of a user's is touched
+            self._created = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = BuildLock(self.path)
+            try:
+                self._lock.acquire()  # before looking at the manifest: a build in progress is reported as such
+            except BaseException:
+                self._lock = None
+                if self._created:
+                    rmdir_if_empty(self.path)
+                raise
         try:
-            self._lock.acquire()  # before looking at the manifest: a build in progress is reported as such
-        except BaseException:
-            self._lock = None
-            if self._created:
-                rmdir_if_empty(self.path)
-            raise
-        try:
+            if self.target is not None:  # a fresh staging directory with the remote manifest and id map, if any
+                self.target.prepare()
+                self._created = not (self.path / F.MANIFEST_NAME).is_file()
             self._open_locked()
         except BaseException as exc:
             self._release(remove_created=True)
             if _is_io_error(exc):
                 raise self._write_error(exc, "opening the cache") from exc
             raise
+
+    def _save(self) -> None:
+        """Commit the manifest: write it atomically, and for an object store upload it as one object."""
+        save_manifest(self.path, self.manifest)
+        if self.target is not None:
+            self.target.upload(self.path / F.MANIFEST_NAME, F.MANIFEST_NAME)
 
     def _open_locked(self) -> None:
         shard_dir = self.path / F.SHARD_DIR
@@ -194,6 +216,8 @@ class CacheWriter:
             self.manifest = self._new_manifest
             self.manifest.created_at = now()
             self.manifest.created_by = f"logitstore {__version__}"
+        if self.target is not None:
+            self.target.remove_strays({s.file for s in self.manifest.shards})
         # a shard file of ours that the manifest does not list is an interrupted write: drop it; leave anything else
         ours, foreign = stray_shard_files(shard_dir, {Path(s.file).name for s in self.manifest.shards})
         for p in ours:
@@ -205,7 +229,7 @@ class CacheWriter:
             for p in (self.path / F.ID_MAP_NAME, self.path / f".{F.ID_MAP_NAME}.tmp"):
                 p.unlink(missing_ok=True)
         self.manifest.complete = False
-        save_manifest(self.path, self.manifest)
+        self._save()
 
     def close(self) -> Manifest:
         """Write what is buffered, commit the last shard, mark the cache complete and release the lock."""
@@ -213,7 +237,7 @@ class CacheWriter:
             self._flush()
             self._commit_shard()
             self.manifest.complete = True
-            save_manifest(self.path, self.manifest)
+            self._save()
         except BaseException as exc:
             self.abort()
             if _is_io_error(exc):
@@ -245,9 +269,13 @@ class CacheWriter:
         empty = self._created and not (self.manifest and self.manifest.shards)
         if remove_created and empty:
             remove_own_files(self.path)
+            if self.target is not None:
+                self.target.remove_uncommitted()
         self._lock.release()
         self._lock = None
-        if remove_created and empty:
+        if self.target is not None:
+            self.target.finish()
+        elif remove_created and empty:
             rmdir_if_empty(self.path)
 
     def _write_error(self, exc: OSError, doing: str) -> CacheWriteError:
@@ -257,7 +285,7 @@ class CacheWriter:
         state = (f"the cache is at its last commit ({len(m.shards)} shards, {m.sequences} sequences) and resumable: "
                  "fix the cause (e.g. free disk space) and rerun with resume=True (--resume)") \
             if m is not None and m.shards else "nothing was committed"
-        err = CacheWriteError(f"{self.path}: {doing} failed: {what}{where}; {state}")
+        err = CacheWriteError(f"{self.location}: {doing} failed: {what}{where}; {state}")
         err.errno = exc.errno
         return err
 
@@ -274,11 +302,14 @@ class CacheWriter:
             diffs.append(f"policy fields: cache has {'them' if old.has_policy else 'none'}, this build "
                          f"{'has them' if self.policy else 'has none'} (responses from another model or not)")
         if diffs:
-            raise InvalidInputError(f"cannot resume {self.path}: " + "; ".join(diffs))
+            raise InvalidInputError(f"cannot resume {self.location}: " + "; ".join(diffs))
 
     def _read_committed_ids(self) -> set[str]:
         ids: set[str] = set()
         for s in self.manifest.shards:
+            if self.target is not None:
+                ids.update(self.target.seq_ids(s.file))
+                continue
             ids.update(pq.read_table(self.path / s.file, columns=["seq_id"]).column(0).to_pylist())
         return ids
 
@@ -352,10 +383,15 @@ class CacheWriter:
                          bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
         os.replace(tmp, final)
         self._shard_tmp = None
+        if self.target is not None:
+            try:
+                self.target.upload(final, info.file)  # whole, under its final name, before the manifest lists it
+            finally:
+                final.unlink(missing_ok=True)  # staged only
         self.manifest.shards.append(info)
         try:
             fsync_dir(final.parent)
-            save_manifest(self.path, self.manifest)
+            self._save()
         except BaseException:
             self._uncommit(info, final)
             raise
@@ -366,6 +402,9 @@ class CacheWriter:
     def _uncommit(self, info: ShardInfo, final: Path) -> None:
         """After a failed manifest write: forget the shard, and delete its file unless the manifest on disk
         lists it (the rename can have happened before the failure), so no unlisted shard is left behind."""
+        if self.target is not None:  # the remote manifest was not replaced; the uploaded object is a stray
+            self.manifest.shards.pop()
+            return
         try:
             listed = info.file in {s.file for s in load_manifest(self.path).shards}
         except (OSError, LogitstoreError):
@@ -379,6 +418,8 @@ class CacheWriter:
         id_map = C.build_id_map(sample_ids, self.vocab_size) if self.id_counts is None \
             else C.id_map_from_counts(self.id_counts, self.vocab_size)
         self.manifest.id_map = write_id_map(self.path, id_map)
+        if self.target is not None:
+            self.target.upload(self.path / self.manifest.id_map["file"], self.manifest.id_map["file"])
         self._code_of = C.invert_id_map(id_map)
 
 

@@ -383,6 +383,26 @@ def assert_sequence_matches(got, ref: RefSeq, codec: Codec, rule, k: int) -> Non
 # ---------------------------------------------------------------- cache files
 
 
+def kill_when(proc, ready: Callable[[], bool], *, timeout: float = 300, every: float = 0.01) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` is true (a ``LogitstoreError``, ``OSError`` or ``ValueError`` from it
+    counts as not yet); fail the test if the process ends first."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if ready():
+                break
+        except (logitstore.LogitstoreError, OSError, ValueError):
+            pass
+        time.sleep(every)
+    if proc.poll() is not None:
+        pytest.fail("the process finished before it could be killed; make its work longer")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 def shard_files(cache: Path) -> list[Path]:
     return sorted((Path(cache) / "shards").glob("shard-*.parquet"))
 

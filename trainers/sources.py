@@ -14,7 +14,7 @@ import logging
 
 from logitstore.errors import CorruptCacheError, InvalidInputError
 from logitstore.selection import Selection, cache_fingerprint, in_fraction
-from logitstore.verify import verify
+from logitstore.verify import remote_listing, verify
 from trainers.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ def check_cache(cache, *, skip_bad: bool, what: str = "CACHE") -> list[str] | No
     logging which shards are left out and why. Files the manifest does not list (a stray or
     temporary file) are ignored: readers never look at them."""
     listed = {s.file: i for i, s in enumerate(cache.manifest.shards)}
-    problems = [p for p in verify(cache.path, deep=False) if "not listed in the manifest" not in p.message]
+    problems = [p for p in (verify(cache.path, deep=False) if cache.mirror is None else remote_listing(cache))
+                if "not listed in the manifest" not in p.message]
     if not problems:
         return None
     bad = {listed[p.file] for p in problems if p.file in listed}
@@ -37,10 +38,10 @@ def check_cache(cache, *, skip_bad: bool, what: str = "CACHE") -> list[str] | No
     text = "; ".join(str(p) for p in problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
     if fatal or not skip_bad or len(bad) == len(listed):
         hint = "" if fatal else " (or pass --skip-bad-shards to train on the sound shards)"
-        raise CorruptCacheError(f"{what} {cache.path} is damaged, refusing to train: {text}; run `logitstore verify "
-                                f"{cache.path}` for the full list; restore the damaged shards from a copy or rebuild "
-                                f"the cache into a new directory{hint}")
-    logger.warning("skipping %d damaged shard(s) of %s: %s", len(bad), cache.path, text)
+        raise CorruptCacheError(f"{what} {cache.location} is damaged, refusing to train: {text}; run `logitstore "
+                                f"verify {cache.location}` for the full list; restore the damaged shards from a copy "
+                                f"or rebuild the cache into a new directory{hint}")
+    logger.warning("skipping %d damaged shard(s) of %s: %s", len(bad), cache.location, text)
     keep = set()
     for i in range(len(listed)):
         if i not in bad:
@@ -61,7 +62,8 @@ def check_mix_cache(cache, mix) -> None:
         ("rule (k aside)", rule_a, rule_b),
         ("logprobs stored", a.codec.get("values") != "none", b.codec.get("values") != "none")) if x != y]
     if diffs:
-        raise InvalidInputError(f"--mix-cache {mix.path} cannot be mixed with {cache.path}: " + "; ".join(diffs))
+        raise InvalidInputError(f"--mix-cache {mix.location} cannot be mixed with {cache.location}: "
+                                + "; ".join(diffs))
 
 
 def check_usable(cache, what: str, allow_incomplete: bool) -> None:
@@ -72,14 +74,14 @@ def check_usable(cache, what: str, allow_incomplete: bool) -> None:
     if not m.complete:
         if not allow_incomplete:
             raise InvalidInputError(
-                f"{what} {cache.path} is an unfinished build (complete: false in its manifest: still being built, or "
-                f"interrupted): it holds only the {m.sequences} sequences committed so far; finish it with `logitstore "
-                "build ... --resume`, or pass --allow-incomplete to train on what is committed")
+                f"{what} {cache.location} is an unfinished build (complete: false in its manifest: still being built, "
+                f"or interrupted): it holds only the {m.sequences} sequences committed so far; finish it with "
+                "`logitstore build ... --resume`, or pass --allow-incomplete to train on what is committed")
         logger.warning("%s %s is an unfinished build: training on the %d sequences committed so far "
-                       "(--allow-incomplete)", what, cache.path, m.sequences)
+                       "(--allow-incomplete)", what, cache.location, m.sequences)
     if len(cache) == 0:
-        raise InvalidInputError(f"{what} {cache.path if cache.selection is None else 'selection'} holds no sequence "
-                                "to train on")
+        raise InvalidInputError(f"{what} {cache.location if cache.selection is None else 'selection'} holds no "
+                                "sequence to train on")
 
 
 def train_and_eval_sources(cfg: TrainConfig, cache, only: list[str] | None = None, eval_cache=None):
@@ -92,7 +94,7 @@ def train_and_eval_sources(cfg: TrainConfig, cache, only: list[str] | None = Non
     ids = only if only is not None else cache.scalars(["seq_id"]).column(0).to_pylist()
     w = cache.weights
     if not cfg.holdout:
-        return Selection(cache=str(cache.path), cache_fingerprint=cache_fingerprint(cache.manifest), seq_ids=ids,
+        return Selection(cache=cache.location, cache_fingerprint=cache_fingerprint(cache.manifest), seq_ids=ids,
                          weights=[w[x] for x in ids] if w else None, query="sound shards"), eval_source
     parts: dict[bool, list[str]] = {True: [], False: []}
     for sid in ids:
@@ -101,7 +103,7 @@ def train_and_eval_sources(cfg: TrainConfig, cache, only: list[str] | None = Non
         raise InvalidInputError(f"--holdout {cfg.holdout} leaves {len(parts[False])} training and "
                                 f"{len(parts[True])} held-out sequences of {len(ids)}; both must be non-empty")
     fp = cache_fingerprint(cache.manifest)
-    sel = {held: Selection(cache=str(cache.path), cache_fingerprint=fp, seq_ids=s,
+    sel = {held: Selection(cache=cache.location, cache_fingerprint=fp, seq_ids=s,
                            weights=[w[x] for x in s] if w and not held else None, query=f"holdout {cfg.holdout}")
            for held, s in parts.items()}
     return sel[False], sel[True]

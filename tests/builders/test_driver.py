@@ -2,17 +2,15 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
-import pytest
 
 import logitstore
 from logitstore.verify import verify
 from tests.builders.conftest import reference_logprobs
+from tests.conftest import kill_when
 from tools.cli import main
 
 WORDS = ("teacher student cache token logit entropy shard manifest parquet query select train sample "
@@ -79,18 +77,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_build(tiny_teacher, tmp_pat
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     assert _build_proc(tiny_teacher, data, full, False).wait(timeout=300) == 0
     proc = _build_proc(tiny_teacher, data, crashed, False)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(logitstore.open(crashed).manifest.shards) >= 3:
-                break
-        except logitstore.LogitstoreError:
-            pass
-        time.sleep(0.01)
-    if proc.poll() is not None:
-        pytest.fail("the build finished before it could be killed; make it longer")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_when(proc, lambda: len(logitstore.open(crashed).manifest.shards) >= 3)
     partial = logitstore.open(crashed)
     assert not partial.manifest.complete and 0 < len(partial) < 151
     assert _build_proc(tiny_teacher, data, crashed, True).wait(timeout=300) == 0

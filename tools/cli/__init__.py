@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from logitstore.errors import LogitstoreError
-from tools.cli import build, demo, distill, export, store, train
+from tools.cli import build, demo, distill, export, storage, store, train
 
 #: the subcommands in the order ``--help`` lists them
 REGISTER = (build.add_build, store.add_info, store.add_verify, store.add_sql, store.add_select, train.add_train,
@@ -28,12 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in REGISTER:
         register(sub)
+    storage.add_to(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        storage.apply(args)
         return args.func(args)
     except LogitstoreError as exc:
         print(f"logitstore {args.command}: {exc}", file=sys.stderr)

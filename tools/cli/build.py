@@ -271,7 +271,7 @@ def build_config(args: argparse.Namespace):
                       response=args.response_field, answer=args.answer_field),
         max_length=args.max_length, on_long=args.on_long, on_bad=args.on_bad, token_budget=args.token_budget,
         window=args.window, cache_prompt=args.cache_prompt, shard_mb=args.shard_mb,
-        row_group_positions=args.row_group_positions, seed=args.seed,
+        row_group_positions=args.row_group_positions, seed=args.seed, lock=not getattr(args, "no_lock", False),
     )
 
 

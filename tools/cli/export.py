@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,13 +43,25 @@ def add_export(sub) -> None:
 
 
 def export(args: argparse.Namespace) -> int:
+    from logitstore import remote
+    from logitstore.export import MARKER
     from logitstore.export import export as export_cache
 
-    info = export_cache(args.cache, args.output, to=args.to, force=args.force, logprobs=args.logprobs,
-                        temperature=args.temperature, drop_tail_draws=args.drop_tail_draws,
-                        allow_incomplete=args.allow_incomplete,
-                        progress=not args.quiet)
-    total = sum(p.stat().st_size for p in Path(args.output).rglob("*") if p.is_file())
+    out = Path(args.output)
+    if remote.is_remote(args.output):  # written locally, then uploaded with its marker last
+        remote.check_publish(args.output, marker=MARKER, force=args.force)  # before the work
+        out = remote.cache_root() / "staging" / f"export-{os.getpid()}"
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        info = export_cache(args.cache, out, to=args.to, force=args.force, logprobs=args.logprobs,
+                            temperature=args.temperature, drop_tail_draws=args.drop_tail_draws,
+                            allow_incomplete=args.allow_incomplete, progress=not args.quiet)
+        total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        if remote.is_remote(args.output):
+            remote.publish_directory(out, args.output, marker=MARKER, force=args.force)
+    finally:
+        if remote.is_remote(args.output):
+            shutil.rmtree(out, ignore_errors=True)
     print(f"{args.output}: {info['rows']:,} rows, {info['tokens']:,} tokens ({info['targets']:,} targets), "
           f"{info['k']} entries per position, {len(info['files'])} Parquet files, {size(total)}")
     if info["padded_entries"]:

@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+from logitstore import remote
 from logitstore.errors import CacheExistsError, CacheNotFoundError, InvalidInputError, LogitstoreError
 from tools.cli.text import format_table, size
 
@@ -61,7 +62,7 @@ def info(args: argparse.Namespace) -> int:
     cache = Cache(args.cache, allow_missing=args.allow_missing)
     m = cache.manifest
     d = {
-        "path": str(cache.path),
+        "path": cache.location,
         "format_version": m.format_version,
         "complete": m.complete,
         "teacher": m.teacher,
@@ -132,7 +133,7 @@ def verify(args: argparse.Namespace) -> int:
     from logitstore.progress import progress_bar
     from logitstore.verify import verify as verify_cache
 
-    if not (Path(args.cache) / MANIFEST_NAME).is_file():
+    if not remote.is_remote(args.cache) and not (Path(args.cache) / MANIFEST_NAME).is_file():
         raise CacheNotFoundError(f"{args.cache}: not a logitstore cache (no {MANIFEST_NAME})")
     bar = progress_bar(not args.quiet, desc="verifying shards", unit="shard")
 
@@ -148,7 +149,7 @@ def verify(args: argparse.Namespace) -> int:
         print(f"FAIL {p}")
     unfinished = ""
     try:
-        m = load_manifest(args.cache)
+        m = load_manifest(remote.Mirror(args.cache).dir if remote.is_remote(args.cache) else args.cache)
         if not m.complete:
             unfinished = (f"; the build is not finished (complete: false in its manifest: still running or "
                           f"interrupted): its {m.sequences:,} committed sequences were checked, `logitstore build ... "
@@ -279,16 +280,24 @@ def add_select(sub) -> None:
     p.set_defaults(func=select)
 
 
+def _where(cache: str) -> str:
+    """A cache's lasting name: its URL, or its absolute path."""
+    return cache if remote.is_remote(cache) else str(Path(cache).resolve())
+
+
 def select(args: argparse.Namespace) -> int:
     from logitstore.selection import is_our_selection, save_selection
     from logitstore.sqlguard import allow_paths
     from logitstore.subset import make_selection, materialize
 
-    out = Path(args.output)
-    if out.exists() and (args.materialize or not args.force):
+    if remote.is_remote(args.output) and not args.materialize:
+        raise InvalidInputError(f"-o {args.output}: a selection file is written locally (it may name a remote cache); "
+                                "--materialize writes a cache into an object store")
+    out = args.output if remote.is_remote(args.output) else Path(args.output)
+    if not isinstance(out, str) and out.exists() and (args.materialize or not args.force):
         raise CacheExistsError(f"{out} exists; choose another path"
                                + ("" if args.materialize else " or pass --force to replace the selection file"))
-    if out.exists() and not is_our_selection(out):
+    if not isinstance(out, str) and out.exists() and not is_our_selection(out):
         what = "a directory" if out.is_dir() else "not a selection file"
         raise CacheExistsError(f"-o {out} is {what}: --force replaces only a selection file written by logitstore "
                                "select, never a cache, a shard, a manifest or any other file; choose another path")
@@ -303,7 +312,7 @@ def select(args: argparse.Namespace) -> int:
     if sel.weights is not None:
         raise InvalidInputError("--materialize writes a plain cache, which has no per-sequence weights; "
                                 "drop --weight or keep the selection file")
-    m = materialize(sel, out, provenance={"selected_from": str(Path(args.cache).resolve()), "query": sel.query,
+    m = materialize(sel, out, provenance={"selected_from": _where(args.cache), "query": sel.query,
                                           "sequences": len(sel.seq_ids)})
     print(f"{out}: a standalone cache of {m.sequences:,} sequences, {m.positions:,} positions, {size(m.bytes)}")
     return 0
