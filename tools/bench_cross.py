@@ -118,7 +118,7 @@ def report(results: list[dict]) -> str:
         lines.append(f"| {s} | {m} | {statistics.mean(b):.4f} ± {sd:.4f} | {rs[0]['eval_teacher_bpb']:.4f} | "
                      f"{rs[0]['params']:,} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
     lines += ["", "| student | ALM gain over CE (bits/byte) | same-tokenizer KD gain over CE | ratio per seed | "
-                  "ratio (mean ± sd) | target 0.5 |", "|---|---|---|---|---|---|"]
+                  "ratio of the mean gains | target 0.5 |", "|---|---|---|---|---|---|"]
     for s in ("byte", "bpe"):
         gains, kd_gains, ratios = [], [], []
         for x in seeds:
@@ -129,12 +129,11 @@ def report(results: list[dict]) -> str:
                 gains.append(g)
                 kd_gains.append(kg)
                 ratios.append(g / kg if kg else float("nan"))
-        if ratios:
-            mean = statistics.mean(ratios)
-            sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-            verdict = "met" if mean >= 0.5 else f"missed by {0.5 - mean:.2f}"
+        if ratios:  # the ratio of the mean gains: a seed whose KD gain is near 0 makes its own ratio meaningless
+            ratio = statistics.mean(gains) / statistics.mean(kd_gains)
+            verdict = "met" if ratio >= 0.5 else f"missed by {0.5 - ratio:.2f}"
             lines.append(f"| {s} | {statistics.mean(gains):.4f} | {statistics.mean(kd_gains):.4f} | "
-                         f"{', '.join(f'{r:.2f}' for r in ratios)} | {mean:.2f} ± {sd:.2f} | {verdict} |")
+                         f"{', '.join(f'{r:.2f}' for r in ratios)} | {ratio:.2f} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -175,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
                 f.write_text(json.dumps(r, indent=1))
                 print(f"{student:5s} {method:4s} seed {seed}: bpb {r['eval_bpb']:.4f} ({r['seconds']:.0f} s)",
                       flush=True)
-    results = [json.loads(f.read_text()) for f in sorted(res_dir.glob(f"{tag}-*.json"))]
+    # this ALM weight's ALM runs, and the CE and same-tokenizer runs of any weight (they do not depend on it)
+    results = {}
+    for f in sorted(res_dir.glob(f"r{args.records}-s{args.steps}-w*-*.json")):
+        r = json.loads(f.read_text())
+        if r["method"] != "alm" or f.name.startswith(f"{tag}-"):
+            results[(r["student"], r["method"], r["seed"])] = r
+    results = list(results.values())
     print(f"\n{tag}: {len(results)} runs\n")
     print(report(results))
     return 0

@@ -70,6 +70,7 @@ class Settings:
     top_k: int = 32
     seeds: int = 3
     mix_ratio: float = 0.0
+    split: float = 0.0
 
 
 QUICK = Settings(problems=200, heldout=4, base=16, pool=24, prompts=6, base_steps=8, rounds=2, steps=4,
@@ -307,11 +308,16 @@ def main(argv=None) -> int:
                                     train=dc.train.replace(mix_cache=str(work / "base"), mix_ratio=s.mix_ratio)),
                 resume=True, progress=False)
             mixed = ev(mix_dir / f"round-{s.rounds:03d}" / "student", seed)
+        split = None
+        if s.split > 0:
+            split = split_arm(dc, files, work, s, seed, targets, ev)
         log(f"seed {seed}: off-policy, {targets} teacher-scored target positions of the pool")
         sel, got = off_policy_selection(work / "pool", targets, seed, work / f"off-{seed}.selection.json")
         arm = {"seed": seed, "on_policy": on, "on_targets": targets, "off_targets": got, "rounds": records}
         if mixed is not None:
             arm["on_policy_mixed"] = mixed
+        if split is not None:
+            arm["on_policy_split"], arm["split_targets"] = split
         for name, loss in off_arms(s):  # the same loss, and forward KL (the usual off-policy loss) if that differs
             train_once(sel, start, work / f"{name}-{seed}", s, s.rounds * s.steps, seed, loss)
             arm[name] = ev(work / f"{name}-{seed}", seed)
@@ -325,9 +331,32 @@ def main(argv=None) -> int:
     return 0
 
 
+def split_arm(dc, files: dict, work: Path, s: Settings, seed: int, targets: int, ev) -> tuple[dict, dict]:
+    """``--split S``: the on-policy arm's teacher tokens split, S to rounds over the first S x prompts pool prompts
+    and the rest to a seeded part of the pool's reference solutions (scored once, like the off-policy arm's
+    data), the two mixed per batch at ratio S (GKD's lambda at equal teacher tokens). Returns its metrics and
+    its teacher-scored target positions (on-policy, off-policy)."""
+    n = max(1, round(s.split * s.prompts))
+    prompts = work / f"prompts-split{s.split:g}.jsonl"
+    prompts.write_text("".join(files["prompts"].read_text().splitlines(keepends=True)[:n]))
+    off_budget = round((1 - s.split) * targets)
+    sel, got = off_policy_selection(work / "pool", off_budget, seed + 1000, work / f"split{s.split:g}-{seed}.json")
+    out = work / f"split{s.split:g}-{seed}"
+    log(f"seed {seed}: split arm: rounds over {n} prompts, mixed at ratio {s.split} with {got} pool targets")
+    from tools.distill import run
+
+    records = run(dataclasses.replace(dc, prompts=str(prompts), output=str(out),
+                                      train=dc.train.replace(mix_cache=str(sel), mix_ratio=s.split)),
+                  resume=True, progress=False)
+    on = sum(r["targets"] for r in records)
+    return ev(out / f"round-{s.rounds:03d}" / "student", seed), {"on_policy": on, "off_policy": got}
+
+
 def on_arms(s: Settings) -> list[str]:
-    """The on-policy arms: the rounds alone, and mixed with the base cache when ``--mix-ratio`` is given."""
-    return ["on_policy"] + (["on_policy_mixed"] if s.mix_ratio > 0 else [])
+    """The on-policy arms: the rounds alone, mixed with the base cache (``--mix-ratio``), and the split arm
+    (``--split``)."""
+    return ["on_policy"] + (["on_policy_mixed"] if s.mix_ratio > 0 else []) + \
+        (["on_policy_split"] if s.split > 0 else [])
 
 
 def off_arms(s: Settings) -> list[tuple[str, str]]:

@@ -77,6 +77,7 @@ class DistillConfig:
     def settings(self) -> dict[str, Any]:
         """What ``run.json`` records (and a resume compares), as plain JSON."""
         b = {**dataclasses.asdict(self.build), "rule": self.build.rule.to_dict(), "policy": None}
+        b.pop("lock")  # how a build writes, not what it writes (round caches are local: always locked)
         t = {k: v for k, v in self.train.to_dict().items() if k not in ("cache", "student", "output", "resume",
                                                                         "quiet")}
         p = {k: v for k, v in dataclasses.asdict(self.policy).items() if k not in ("path", "round")}

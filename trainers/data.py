@@ -61,6 +61,8 @@ from trainers.collate import CacheKind, collate, pack_rows, ranges
 logger = logging.getLogger(__name__)
 
 # Settings a resumed loader must share with the one whose state it loads.
+#: a remote cache: how many of the next window's shards are downloaded while the current window is decoded
+PREFETCH_SHARDS = 2
 _RESUME_KEYS = ("seed", "world_size", "num_workers", "batch_size", "max_length", "pack", "shuffle", "buffer_size",
                 "epochs", "sequences")
 
@@ -174,6 +176,9 @@ class SequenceSource:
         row in it. ``tables`` keeps the raw row groups that the next window (``after``) reads again."""
         after = np.zeros(0, np.int64) if after is None else after
         tables = {} if tables is None else tables
+        if after.size:  # a remote cache downloads the next window's first shards meanwhile (no-op when local)
+            nxt = dict.fromkeys(self.groups[g][0] for g in np.unique(self.group[after]).tolist())
+            self.cache.prefetch(list(nxt)[:PREFETCH_SHARDS])
         srt = np.argsort(order, kind="stable")  # metadata order is storage order: (shard, row group, row)
         idx = order[srt]
         gs, first = np.unique(self.group[idx], return_index=True)

@@ -153,6 +153,8 @@ def test_a_finished_run_resumes_to_nothing_and_other_settings_are_refused(run_di
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     before = (run / "round-002" / "student" / "model.safetensors").read_bytes()
+    # how a build writes (its lock) is no setting of the run: runs started before --no-lock existed resume
+    assert "lock" not in json.loads((run / "run.json").read_text())["build"]
     assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume", refs=refs)) == 0
     assert (run / "round-002" / "student" / "model.safetensors").read_bytes() == before
     capsys.readouterr()
