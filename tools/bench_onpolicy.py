@@ -15,6 +15,10 @@ Student: a small Llama with the teacher's tokenizer (``STUDENT``). Steps:
    temperature 1, ``--steps`` steps per round); the **off-policy** arm trains the start student
    ``rounds x steps`` steps on a seeded random part of the pool with at least as many target positions as
    the on-policy rounds had the teacher score (the same teacher tokens, steps, loss and optimiser).
+   Optional arms: ``--mix-ratio L`` runs the same rounds with a fraction L of each round's batches from the
+   round's cache and the rest from the base cache (no extra teacher tokens); ``--split S`` spends the
+   fraction S of the on-policy arm's teacher tokens on rounds over S x ``--prompts`` prompts and the rest on
+   a seeded part of the pool's reference solutions, mixed per batch at ratio S (GKD's lambda at equal cost).
 4. Each final student (and the start student) is evaluated on the held-out problems: the exact
    full-vocabulary reverse KL(student || teacher) per token on the student's own fresh samples
    (temperature 1, ``--eval-samples`` per prompt: the on-policy metric), the label cross-entropy of the
