@@ -184,7 +184,8 @@ def score_cache(cache_path: str | os.PathLike, student: str, out: str | os.PathL
     _check_student(backend, student, cache)
     stored = m.codec.get("values") != "none"
     if not m.complete:
-        logger.warning("cache %s is an unfinished build: scoring its %d committed positions", cache.path, m.positions)
+        logger.warning("cache %s is an unfinished build: scoring its %d committed positions", cache.location,
+                       m.positions)
     from builders.extract import Buffers
 
     bufs = Buffers(backend.head, min(backend.chunk_rows, max(1, m.positions)), backend.device)
@@ -208,7 +209,7 @@ def score_cache(cache_path: str | os.PathLike, student: str, out: str | os.PathL
         info = {
             "format": "logitstore-scores", "version": 1,
             "student": backend.describe(), "student_tokenizer": backend.tokenizer_record(),
-            "cache": {"path": str(cache.path.resolve()), "fingerprint": [s.sha256 for s in m.shards],
+            "cache": {"path": cache.url or str(cache.path.resolve()), "fingerprint": [s.sha256 for s in m.shards],
                       "teacher": m.teacher, "vocab_size": m.vocab_size, "complete": m.complete},
             "rows": n_rows, "sequences": n_seqs,
             "divergences": "exact other bucket over the teacher's stored support" if stored

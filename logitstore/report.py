@@ -92,9 +92,9 @@ def write_report(cache: Cache | str | os.PathLike, out: str | os.PathLike, *, to
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     con = connect(cache)
     manifest = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM manifest").fetchall()}
-    logger.info("report of %s: counting sequences and positions", cache.path)
+    logger.info("report of %s: counting sequences and positions", cache.location)
     totals, by_pos = _totals(con)
-    body = [f"<h1>logitstore report: <code>{_e(cache.path)}</code></h1>", _summary(manifest, totals)]
+    body = [f"<h1>logitstore report: <code>{_e(cache.location)}</code></h1>", _summary(manifest, totals)]
 
     body.append("<h2>Teacher distributions</h2>")
     logger.info("report: per-position histograms (%s positions)", f"{totals['positions']:,}")
@@ -124,7 +124,7 @@ def write_report(cache: Cache | str | os.PathLike, out: str | os.PathLike, *, to
                        "teacher_nll ASC", top, "text the teacher predicts best: memorised or boilerplate?"))
 
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"{_TITLE}{_e(cache.path.name)}</title><style>{_CSS}</style></head>\n<body>\n"
+            f"{_TITLE}{_e(Path(cache.location).name)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
     con.close()
     atomic_write_bytes(out, page.encode("utf-8"))

@@ -319,3 +319,19 @@ def test_materialize_export_and_merge_into_the_object_store_equal_their_local_ou
     assert main(["merge", url, str(local), "-o", "s3://cachebkt/merged"]) == 0
     assert main(["merge", url, str(local), "-o", str(tmp_path / "merged")]) == 0
     assert content("s3://cachebkt/merged") == content(tmp_path / "merged") and verify("s3://cachebkt/merged") == []
+
+
+def test_diff_and_report_read_a_remote_cache_like_a_local_one(built, tmp_path):
+    _, local, url = built
+    assert main(["diff", url, str(local), "-o", str(tmp_path / "d-remote")]) == 0
+    assert main(["diff", str(local), str(local), "-o", str(tmp_path / "d-local")]) == 0
+    for name in ("d-remote", "d-local"):  # the same teacher outputs on both sides: no divergence anywhere
+        got = sorted(p.name for p in (tmp_path / name).iterdir())
+        assert got == sorted(p.name for p in (tmp_path / "d-local").iterdir())
+    import pyarrow.parquet as pq
+
+    for p in (tmp_path / "d-local").glob("*.parquet"):
+        assert pq.read_table(tmp_path / "d-remote" / p.name).equals(pq.read_table(p))
+    assert main(["report", url, "-o", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert url in html and "41" in html
