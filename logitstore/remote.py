@@ -249,9 +249,13 @@ class Mirror:
         which ``release`` gives back. While pinned, no process evicts it."""
         path = self.local_path(file, sha256)
         for _ in range(5):
-            fut = self._pending.get(str(path))
-            if fut is not None:
-                fut.result()
+            with self._mu:
+                fut = self._pending.pop(str(path), None)
+            if fut is not None:  # a prefetch of it: wait; if it failed, the download below retries and reports
+                try:
+                    fut.result()
+                except (LogitstoreError, OSError) as exc:
+                    logger.warning("prefetching %s/%s failed (%s); downloading it again", self.url, file, exc)
             if not path.is_file():
                 self._download(file, path, size)
             try:
