@@ -54,14 +54,11 @@ class Cache:
         self.mirror = None
         self._pins: dict[int, int] = {}  # shard -> file descriptor holding its disk-cache pin (remote caches)
         if remote.is_remote(path):
-            self.url, self.mirror = str(path).rstrip("/"), remote.Mirror(str(path))
-            path = self.mirror.open()
+            path = self._open_remote(str(path))
         if isinstance(path, Selection) or is_selection_file(path):
             self.selection = path if isinstance(path, Selection) else load_selection(path)
             if remote.is_remote(self.selection.cache):  # a selection of a cache in an object store
-                self.url = self.selection.cache.rstrip("/")
-                self.mirror = remote.Mirror(self.url)
-                self.path = self.mirror.open()
+                self.path = self._open_remote(self.selection.cache)
             else:
                 self.path = Path(path.cache) if isinstance(path, Selection) else \
                     self.selection.cache_path(Path(path))
@@ -89,6 +86,11 @@ class Cache:
             self._subset = frozenset(self.selection.seq_ids)
         if self._subset is not None:
             self._subset_values = pa.array(sorted(self._subset), pa.string())  # for filtering, built once
+
+    def _open_remote(self, url: str) -> Path:
+        """A cache in an object store: its mirror (``logitstore.remote``), opened; returns the local directory."""
+        self.url, self.mirror = url.rstrip("/"), remote.Mirror(url)
+        return self.mirror.open()
 
     # ------------------------------------------------------------ summary
     def __len__(self) -> int:

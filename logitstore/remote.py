@@ -217,26 +217,21 @@ class Mirror:
         """Download the manifest (always: it is the commit) and the id map it names; return the local directory.
         ``CacheNotFoundError`` when the URL holds no manifest."""
         from logitstore.errors import CacheNotFoundError
-        from logitstore.jsonfile import read_json
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with translated(self.url, "reading the manifest", self.fs):
-            try:
-                data = self.fs.cat_file(self.remote(F.MANIFEST_NAME))
-            except FileNotFoundError:
-                if not _bucket_exists(self.fs, self.url):
-                    raise RemoteStoreError(_missing(self.url, "reading the manifest", self.fs,
-                                                    FileNotFoundError())) from None
-                raise CacheNotFoundError(f"{self.url}: not a logitstore cache (no {F.MANIFEST_NAME})") from None
-        _atomic_write(self.dir / F.MANIFEST_NAME, data)
-        d = read_json(self.dir / F.MANIFEST_NAME, InvalidInputError)
-        id_map = d.get("id_map") if isinstance(d, dict) else None
-        if isinstance(id_map, dict) and isinstance(id_map.get("file"), str):
-            local = self.dir / id_map["file"]
-            if not local.is_file() or local.stat().st_size != id_map.get("bytes", -1):
-                with translated(self.url, f"reading {id_map['file']}", self.fs):
-                    _atomic_write(local, self.fs.cat_file(self.remote(id_map["file"])))
+        if not download_meta(self.fs, self.url, self.dir, reuse_id_map=True):
+            if not _bucket_exists(self.fs, self.url):
+                raise RemoteStoreError(_missing(self.url, "reading the manifest", self.fs, FileNotFoundError()))
+            raise CacheNotFoundError(f"{self.url}: not a logitstore cache (no {F.MANIFEST_NAME})")
         return self.dir
+
+    def shard_sizes(self) -> dict[str, int]:
+        """name -> bytes of the objects under the cache's ``shards/`` prefix (listed now; {} when there is none)."""
+        with translated(self.url, "listing the shards", self.fs):
+            try:
+                entries = self.fs.ls(self.remote(F.SHARD_DIR), detail=True)
+            except FileNotFoundError:
+                return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in entries}
 
     def local_path(self, file: str, sha256: str) -> Path:
         """Where shard ``file`` (its manifest checksum ``sha256``) lives in the disk cache."""
@@ -347,6 +342,28 @@ def _evict(p: Path) -> bool:
         p.unlink(missing_ok=True)
     finally:
         os.close(fd)
+    return True
+
+
+def download_meta(fs, url: str, dest: Path, *, reuse_id_map: bool) -> bool:
+    """Copy the manifest of the cache at ``url`` into ``dest``, and the id map it names (kept when
+    ``reuse_id_map`` and a copy of the manifest's size is already there: it never changes). False when the URL
+    holds no manifest (nothing is written then)."""
+    from logitstore.jsonfile import read_json
+
+    with translated(url, "reading the manifest", fs):
+        try:
+            data = fs.cat_file(f"{_bare(url)}/{F.MANIFEST_NAME}")
+        except FileNotFoundError:
+            return False
+    _atomic_write(dest / F.MANIFEST_NAME, data)
+    d = read_json(dest / F.MANIFEST_NAME, InvalidInputError)
+    id_map = d.get("id_map") if isinstance(d, dict) else None
+    if isinstance(id_map, dict) and isinstance(id_map.get("file"), str):
+        local = dest / id_map["file"]
+        if not (reuse_id_map and local.is_file() and local.stat().st_size == id_map.get("bytes", -1)):
+            with translated(url, f"reading {id_map['file']}", fs):
+                _atomic_write(local, fs.cat_file(f"{_bare(url)}/{id_map['file']}"))
     return True
 
 
@@ -475,16 +492,7 @@ class RemoteTarget:
         if self.staging.exists():
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True)
-        with translated(self.url, "reading the manifest", self.fs):
-            try:
-                data = self.fs.cat_file(self.remote(F.MANIFEST_NAME))
-            except FileNotFoundError:
-                return self.staging
-        (self.staging / F.MANIFEST_NAME).write_bytes(data)
-        d = json.loads(data)
-        if isinstance(d.get("id_map"), dict) and isinstance(d["id_map"].get("file"), str):
-            with translated(self.url, "reading the id map", self.fs):
-                (self.staging / d["id_map"]["file"]).write_bytes(self.fs.cat_file(self.remote(d["id_map"]["file"])))
+        download_meta(self.fs, self.url, self.staging, reuse_id_map=False)
         return self.staging
 
     def refuse_foreign(self) -> None:

@@ -85,12 +85,7 @@ def verify(path: str | Path, *, deep: bool = True, progress: Callable[[int, int]
 def remote_listing(cache: Cache) -> list[Problem]:
     """The cheap check of a remote cache before training: every listed shard is an object of the manifest's size
     (each is checked again when downloaded, and its pages by their CRCs when read)."""
-    m = cache.mirror
-    with remote.translated(cache.url, "listing the shards", m.fs):
-        try:
-            sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in m.fs.ls(m.remote(F.SHARD_DIR), detail=True)}
-        except FileNotFoundError:
-            sizes = {}
+    sizes = cache.mirror.shard_sizes()
     out = []
     for info in cache.manifest.shards:
         got = sizes.get(info.file.rsplit("/", 1)[-1])
@@ -103,12 +98,7 @@ def remote_listing(cache: Cache) -> list[Problem]:
 def _shard_dir_names(cache: Cache) -> list[str]:
     """The names in the cache's shard directory (for a remote cache, the objects under its shards/ prefix)."""
     if cache.mirror is not None:
-        with remote.translated(cache.url, "listing the shards", cache.mirror.fs):
-            try:
-                return sorted(e.rstrip("/").rsplit("/", 1)[-1]
-                              for e in cache.mirror.fs.ls(cache.mirror.remote(F.SHARD_DIR), detail=False))
-            except FileNotFoundError:
-                return []
+        return sorted(cache.mirror.shard_sizes())
     shard_dir = cache.path / F.SHARD_DIR
     return sorted(p.name for p in shard_dir.iterdir()) if shard_dir.is_dir() else []
 

@@ -133,14 +133,7 @@ def _shard_files(cache) -> list[str]:
         sizes = [p.stat().st_size if p.is_file() else None for p in cache.shard_paths]
         names = [str(p) for p in cache.shard_paths]
     else:
-        from logitstore import remote
-
-        m = cache.mirror
-        with remote.translated(cache.url, "listing the shards", m.fs):
-            try:
-                listing = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in m.fs.ls(m.remote("shards"), detail=True)}
-            except FileNotFoundError:
-                listing = {}
+        listing = cache.mirror.shard_sizes()
         sizes = [listing.get(s.file.rsplit("/", 1)[-1]) for s in shards]
         names = [f"{cache.url}/{s.file}" for s in shards]
     for info, name, size in zip(shards, names, sizes):
