@@ -1,7 +1,8 @@
 """Benchmark, the headline: is a student trained from the cache as good as one trained with the teacher online?
 
 Teacher: the embedded SmolLM2-135M-Instruct. Data: English text that ships with Python
-(``pydoc_data.topics``) cut into records of <= 128 tokens; 48 further records are held out.
+(``pydoc_data.topics``, then for the long regime the docstrings of ``DOC_MODULES``) cut into records of
+<= 128 tokens; the last 48 records of ``pydoc_data.topics`` are held out.
 Student: a 3-layer Llama (hidden 192, the teacher's tokenizer) from scratch. Two regimes:
 
   short   200 records, 200 steps of batch 4 (~100k training tokens)
@@ -27,7 +28,7 @@ and that of the full forward KL (one concatenated [N x V] vector, each loss aver
 positions as in training), and the ratio of their norms.
 
     python tools/bench_quality.py --regime short            # all configurations, 3 seeds
-    python tools/bench_quality.py --regime long --only ce,online,k32-label,t8-d24
+    python tools/bench_quality.py --regime long --only ce,online,t4-d16-T2,k32-label
     python tools/bench_quality.py --angles                  # the gradient diagnostic (no training)
     python tools/bench_quality.py --report --plot docs/quality.png   # tables from every result so far
     python tools/bench_quality.py --quick                   # a smoke run: tiny regime, 1 seed
@@ -69,16 +70,41 @@ CONFIGS = {
 }
 
 
-def records(tokenizer, n: int) -> list[str]:
-    """``n`` texts of about LENGTH tokens from pydoc_data.topics, in a fixed order."""
+#: standard-library modules whose docstrings extend the long regime's training text (pydoc_data.topics gives ~735)
+DOC_MODULES = ("argparse collections contextlib csv dataclasses datetime decimal email.message fractions functools "
+               "heapq http.client inspect io ipaddress itertools json logging pathlib pickle random re shutil "
+               "sqlite3 statistics string subprocess tarfile tempfile textwrap threading typing unittest "
+               "urllib.parse uuid zipfile").split()
+
+
+def _chunks(tokenizer, words: list[str]) -> list[str]:
+    out, step = [], int(LENGTH * 0.7)
+    for i in range(0, len(words), step):
+        out.append(tokenizer.decode(tokenizer(" ".join(words[i:i + step]))["input_ids"][:LENGTH]))
+    return out
+
+
+def records(tokenizer, n: int) -> tuple[list[str], list[str]]:
+    """``n`` training texts and EVAL_RECORDS held-out texts of about LENGTH tokens, in a fixed order. Held out:
+    the last records of pydoc_data.topics; training: the others, then (the long regime) stdlib docstrings."""
+    import importlib
+    import inspect
     from pydoc_data.topics import topics
 
-    words = " ".join(" ".join(topics[k].split()) for k in sorted(topics)).split()
-    out, i, step = [], 0, int(LENGTH * 0.7)
-    while len(out) < n and i < len(words):
-        out.append(tokenizer.decode(tokenizer(" ".join(words[i:i + step]))["input_ids"][:LENGTH]))
-        i += step
-    return out
+    top = _chunks(tokenizer, " ".join(" ".join(topics[k].split()) for k in sorted(topics)).split())
+    train, held = top[:-EVAL_RECORDS], top[-EVAL_RECORDS:]
+    if len(train) < n:
+        docs: dict[str, None] = {}
+        for name in DOC_MODULES:
+            mod = importlib.import_module(name)
+            for k in sorted(dir(mod)):
+                d = None if k.startswith("_") else inspect.getdoc(getattr(mod, k))
+                if d:
+                    docs.setdefault(" ".join(d.split()))
+        train += _chunks(tokenizer, " ".join(docs).split())
+    if len(train) < n:
+        raise SystemExit(f"only {len(train)} training records of text are available; {n} asked")
+    return train[:n], held
 
 
 def token_ids(path: Path, tokenizer) -> list[list[int]]:
@@ -113,9 +139,9 @@ class Bench:
         self.n_train, self.steps = REGIMES[regime]
         self.tdir = prepare_embedded_teacher()
         tok = AutoTokenizer.from_pretrained(self.tdir)
-        texts = records(tok, REGIMES["long"][0] + EVAL_RECORDS)
+        train, held = records(tok, REGIMES["long"][0])
         self.data = work / f"train-{regime}.jsonl"
-        for path, part in ((self.data, texts[:self.n_train]), (work / "eval.jsonl", texts[-EVAL_RECORDS:])):
+        for path, part in ((self.data, train[:self.n_train]), (work / "eval.jsonl", held)):
             if not path.exists():
                 path.write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
         # every regime's records are a prefix of the long regime's: the teacher's logprobs of record i are shared
