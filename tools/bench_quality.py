@@ -217,24 +217,21 @@ def replay_backend(model, tokenizer, identity: dict, name: str):
     from builders.backends.hf import TransformersBackend
 
     class Replay(TransformersBackend):
-        states: dict[tuple, torch.Tensor]  # per instance: set below
-
         def hidden(self, input_ids):
-            new = [x for x in {tuple(int(t) for t in x) for x in input_ids} if x not in self.states]
+            states: dict[tuple, torch.Tensor] = self.__dict__.setdefault("states", {})  # the set-up's check calls this
+            new = [x for x in {tuple(int(t) for t in x) for x in input_ids} if x not in states]
             for a in range(0, len(new), 8):
                 chunk = new[a:a + 8]
                 h = super().hidden([list(x) for x in chunk])
                 for j, x in enumerate(chunk):
-                    self.states[x] = h[j, :len(x)].clone()
-            rows = [self.states[tuple(int(t) for t in x)] for x in input_ids]
+                    states[x] = h[j, :len(x)].clone()
+            rows = [states[tuple(int(t) for t in x)] for x in input_ids]
             out = rows[0].new_zeros((len(rows), max(r.shape[0] for r in rows), rows[0].shape[1]))
             for j, r in enumerate(rows):
                 out[j, :r.shape[0]] = r
             return out
 
-    backend = Replay.from_model(model, tokenizer, identity, name=name)
-    backend.states = {}
-    return backend
+    return Replay.from_model(model, tokenizer, identity, name=name)
 
 
 def bytes_per_token(cache: Path) -> float:
@@ -339,10 +336,23 @@ def run_one(bench: Bench, name: str, seed: int) -> dict:
     return res
 
 
+def _angle(g, ref) -> tuple[float, float]:
+    """Angle in degrees between two gradients (flattened) and the ratio of their norms."""
+    g, ref = g.reshape(-1).double(), ref.reshape(-1).double()
+    cos = float((g @ ref) / (g.norm() * ref.norm()))
+    return math.degrees(math.acos(max(-1.0, min(1.0, cos)))), float(g.norm() / ref.norm())
+
+
 def angles(bench: Bench) -> list[dict]:
-    """RS-KD's diagnostic: angle and norm ratio of each cached loss's gradient w.r.t. the student's logits
-    against the full forward KL's, for the seed-0 CE student of the short regime on the first 32 training records
-    of each cache (the same records in every cache: builds order them deterministically)."""
+    """RS-KD's diagnostic: angle and norm ratio of each cached loss's gradient against the full forward KL's, for
+    the seed-0 CE student of the short regime on the first 32 training records of each cache (the same records in
+    every cache: builds order them deterministically). Three forms of one gradient:
+      ``position``  w.r.t. the student's logits, one concatenated [N x V] vector (each position's own error,
+                    so a drawing rule's angle includes its per-position sampling noise);
+      ``batch``     w.r.t. the student's logits, averaged over the batch's positions into one V-vector
+                    (RS-KD, Table 3: "batch averaged gradient vector");
+      ``params``    w.r.t. the student's parameters (what the optimiser receives: the logit gradients pulled
+                    back through the network, so noise that is independent across positions averages out)."""
     import logitstore
     from logitstore.writer import sequence_id
     from trainers.data import StreamingLoader
@@ -352,6 +362,7 @@ def angles(bench: Bench) -> list[dict]:
 
     np, torch = bench.np, bench.torch
     student = bench.AutoModel.from_pretrained(bench.work / "students" / "short" / "ce-seed0", dtype=torch.float32)
+    params = [q for q in student.parameters() if q.requires_grad]
     lt_all = bench.teacher_logprobs("train", bench.train_ids)
     row_of = {sequence_id(np.asarray(s, np.int32)): i for i, s in enumerate(bench.train_ids)}
     out = []
@@ -361,8 +372,8 @@ def angles(bench: Bench) -> list[dict]:
         cache = bench.cache(spec)
         b = next(iter(StreamingLoader(str(cache), batch_size=32, max_length=LENGTH, shuffle=False, epochs=1)))
         sel = b["target_mask"]
-        with torch.no_grad():
-            z0 = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[sel].double()
+        logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[sel]
+        z0 = logits.detach().double()
         rows = torch.tensor([row_of[s] for s in b["seq_ids"]])[:, None].expand_as(sel)[sel]
         lt = torch.from_numpy(np.stack([lt_all[r, p - 1] for r, p in zip(rows.tolist(), b["pos"][sel].tolist())]))
         g_full = (torch.softmax(z0, -1) - lt.double().exp()) / z0.shape[0]
@@ -371,10 +382,18 @@ def angles(bench: Bench) -> list[dict]:
         view = student_view_from_logits(z, t.support()[0], t.labels)
         Objective(loss, tail=tail).kd(view, t).mean().backward()
         g = z.grad
-        cos = float((g * g_full).sum() / (g.norm() * g_full.norm()))
-        out.append({"config": name, "angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
-                    "norm_ratio": float(g.norm() / g_full.norm()), "positions": int(z0.shape[0])})
-        print(f"  {name:14s} angle {out[-1]['angle_deg']:6.1f} deg  norm ratio {out[-1]['norm_ratio']:.3f}",
+        p_full = torch.autograd.grad(logits, params, g_full.float(), retain_graph=True)
+        p_g = torch.autograd.grad(logits, params, g.float())
+        res = {"config": name, "positions": int(z0.shape[0])}
+        for form, (x, ref) in {"position": (g, g_full), "batch": (g.mean(0), g_full.mean(0)),
+                               "params": (torch.cat([q.reshape(-1) for q in p_g]),
+                                          torch.cat([q.reshape(-1) for q in p_full]))}.items():
+            res[f"angle_{form}_deg"], res[f"norm_ratio_{form}"] = _angle(x, ref)
+        res["angle_deg"], res["norm_ratio"] = res["angle_position_deg"], res["norm_ratio_position"]
+        out.append(res)
+        print(f"  {name:14s} angle (position / batch / params) {res['angle_position_deg']:6.1f} "
+              f"{res['angle_batch_deg']:6.1f} {res['angle_params_deg']:6.1f} deg  norm ratio "
+              f"{res['norm_ratio_position']:.3f} {res['norm_ratio_batch']:.3f} {res['norm_ratio_params']:.3f}",
               flush=True)
     return out
 
