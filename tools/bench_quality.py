@@ -398,6 +398,19 @@ def angles(bench: Bench) -> list[dict]:
     return out
 
 
+def _sd(a) -> float:
+    """The sample standard deviation (0 for one seed)."""
+    return float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def _f(a, d: int = 4) -> str:
+    return f"{a.mean():.{d}f}±{_sd(a):.{d}f}" if a.size else "-"
+
+
+def _pct(a) -> str:
+    return f"{100 * a.mean():5.1f}±{100 * _sd(a):4.1f}%" if a.size else "-"
+
+
 def report(work: Path, plot: str | None) -> None:
     import numpy as np
 
@@ -413,9 +426,9 @@ def report(work: Path, plot: str | None) -> None:
             by.setdefault(r["config"], {})[r["seed"]] = r
         base, top = by.get("ce", {}), by.get("online", {})
         print(f"\nregime {regime}: {REGIMES[regime][0]} records x <= {LENGTH} tokens, {REGIMES[regime][1]} steps of "
-              f"batch {BATCH}; held out {EVAL_RECORDS} records; mean ± std over seeds")
+              f"batch {BATCH}; held out {EVAL_RECORDS} records; mean ± sample std over seeds")
         print(f"{'config':14s} {'seeds':>5s} {'B/token':>8s} {'held-out CE':>15s} {'KL':>15s} {'ECE':>13s} "
-              f"{'recov. CE':>14s} {'recov. KL':>14s} {'angle':>6s}")
+              f"{'recov. CE':>14s} {'recov. KL':>14s}  angle: pos. batch param")
         for name in CONFIGS:
             if name not in by:
                 continue
@@ -429,11 +442,10 @@ def report(work: Path, plot: str | None) -> None:
                 for s, v in zip(seeds, paired):
                     by[name][s][f"recovered_{m}"] = v
             bpt = by[name][seeds[0]].get("bytes_per_token")
-            f = lambda a, d=4: f"{a.mean():.{d}f}±{a.std():.{d}f}" if a.size else "-"  # noqa: E731
-            pct = lambda a: f"{100 * a.mean():5.1f}±{100 * a.std():4.1f}%" if a.size else "-"  # noqa: E731
-            print(f"{name:14s} {len(seeds):5d} {bpt or 0:8.1f} {f(vals['ce']):>15s} {f(vals['kl']):>15s} "
-                  f"{f(vals['ece'], 3):>13s} {pct(rec['ce']):>14s} {pct(rec['kl']):>14s} "
-                  f"{ang.get(name, {}).get('angle_deg', float('nan')):6.1f}")
+            an = ang.get(name, {})
+            print(f"{name:14s} {len(seeds):5d} {bpt or 0:8.1f} {_f(vals['ce']):>15s} {_f(vals['kl']):>15s} "
+                  f"{_f(vals['ece'], 3):>13s} {_pct(rec['ce']):>14s} {_pct(rec['kl']):>14s} "
+                  + "".join(f"{an.get(f'angle_{k}_deg', float('nan')):6.1f}" for k in ("position", "batch", "params")))
             if name not in ("ce", "online"):
                 print(f"{'':14s} per seed (CE, KL recovered): " + ", ".join(
                     f"s{s} {100 * by[name][s].get('recovered_ce', float('nan')):.1f}% "
@@ -455,12 +467,12 @@ def _plot(by: dict, path: str, regime: str) -> None:
         bpt = next(iter(seeds.values())).get("bytes_per_token")
         if not pts or bpt is None:
             continue
-        ax.errorbar(bpt, 100 * np.mean(pts), yerr=100 * np.std(pts), fmt="o", capsize=3)
+        ax.errorbar(bpt, 100 * np.mean(pts), yerr=100 * _sd(np.asarray(pts)), fmt="o", capsize=3)
         ax.annotate(name, (bpt, 100 * np.mean(pts)), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.axhline(100, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("bytes per cached token (all fields)")
     ax.set_ylabel("recovered KL gain of online KD (%)")
-    ax.set_title(f"student quality against cache size ({regime} regime, mean ± std over seeds)")
+    ax.set_title(f"student quality against cache size ({regime} regime, mean ± sample std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
