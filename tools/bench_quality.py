@@ -12,7 +12,8 @@ Configurations (``--only``): ``ce`` (labels only: the floor, a), ``online`` (for
 teacher's full distribution at every step: the ceiling, d; the teacher's logprobs are computed once
 into a float32 memmap and read back, which is the same target as a forward pass per step), and
 caches trained with ``logitstore train`` (``CONFIGS``: top-k with each tail policy, sampled, exact head +
-tail draws, tempered proposals). The caches are built by the builder's driver, extraction and writer
+tail draws, tempered proposals; ``-L``: the same cache trained with ``--tail sampled_label``, the label's exact
+target in place of its draws). The caches are built by the builder's driver, extraction and writer
 (``builders.driver.build_with``) from the teacher's final hidden states, computed once per record and
 replayed for every cache (the body is the same for every rule; only the extraction differs). Every configuration runs
 with ``--seeds`` seeds (student init and data order); each seed's recovered fraction is paired
@@ -67,6 +68,8 @@ CONFIGS = {
     "t8-d24-T2": ({"top_k": 8, "tail_draws": 24, "T": 2.0}, "forward_kl", "sampled"),
     "t4-d16-T2": ({"top_k": 4, "tail_draws": 16, "T": 2.0}, "forward_kl", "sampled"),
     "t4-d8-T2": ({"top_k": 4, "tail_draws": 8, "T": 2.0}, "forward_kl", "sampled"),
+    "t4-d16-T2-L": ({"top_k": 4, "tail_draws": 16, "T": 2.0}, "forward_kl", "sampled_label"),
+    "t4-d8-T2-L": ({"top_k": 4, "tail_draws": 8, "T": 2.0}, "forward_kl", "sampled_label"),
 }
 
 

@@ -18,7 +18,7 @@ from logitstore.errors import InvalidInputError
 #: The distillation losses and tail policies, by name: the one list (trainers.losses implements each; this
 #: module stays free of torch, so the command line builds its parser fast).
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "taid", "ce")
-TAILS = ("other", "renormalize", "sampled", "label", "residual")
+TAILS = ("other", "renormalize", "sampled", "sampled_label", "label", "residual")
 
 KEEP_BY = ("teacher_entropy", "student_entropy")  # or "score:<column>" of a `logitstore score` directory
 ROUTES = ("none", "correctness")
@@ -44,7 +44,9 @@ class TrainConfig:
     tail: str = _f("auto", "teacher tail handling: 'other' (an exact bucket for the mass outside the stored "
                            "entries), 'label' (the label's own exact bucket, then 'other'), 'renormalize' (both "
                            "sides restricted to the stored entries), 'sampled' (the unbiased estimator of a cache "
-                           "with draws: --sample or --tail-draws; forward_kl), 'residual' (RS-KD: the tail mass on "
+                           "with draws: --sample or --tail-draws; forward_kl), 'sampled_label' (the same with the "
+                           "label's exact target in place of its draws: unbiased, lower variance), 'residual' "
+                           "(RS-KD: the tail mass on "
                            "the label; forward_kl); auto: sampled for caches with draws and forward_kl, else other")
     temperature: float = _f(1.0, "distillation temperature tau: teacher and student re-tempered, KD term scaled "
                                  "by tau^2 (the cache holds temperature-1 logprobs)")
@@ -128,8 +130,9 @@ class TrainConfig:
 
     def check_rule(self, rule: str, cache: str) -> None:
         """Refuse a tail policy the cache ``cache`` (sparse-entry rule named ``rule``) cannot serve."""
-        if self.resolved_tail(rule) == "sampled" and rule not in ("sample", "topk_tail"):
-            raise InvalidInputError(f"--tail sampled needs a cache with draws (built with --sample D or --top-k K "
+        if self.resolved_tail(rule) in ("sampled", "sampled_label") and rule not in ("sample", "topk_tail"):
+            raise InvalidInputError(f"--tail {self.resolved_tail(rule)} needs a cache with draws (built with --sample "
+                                    "D or --top-k K "
                                     f"--tail-draws D); {cache} has rule {rule!r}: use --tail other, label or "
                                     "renormalize")
 

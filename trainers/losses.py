@@ -187,7 +187,8 @@ def ce(student: StudentView) -> torch.Tensor:
     return -student.logp_label
 
 
-def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperature: float = 1.0) -> torch.Tensor:
+def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperature: float = 1.0,
+                       exact_label: bool = False) -> torch.Tensor:
     """The unbiased forward-KL estimator of a cache with draws, [N]: ``sum_x p_hat_x (lp_x - log q_x)``.
 
     ``p_hat`` is ``targets.estimate()`` on the support (sampled cache: ``(c/D) * p/q``; topk_tail:
@@ -197,6 +198,9 @@ def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperat
     for KL(p || q) at T = 1. Without teacher logprobs (a sampled cache stored with ``values none``)
     it is the cross-entropy ``-sum_x p_hat_x log q_x``: the same gradient, but the value also holds
     the teacher entropy. Only temperature 1: the draws were made from the temperature-1 teacher.
+    ``exact_label`` (tail ``sampled_label``): the label's term uses its exact target
+    (``targets.estimate_exact_label()``), ``+ p_label (label_logprob - log q_label)`` where the head does not
+    hold the label, and its draws count 0; still unbiased, with no variance on the label.
     """
     if temperature != 1.0:
         raise InvalidInputError(f"temperature={temperature!r} with the sampled estimator; only 1.0 is allowed "
@@ -207,11 +211,16 @@ def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperat
     ls = student.logp_ids
     dtype = torch.promote_types(ls.dtype, torch.float32)
     _, valid, lp = targets.support()
-    w = targets.estimate(dtype).to(ls.device)
+    if exact_label:
+        w, p_lab = (t.to(ls.device) for t in targets.estimate_exact_label(dtype))
+        lt_lab = targets.label_logprob.to(ls.device, dtype) if lp is not None else torch.zeros_like(p_lab)
+        lab = torch.where(p_lab > 0, p_lab * (lt_lab - student.logp_label.to(dtype)), 0.0)
+    else:
+        w, lab = targets.estimate(dtype).to(ls.device), 0.0
     use = valid.to(ls.device) & (w > 0)
     if lp is None:
-        return _sum(use, -w * ls)
-    return _sum(use, w * (torch.where(use, lp.to(ls.device, dtype), 0.0) - ls))
+        return _sum(use, -w * ls) + lab
+    return _sum(use, w * (torch.where(use, lp.to(ls.device, dtype), 0.0) - ls)) + lab
 
 
 def residual_forward_kl(student: StudentView, targets: SparseTargets, *, temperature: float = 1.0) -> torch.Tensor:
@@ -265,7 +274,7 @@ class Objective:
         self.loss = choice("loss", loss, LOSSES)
         self.tail = choice("tail", tail, TAILS)
         self.temperature = number("temperature", temperature, 0.0, math.inf, lo_open=True, hi_open=True)
-        if tail in ("sampled", "residual") and (loss != "forward_kl" or self.temperature != 1.0):
+        if tail in ("sampled", "sampled_label", "residual") and (loss != "forward_kl" or self.temperature != 1.0):
             raise InvalidInputError(f"tail={tail!r} with loss={loss!r}, temperature={temperature!r}: that target "
                                     "exists only for loss 'forward_kl' at temperature 1 (the cached draws and "
                                     "label logprobs are at T = 1); use tail 'other', 'label' or 'renormalize'")
@@ -296,7 +305,7 @@ class Objective:
     @property
     def needs_logprobs(self) -> bool:
         """Whether the targets must carry teacher logprobs."""
-        return self.loss != "ce" and self.tail != "sampled"
+        return self.loss != "ce" and self.tail not in ("sampled", "sampled_label")
 
     @property
     def needs_entropy(self) -> bool:
@@ -309,8 +318,9 @@ class Objective:
 
     def kd(self, student: StudentView, targets: SparseTargets) -> torch.Tensor:
         """The KD divergence per position, [N] (not scaled by tau**2)."""
-        if self.tail == "sampled":
-            return sampled_forward_kl(student, targets, temperature=self.temperature)
+        if self.tail in ("sampled", "sampled_label"):
+            return sampled_forward_kl(student, targets, temperature=self.temperature,
+                                      exact_label=self.tail == "sampled_label")
         if self.tail == "residual":
             return residual_forward_kl(student, targets, temperature=self.temperature)
         b = buckets(student, targets, tail=self.tail, temperature=self.temperature)

@@ -15,6 +15,11 @@ with the importance weight ``w_x = p_x / q_x = exp(lp_x (1 - 1/T) + log Z)`` of 
 ``q_x = exp(lp_x / T - log Z)`` (T = 1: ``w = 1`` for a sampled cache, ``w = m`` for the tail).
 ``E[p_hat_x] = p_x`` for every x (0 outside the support), so a forward-KL or cross-entropy
 gradient formed with ``p_hat`` as target weights is unbiased for the full-vocabulary one.
+``estimate_exact_label()`` is the same estimator with the label as a control: the label's target is its
+exact ``exp(label_logprob)`` (stored for every position) wherever the head does not hold it, and the
+draws of the label count 0. Every id's estimate stays unbiased and the label's has no variance: at
+proposal temperature T the draw of a rare label has weight ``(c/D) * p/q``, far above ``p`` when drawn
+and 0 otherwise, and the label is the token a held-out cross-entropy scores.
 ``residual()`` is RS-KD's "residual mass to the ground truth" target of a top-k cache: the head
 ``p_j`` plus the tail mass ``m`` on the label (biased; Anshumann et al. 2025, slide 13).
 """
@@ -105,6 +110,22 @@ class SparseTargets:
         else:
             w = w * self.tail_mass.to(dtype).clamp(0.0, 1.0)[:, None]
         return torch.cat([head, torch.where(self.tail_valid, w, 0.0)], 1)
+
+    def estimate_exact_label(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``p_hat [N, S]`` on ``support()`` with the label's draws at 0, ``p_label [N]``): the label's exact target
+        where the head does not hold it (0 where it does; the head's own column is exact). Unbiased for every id
+        (module docstring)."""
+        if self.label_logprob is None:
+            raise InvalidInputError("the exact-label estimator needs targets.label_logprob (the teacher's exact "
+                                    "label logprob)")
+        w = self.estimate(dtype)
+        ids, valid, _ = self.support()
+        is_label = (ids == self.labels[:, None]) & valid
+        k = 0 if self.tail_ids is None else self.ids.shape[1]  # the exact head's columns (none in a sampled cache)
+        in_head = is_label[:, :k].any(1)
+        w = torch.where(is_label & (torch.arange(ids.shape[1], device=ids.device) >= k), 0.0, w)
+        p_label = torch.where(in_head, 0.0, torch.exp(self.label_logprob.to(dtype)))
+        return w, p_label
 
     def residual(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """RS-KD's top-k target with the residual mass on the label: (ids ``[N, K + 1]``, target ``t [N, K + 1]``,

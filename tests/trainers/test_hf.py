@@ -232,6 +232,8 @@ def test_refusals(small, sampled_cache, tmp_path):
         DistillationLoss(small, loss="kl")
     with pytest.raises(InvalidInputError, match="--tail sampled needs a cache with draws"):
         DistillationLoss(small, tail="sampled")
+    with pytest.raises(InvalidInputError, match="--tail sampled_label needs a cache with draws"):
+        DistillationLoss(small, tail="sampled_label")
     ds = CacheDataset(small)
     with pytest.raises(InvalidInputError, match="normalize='mean'"):
         DistillationTrainer(model=tiny_student(), args=hf_args(tmp_path), train_dataset=ds, normalize="mean")

@@ -525,6 +525,7 @@ def test_objective_sampled_matches_hand_formula():
     ({"loss": "forward_kl", "tail": "top"}, "tail='top'.*other, renormalize, sampled"),
     ({"loss": "reverse_kl", "tail": "sampled"}, "only for loss .forward_kl. at temperature 1"),
     ({"loss": "ce", "tail": "sampled"}, "only for loss .forward_kl. at temperature 1"),
+    ({"loss": "jsd", "tail": "sampled_label"}, "only for loss .forward_kl. at temperature 1"),
     ({"loss": "forward_kl", "tail": "sampled", "temperature": 2.0}, "temperature=2.0: that target exists only"),
     ({"loss": "forward_kl", "temperature": 0.0}, "temperature=0.0"),
     ({"loss": "forward_kl", "temperature": math.nan}, "temperature=nan"),

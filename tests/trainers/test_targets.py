@@ -94,6 +94,43 @@ def test_the_sampled_forward_kl_is_unbiased_in_value_and_gradient(rule):
     assert ((g - g_ref).abs() <= 5 * se + FP32).all(), ((g - g_ref).abs() - 5 * se).max()
 
 
+@pytest.mark.parametrize("rank", [0, 12], ids=["label-in-head", "label-in-tail"])
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}-{r.draws}-T{r.proposal_temperature}")
+def test_the_exact_label_estimator_is_unbiased_and_steadier_on_the_label(rule, rank):
+    """Tail ``sampled_label``: the label's draws replaced by its exact target; unbiased in value and gradient against
+    the full-vocabulary reference, and (label in the tail) the label's gradient varies less than the plain one's."""
+    head, h, lp = teacher_case(4)
+    label = int(torch.argsort(lp, descending=True)[rank])
+    labels = torch.full((M,), label, dtype=torch.long)
+    res = extract(h, head, labels, rule, chunk_rows=700, generator=torch.Generator().manual_seed(11))
+    t = targets_from(res, rule, labels)
+    torch.testing.assert_close(t.label_logprob, lp[label].expand(M), atol=1e-5, rtol=0)
+    zs = torch.randn(1, V, generator=torch.Generator().manual_seed(2), dtype=torch.float64).repeat(M, 1)
+    grads = {}
+    for exact in (False, True):
+        z = zs.clone().requires_grad_(True)
+        view = student_view_from_logits(z, t.support()[0], t.labels)
+        value = L.sampled_forward_kl(view, t, exact_label=exact)
+        value.sum().backward()
+        grads[exact] = z.grad
+    value = value.detach()
+    ls = torch.log_softmax(zs[0], -1)
+    p = lp.exp()
+    assert abs(float(value.mean()) - float((p * (lp - ls)).sum())) < 5 * float(value.std()) / math.sqrt(M) + 1e-9
+    g, se = grads[True].mean(0), grads[True].std(0) / math.sqrt(M)
+    g_ref = torch.softmax(zs[0], -1) - p
+    assert ((g - g_ref).abs() <= 5 * se + FP32).all(), ((g - g_ref).abs() - 5 * se).max()
+    w, p_lab = t.estimate_exact_label(torch.float64)
+    in_head = bool((t.ids[0][t.valid[0]] == label).any()) if isinstance(rule, TopKTail) else False
+    torch.testing.assert_close(p_lab, torch.zeros(M, dtype=torch.float64) if in_head else p[label].expand(M),
+                               atol=1e-5, rtol=0)  # the exact target where the head does not hold the label
+    ids, valid, _ = t.support()
+    k = t.ids.shape[1] if isinstance(rule, TopKTail) else 0
+    assert not (w[:, k:][(ids[:, k:] == label) & valid[:, k:]]).any()  # the label's draws count 0
+    if not in_head:
+        assert grads[True][:, label].std() < 0.5 * grads[False][:, label].std()
+
+
 def test_a_top_k_bucket_is_biased_where_the_tail_estimator_is_not():
     """The check above can fail: the top-k "other" bucket's gradient is off by many standard errors."""
     head, h, lp = teacher_case(4)
