@@ -414,7 +414,7 @@ def _pct(a) -> str:
     return f"{100 * a.mean():5.1f}±{100 * _sd(a):4.1f}%" if a.size else "-"
 
 
-def report(work: Path, plot: str | None) -> None:
+def report(work: Path, plot: str | None, plot_regime: str = "short") -> None:
     import numpy as np
 
     rows = [json.loads(p.read_text()) for p in sorted((work / "results").rglob("*.json"))]
@@ -453,7 +453,7 @@ def report(work: Path, plot: str | None) -> None:
                 print(f"{'':14s} per seed (CE, KL recovered): " + ", ".join(
                     f"s{s} {100 * by[name][s].get('recovered_ce', float('nan')):.1f}% "
                     f"{100 * by[name][s].get('recovered_kl', float('nan')):.1f}%" for s in seeds))
-        if plot and regime == ("long" if any(r["regime"] == "long" for r in rows) else "short"):
+        if plot and regime == plot_regime:
             _plot(by, plot, regime)
 
 
@@ -489,13 +489,14 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "logitstore" / "bench-quality"))
     ap.add_argument("--angles", action="store_true", help="only the gradient diagnostic (needs the short ce run)")
     ap.add_argument("--report", action="store_true", help="only print the tables of the results so far")
-    ap.add_argument("--plot", help="with --report: write the bytes/token vs recovered-KL plot here (PNG)")
+    ap.add_argument("--plot", help="with --report: write the bytes/token vs recovered-KL plot of --regime (short "
+                                   "unless long) here (PNG)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 24 records, 12 steps, 1 seed")
     a = ap.parse_args(argv)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if a.report:
-        report(work, a.plot)
+        report(work, a.plot, "long" if a.regime == "long" else "short")
         return 0
     if a.angles:
         (work / "angles.json").write_text(json.dumps(angles(Bench(work, "short")), indent=1))

@@ -19,6 +19,7 @@ from logitstore.errors import InvalidInputError
 #: module stays free of torch, so the command line builds its parser fast).
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "taid", "ce")
 TAILS = ("other", "renormalize", "sampled", "sampled_label", "label", "residual")
+SAMPLED_TAILS = ("sampled", "sampled_label")  # the unbiased estimators: caches with draws, forward_kl at T = 1
 
 KEEP_BY = ("teacher_entropy", "student_entropy")  # or "score:<column>" of a `logitstore score` directory
 ROUTES = ("none", "correctness")
@@ -130,7 +131,7 @@ class TrainConfig:
 
     def check_rule(self, rule: str, cache: str) -> None:
         """Refuse a tail policy the cache ``cache`` (sparse-entry rule named ``rule``) cannot serve."""
-        if self.resolved_tail(rule) in ("sampled", "sampled_label") and rule not in ("sample", "topk_tail"):
+        if self.resolved_tail(rule) in SAMPLED_TAILS and rule not in ("sample", "topk_tail"):
             raise InvalidInputError(f"--tail {self.resolved_tail(rule)} needs a cache with draws (built with --sample "
                                     "D or --top-k K "
                                     f"--tail-draws D); {cache} has rule {rule!r}: use --tail other, label or "

@@ -56,7 +56,7 @@ import torch
 
 from logitstore.errors import InvalidInputError
 from trainers.checks import choice, number
-from trainers.config import LOSSES, TAILS
+from trainers.config import LOSSES, SAMPLED_TAILS, TAILS
 from trainers.targets import SparseTargets
 from trainers.view import StudentView
 
@@ -274,7 +274,7 @@ class Objective:
         self.loss = choice("loss", loss, LOSSES)
         self.tail = choice("tail", tail, TAILS)
         self.temperature = number("temperature", temperature, 0.0, math.inf, lo_open=True, hi_open=True)
-        if tail in ("sampled", "sampled_label", "residual") and (loss != "forward_kl" or self.temperature != 1.0):
+        if tail in (*SAMPLED_TAILS, "residual") and (loss != "forward_kl" or self.temperature != 1.0):
             raise InvalidInputError(f"tail={tail!r} with loss={loss!r}, temperature={temperature!r}: that target "
                                     "exists only for loss 'forward_kl' at temperature 1 (the cached draws and "
                                     "label logprobs are at T = 1); use tail 'other', 'label' or 'renormalize'")
@@ -305,7 +305,7 @@ class Objective:
     @property
     def needs_logprobs(self) -> bool:
         """Whether the targets must carry teacher logprobs."""
-        return self.loss != "ce" and self.tail not in ("sampled", "sampled_label")
+        return self.loss != "ce" and self.tail not in SAMPLED_TAILS
 
     @property
     def needs_entropy(self) -> bool:
@@ -318,7 +318,7 @@ class Objective:
 
     def kd(self, student: StudentView, targets: SparseTargets) -> torch.Tensor:
         """The KD divergence per position, [N] (not scaled by tau**2)."""
-        if self.tail in ("sampled", "sampled_label"):
+        if self.tail in SAMPLED_TAILS:
             return sampled_forward_kl(student, targets, temperature=self.temperature,
                                       exact_label=self.tail == "sampled_label")
         if self.tail == "residual":
