@@ -475,7 +475,7 @@ def _plot(by: dict, path: str, regime: str) -> None:
     ax.axhline(100, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("bytes per cached token (all fields)")
     ax.set_ylabel("recovered KL gain of online KD (%)")
-    ax.set_title(f"student quality against cache size ({regime} regime, mean ± sample std over seeds)")
+    ax.set_title(f"student quality against cache size\n({regime} regime; mean ± sample std over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
