@@ -24,9 +24,10 @@ Reported per configuration: held-out label CE and the exact full-vocabulary KL(t
 next-token confidence, 15 equal-width bins), the cache's bytes per token (all fields; the shards,
 without the id map's fixed ~0.4 MB), and, from ``--angles``, RS-KD's gradient diagnostic: for a
 fixed student (the seed-0 CE student of the short regime) and a fixed batch (the first 32
-training records), the angle between the gradient w.r.t. the student's logits of the cached loss
-and that of the full forward KL (one concatenated [N x V] vector, each loss averaged over
-positions as in training), and the ratio of their norms.
+training records), the angle between the gradient of the cached loss and that of the full forward
+KL (each loss averaged over positions as in training), and the ratio of their norms, in three forms
+(``angles``): w.r.t. the student's logits per position (one concatenated [N x V] vector), the same
+averaged over the batch (RS-KD's Table 3), and w.r.t. the student's parameters.
 
     python tools/bench_quality.py --regime short            # all configurations, 3 seeds
     python tools/bench_quality.py --regime long --only ce,online,t4-d16-T2,k32-label
