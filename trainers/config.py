@@ -132,10 +132,9 @@ class TrainConfig:
     def check_rule(self, rule: str, cache: str) -> None:
         """Refuse a tail policy the cache ``cache`` (sparse-entry rule named ``rule``) cannot serve."""
         if self.resolved_tail(rule) in SAMPLED_TAILS and rule not in ("sample", "topk_tail"):
-            raise InvalidInputError(f"--tail {self.resolved_tail(rule)} needs a cache with draws (built with --sample "
-                                    "D or --top-k K "
-                                    f"--tail-draws D); {cache} has rule {rule!r}: use --tail other, label or "
-                                    "renormalize")
+            raise InvalidInputError(f"--tail {self.resolved_tail(rule)} needs a cache with draws (built with "
+                                    f"--sample D or --top-k K --tail-draws D); {cache} has rule {rule!r}: use "
+                                    "--tail other, label or renormalize")
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps > 0 else max(0, self.max_steps // 20)
