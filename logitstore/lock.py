@@ -8,7 +8,8 @@ holder removes it on close and on failure. A writer that finds the file judges t
 
 - on this host and still running: refused with ``CacheLockedError`` naming the holder;
 - on this host and gone (killed, crashed, power lost): the lock is *stale*; it is taken over
-  with a logged warning, so resuming after a crash needs no manual step. "Gone" means no
+  with a logged warning, so resuming after a crash needs no manual step (takeovers are serialised by
+  an ``flock`` on ``.build.lock.takeover`` beside it, so only the stale file is ever removed). "Gone" means no
   such pid, a zombie, or a pid reused by another process (``proc_start`` is the boot id and
   the process start time from ``/proc``, recorded where the platform has them);
 - on another host: whether it still runs cannot be told from here, so refused with
@@ -29,7 +30,6 @@ import shlex
 import socket
 import sys
 import time
-import uuid
 from pathlib import Path
 
 from logitstore.errors import CacheLockedError
@@ -182,20 +182,34 @@ class BuildLock:
         self._take_over(raw)
 
     def _take_over(self, raw: bytes) -> None:
-        """Remove the stale lock ``raw``, unless another writer replaced it meanwhile (then put that one back)."""
-        aside = self.path.with_name(f".{self.path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        """Remove the stale lock ``raw`` if it is still the lock file; the caller's loop then races for a new one.
+
+        Takeovers are serialised by an exclusive ``flock`` on a guard file beside the lock, so that a takeover
+        never removes anything but the stale lock it judged: of writers that all read the same stale lock,
+        the first removes it and one of them creates the next (``O_EXCL``); the others find that new lock
+        under the guard, leave it, and judge it again. (Moving the lock aside first and putting it back when
+        it was not the stale one left a moment without a lock file, in which a third writer could create its
+        own: two holders.) A writer killed under the guard releases its ``flock`` with its death.
+        """
+        import fcntl
+
+        guard = self.path.with_name(f".{self.path.name}.takeover")
+        fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return  # another writer took it over first
-        try:
-            if aside.read_bytes() != raw:  # we moved a lock another writer had just taken: give it back
-                try:
-                    os.link(aside, self.path)
-                except FileExistsError:
-                    pass
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and an unlink only
+            try:
+                if not os.path.samestat(os.fstat(fd), os.stat(guard)):
+                    return  # the guard was removed while we waited for it: try again with the current one
+            except FileNotFoundError:
+                return
+            try:
+                if self.path.read_bytes() == raw:  # still the stale lock: no live writer can change it meanwhile
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+            guard.unlink(missing_ok=True)  # under the flock, so no one else holds this guard
         finally:
-            aside.unlink(missing_ok=True)
+            os.close(fd)
 
 
 def _parse(raw: bytes) -> LockInfo:

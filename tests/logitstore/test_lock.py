@@ -247,6 +247,85 @@ def test_a_lock_taken_over_by_another_writer_is_not_released_by_the_old_holder(t
     assert json.loads((path / LOCK_NAME).read_text()) == record
 
 
+CREATOR = textwrap.dedent("""
+    import os, sys, time
+    path, end = sys.argv[1], time.time() + float(sys.argv[2])
+    print("ready", flush=True)
+    while time.time() < end:  # a third writer that keeps trying to create the lock file
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue
+        print("created", flush=True)
+        break
+    print("done", flush=True)
+""")
+
+
+def test_a_takeover_judged_on_an_old_stale_lock_never_lets_a_third_writer_in(tmp_path):
+    # Writers B and C read the same stale lock; B took it over and holds the new one; C, slower, now takes over
+    # what it judged, again and again, while a third writer keeps trying O_EXCL. The old code moved B's lock aside
+    # and put it back, and in that moment the third writer created its own (two holders): this caught it within
+    # about 2,000 of its tries.
+    path = tmp_path / "c"
+    stale = _write_lock(path, pid=_dead_pid())
+    raw = (path / LOCK_NAME).read_bytes()
+    b = BuildLock(path)
+    b.acquire()
+    held = (path / LOCK_NAME).read_bytes()
+    assert json.loads(held)["pid"] == os.getpid() and json.loads(raw) == stale
+    third = subprocess.Popen([sys.executable, "-c", CREATOR, str(path / LOCK_NAME), "1.5"], stdout=subprocess.PIPE,
+                             text=True)
+    assert third.stdout.readline().strip() == "ready"
+    slow_c, takeovers = BuildLock(path), 0
+    while third.poll() is None:
+        slow_c._take_over(raw)
+        takeovers += 1
+    assert third.stdout.read().split() == ["done"] and takeovers > 100
+    assert (path / LOCK_NAME).read_bytes() == held
+    with pytest.raises(CacheLockedError, match=f"process {os.getpid()} on host"):
+        BuildLock(path).acquire()
+    b.release()
+    assert [p.name for p in path.iterdir()] == []
+
+
+GUARD_HOLDER = textwrap.dedent("""
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("guarding", flush=True)
+    time.sleep(float(sys.argv[2]))
+""")
+
+
+def test_takeovers_wait_for_the_guard_and_a_killed_guard_holder_blocks_nothing(tmp_path):
+    path = tmp_path / "c"
+    _write_lock(path, pid=_dead_pid())
+    guard = path / f".{LOCK_NAME}.takeover"
+    holder = subprocess.Popen([sys.executable, "-c", GUARD_HOLDER, str(guard), "1.0"], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "guarding"
+    t0 = time.monotonic()
+    lock = BuildLock(path)
+    lock.acquire()  # waits for the guard holder to finish, then takes the stale lock over
+    assert holder.wait(timeout=30) == 0 and time.monotonic() - t0 >= 0.5
+    assert json.loads((path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert [p.name for p in path.iterdir()] == []
+
+    _write_lock(path, pid=_dead_pid())
+    killed = subprocess.Popen([sys.executable, "-c", GUARD_HOLDER, str(guard), "60"], stdout=subprocess.PIPE,
+                              text=True)
+    assert killed.stdout.readline().strip() == "guarding"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert guard.exists()  # left behind, without its flock
+    lock = BuildLock(path)
+    lock.acquire()
+    lock.release()
+    assert [p.name for p in path.iterdir()] == []
+
+
 RACER = textwrap.dedent("""
     import os, sys, time
     from logitstore.lock import BuildLock
