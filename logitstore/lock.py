@@ -196,7 +196,14 @@ class BuildLock:
         guard = self.path.with_name(f".{self.path.name}.takeover")
         fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and an unlink only
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and an unlink only
+            except OSError as exc:  # a filesystem without flock (ENOLCK, EOPNOTSUPP): no safe takeover here
+                guard.unlink(missing_ok=True)  # no one can hold it here
+                raise CacheLockedError(
+                    f"{self.path}: its holder is gone, but this filesystem cannot lock {guard.name} "
+                    f"({exc.strerror or exc}) to take it over safely; if no {self.holder} of {self.path.parent} "
+                    f"is running, delete {self.path} and rerun") from None
             try:
                 if not os.path.samestat(os.fstat(fd), os.stat(guard)):
                     return  # the guard was removed while we waited for it: try again with the current one

@@ -326,6 +326,24 @@ def test_takeovers_wait_for_the_guard_and_a_killed_guard_holder_blocks_nothing(t
     assert [p.name for p in path.iterdir()] == []
 
 
+def test_a_filesystem_without_flock_refuses_the_takeover_with_one_line(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    path = tmp_path / "c"
+    record = _write_lock(path, pid=_dead_pid())
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(CacheLockedError) as info:
+        BuildLock(path).acquire()
+    msg = str(info.value)
+    assert "\n" not in msg and "cannot lock .build.lock.takeover" in msg and f"delete {path / LOCK_NAME}" in msg
+    assert json.loads((path / LOCK_NAME).read_text()) == record  # the stale lock is left as it was
+    assert [p.name for p in path.iterdir()] == [LOCK_NAME]
+
+
 RACER = textwrap.dedent("""
     import os, sys, time
     from logitstore.lock import BuildLock
