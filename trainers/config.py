@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from logitstore.errors import InvalidInputError
+from logitstore.format import SAMPLING_RULES
 
 #: The distillation losses and tail policies, by name: the one list (trainers.losses implements each; this
 #: module stays free of torch, so the command line builds its parser fast).
@@ -126,12 +127,12 @@ class TrainConfig:
     def resolved_tail(self, rule: str) -> str:
         if self.tail != "auto":
             return self.tail
-        return "sampled" if rule in ("sample", "topk_tail") and self.loss == "forward_kl" and \
+        return "sampled" if rule in SAMPLING_RULES and self.loss == "forward_kl" and \
             self.temperature == 1.0 else "other"
 
     def check_rule(self, rule: str, cache: str) -> None:
         """Refuse a tail policy the cache ``cache`` (sparse-entry rule named ``rule``) cannot serve."""
-        if self.resolved_tail(rule) in SAMPLED_TAILS and rule not in ("sample", "topk_tail"):
+        if self.resolved_tail(rule) in SAMPLED_TAILS and rule not in SAMPLING_RULES:
             raise InvalidInputError(f"--tail {self.resolved_tail(rule)} needs a cache with draws (built with "
                                     f"--sample D or --top-k K --tail-draws D); {cache} has rule {rule!r}: use "
                                     "--tail other, label or renormalize")
