@@ -215,12 +215,17 @@ def test_laws_self_divergence_zero_and_nonnegative(seed, V, kfrac, tau, tail, sc
         view = SV.student_view_from_logits(z.to(dt), targets.ids, targets.labels, temperature=tau)
         log_t, log_s, mask = L.buckets(view, targets, tail=tail, temperature=tau)
         assert log_t.shape == (N, K + (tail == "other"))
+        off = []  # how far each row's bucket masses miss 1 (rounding of the stored logprobs)
         for lg in (log_t, log_s):
             total = torch.where(mask, lg.exp(), 0.0).sum(-1)
             torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=10 * tol)
+            off.append((total - 1).abs())
+        # Gibbs's inequality holds for distributions; for masses a, b near 1 the log-sum inequality
+        # bounds KL below by a*log(a/b) ~ -(|a-1| + |b-1|), so the floor is the measured miss, per row.
+        floor = -(tol + off[0] + off[1])
         for name in KD:
             d = module_div(name, log_t, log_s, mask)
-            assert torch.isfinite(d).all() and (d >= -tol).all(), (name, d)
+            assert torch.isfinite(d).all() and (d >= floor).all(), (name, d, floor)
             self_d = module_div(name, log_t, log_t, mask)
             assert (self_d.abs() <= tol).all(), (name, self_d)
             if z is zt and not low and (tail == "renormalize" or tau == 1):  # student = teacher exactly
