@@ -125,7 +125,8 @@ def _extract_chunk(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, rule:
     host = lambda t: t.cpu().numpy()  # noqa: E731 - results leave the device here, once per chunk
     counts = tail = log_norm = None
     if isinstance(rule, Sampled):
-        draws, has, log_norm = draw(z, p, lse, None, rule.draws, rule.proposal_temperature, generator)
+        draws, has, log_norm = draw(z, p, lse, None, rule.draws, rule.proposal_temperature, generator,
+                                    rule.systematic)
         ids, lp, counts, n_ent = unique_draws(z, lse, draws, has)
         if ids.shape[1] > rule.k:  # the cap: the k most likely of the unique draws
             ids, lp, counts, n_ent = ids[:, :rule.k], lp[:, :rule.k], counts[:, :rule.k], n_ent.clamp(max=rule.k)
@@ -143,7 +144,7 @@ def _extract_chunk(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, rule:
         ids, lp = torch.where(valid, top.indices, 0), torch.where(valid, top.values - lse, -torch.inf)
         if isinstance(rule, TopKTail):
             draws, has, log_norm = draw(z, p, lse, top.indices, rule.tail_draws, rule.proposal_temperature,
-                                        generator)
+                                        generator, rule.systematic)
             tail = unique_draws(z, lse, draws, has)
     mass = torch.where(valid, torch.exp(lp.double()), 0.0).sum(-1)
     outs["ids"].append(host(ids.int()))
@@ -163,9 +164,11 @@ def _extract_chunk(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, rule:
 
 
 def draw(z: torch.Tensor, p: torch.Tensor, lse: torch.Tensor, exclude: torch.Tensor | None, d: int,
-         temperature: float, generator: torch.Generator | None
+         temperature: float, generator: torch.Generator | None, systematic: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``d`` inverse-CDF draws per row from ``q ∝ exp(lp / T)`` over the tokens not in ``exclude [C, K]``.
+    """``d`` inverse-CDF draws per row from ``q ∝ exp(lp / T)`` over the tokens not in ``exclude [C, K]``:
+    independent, or ``systematic`` (the points ``(u + i) / d``, i < d, of one uniform u per row: each token
+    is drawn ``floor(d q)`` or ``ceil(d q)`` times, ``d q`` on average).
 
     ``z``: the row-max-shifted logits ``[C, V]``, ``lse [C, 1]`` their normaliser (``lp = z - lse``);
     ``p``: the work buffer, which holds the softmax on entry (``normalise``) and the proposal's CDF on
@@ -179,7 +182,12 @@ def draw(z: torch.Tensor, p: torch.Tensor, lse: torch.Tensor, exclude: torch.Ten
     p.cumsum_(1)
     total = p[:, -1].clone()
     c = p.shape[0]
-    u = torch.rand((c, d), generator=generator, dtype=torch.float32).to(p.device) * total[:, None]
+    if systematic:
+        u = (torch.rand((c, 1), generator=generator, dtype=torch.float64) + torch.arange(d, dtype=torch.float64)) / d
+        u = u.float().to(p.device)
+    else:
+        u = torch.rand((c, d), generator=generator, dtype=torch.float32).to(p.device)
+    u = u * total[:, None]
     idx = torch.searchsorted(p, u, right=True)
     past = (idx >= p.shape[1]).any(1)  # u * total rounded up to the total: rare, fixed for those rows only
     if bool(past.any()):

@@ -12,10 +12,17 @@ from __future__ import annotations
 import pyarrow as pa
 
 FORMAT_NAME = "logitstore"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Versions this code reads. Anything else is refused (FormatVersionError), never misread. Version 1
 #: caches have no tail columns and no manifest checksum; everything they hold reads as it did.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+
+
+def version_for(rule: dict) -> int:
+    """The format version a new cache of manifest ``rule`` is written as: the oldest one that describes it, so a
+    reader that predates a feature refuses only the caches that use it (version 3: systematic draws, whose
+    inclusion probabilities differ from independent draws'; every other cache is version 2, as before)."""
+    return 3 if rule.get("design", "independent") != "independent" else 2
 
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"

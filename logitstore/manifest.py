@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from logitstore.errors import CacheNotFoundError, CorruptCacheError, FormatVersionError
-from logitstore.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, POLICY_FIELDS, READABLE_VERSIONS
+from logitstore.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, POLICY_FIELDS, READABLE_VERSIONS, version_for
 from logitstore.jsonfile import read_json
 
 #: The manifest key holding the sha256 of everything else in it (FORMAT.md, "Manifest"); from format version 2.
@@ -207,6 +207,8 @@ def _check_types(m: Manifest, where: str) -> None:
         Codec.from_dict(m.codec)
     except (LogitstoreError, TypeError, ValueError, KeyError) as exc:
         raise CorruptCacheError(f"{where}: rule {m.rule!r:.80} / codec {m.codec!r:.120} is malformed ({exc})") from exc
+    if m.format_version < 3 <= version_for(m.rule):  # systematic draws in an older manifest: no writer makes it
+        raise bad("format_version", m.format_version, f"3 or later for rule {m.rule}")
     if sum(name in m.exactness for name in POLICY_FIELDS) == 1:
         raise bad("exactness", m.exactness, f"both or neither of {', '.join(POLICY_FIELDS)}")
     if type(m.complete) is not bool:
@@ -238,12 +240,14 @@ def _inside(file: object) -> bool:
 
 
 def require_current_version(m: Manifest, path: str | os.PathLike, doing: str = "resume") -> None:
-    """Refuse to add to a cache of another format version than the one this logitstore writes: its new shards
-    would describe themselves as another version than the manifest (readers refuse such a mix)."""
-    if m.format_version != FORMAT_VERSION:
+    """Refuse to add to a cache of another format version than the one this logitstore writes for its rule
+    (``format.version_for``): its new shards would describe themselves as another version than the manifest
+    (readers refuse such a mix)."""
+    want = version_for(m.rule)
+    if m.format_version != want:
         raise FormatVersionError(
             f"cannot {doing} {path}: it is a format_version {m.format_version} cache and this logitstore writes "
-            f"version {FORMAT_VERSION}; finish it with the logitstore that started it, or rebuild it into a new "
+            f"version {want} for its rule; finish it with the logitstore that started it, or rebuild it into a new "
             "directory (it stays readable as it is)")
 
 

@@ -95,7 +95,8 @@ def commit_parts(cache: str | Path, *, build: dict[str, Any], duplicates_skipped
         if not top.is_file() or hashlib.sha256(top.read_bytes()).hexdigest() != first.id_map["sha256"]:
             atomic_write_bytes(top, data)
         id_map = {**first.id_map, "file": F.ID_MAP_NAME}
-    m = Manifest(vocab_size=first.vocab_size, rule=first.rule, codec=first.codec, teacher=first.teacher,
+    m = Manifest(format_version=first.format_version, vocab_size=first.vocab_size, rule=first.rule, codec=first.codec,
+                 teacher=first.teacher,
                  tokenizer=first.tokenizer, temperature=first.temperature, exactness=first.exactness,
                  build=dict(build), shards=shards, id_map=id_map, duplicates_skipped=duplicates_skipped,
                  complete=complete, created_at=old.created_at if old else now(), created_by=first.created_by)

@@ -42,6 +42,7 @@ class TopK:
     draws = 0
     tempered = False
     proposal_temperature = 1.0
+    systematic = False
 
     def __post_init__(self):
         _check_k(self.k)
@@ -58,6 +59,7 @@ class MassTopK:
     draws = 0
     tempered = False
     proposal_temperature = 1.0
+    systematic = False
 
     def __post_init__(self):
         _check_k(self.k)
@@ -75,6 +77,8 @@ class Sampled:
     """cap on unique entries kept; 0 means ``draws`` (no cap can bind)"""
     proposal_temperature: float = 1.0
     """draw from q ∝ p^(1/T); T > 1 gives more distinct tokens per draw (importance weights correct for it)"""
+    systematic: bool = False
+    """the D draws are systematic (one uniform offset, D evenly spaced points of the CDF) instead of independent"""
     name = "sample"
 
     def __post_init__(self):
@@ -83,6 +87,7 @@ class Sampled:
             object.__setattr__(self, "k", self.draws)
         _check_k(self.k)
         _check_temperature(self.proposal_temperature)
+        _check_systematic(self.systematic)
 
     @property
     def tempered(self) -> bool:
@@ -92,6 +97,8 @@ class Sampled:
         d: dict[str, Any] = {"rule": "sample", "draws": self.draws, "k": self.k}
         if self.tempered:
             d["proposal_temperature"] = self.proposal_temperature
+        if self.systematic:
+            d["design"] = "systematic"
         return d
 
 
@@ -103,12 +110,15 @@ class TopKTail:
     """draws with replacement from the tail (the tokens outside the head), per position"""
     proposal_temperature: float = 1.0
     """draw from the tail of q ∝ p^(1/T)"""
+    systematic: bool = False
+    """the D draws are systematic (one uniform offset, D evenly spaced points of the CDF) instead of independent"""
     name = "topk_tail"
 
     def __post_init__(self):
         _check_k(self.k)
         _check_draws("tail_draws", self.tail_draws)
         _check_temperature(self.proposal_temperature)
+        _check_systematic(self.systematic)
 
     @property
     def draws(self) -> int:
@@ -122,6 +132,8 @@ class TopKTail:
         d: dict[str, Any] = {"rule": "topk_tail", "k": self.k, "tail_draws": self.tail_draws}
         if self.tempered:
             d["proposal_temperature"] = self.proposal_temperature
+        if self.systematic:
+            d["design"] = "systematic"
         return d
 
 
@@ -143,17 +155,31 @@ def _check_temperature(t: float) -> None:
         raise InvalidInputError(f"proposal_temperature={t!r} must be a finite number > 0 (q ∝ p^(1/T))")
 
 
+def _check_systematic(s: bool) -> None:
+    if not isinstance(s, bool):
+        raise InvalidInputError(f"systematic={s!r} must be True or False")
+
+
+#: the manifest's ``design`` of a rule that draws: absent for independent draws, else this
+DESIGNS = ("independent", "systematic")
+
+
 def rule_from_dict(d: dict[str, Any]) -> Rule:
     kind = d.get("rule")
     t = float(d.get("proposal_temperature", 1.0))
+    design = d.get("design", "independent")
+    if design not in DESIGNS or (design != "independent" and kind not in ("sample", "topk_tail")):
+        raise InvalidInputError(f"rule {kind!r} with design {design!r}: a design is one of {', '.join(DESIGNS)}, "
+                                "and only rules sample and topk_tail draw")
+    s = design == "systematic"
     if kind == "topk":
         return TopK(int(d["k"]))
     if kind == "mass":
         return MassTopK(float(d["p"]), int(d["k"]))
     if kind == "sample":
-        return Sampled(int(d["draws"]), int(d["k"]), t)
+        return Sampled(int(d["draws"]), int(d["k"]), t, s)
     if kind == "topk_tail":
-        return TopKTail(int(d["k"]), int(d["tail_draws"]), t)
+        return TopKTail(int(d["k"]), int(d["tail_draws"]), t, s)
     raise InvalidInputError(f"unknown sparse-entry rule {kind!r}; allowed: topk, mass, sample, topk_tail")
 
 
@@ -181,7 +207,7 @@ def sparsify(logprobs: np.ndarray, rule: Rule, rng: np.random.Generator | None =
     rng = rng or np.random.default_rng(0)
     if isinstance(rule, Sampled):
         support = np.ones((n, v), bool)
-        draws, log_norm = draw(lp, support, rule.draws, rule.proposal_temperature, rng)
+        draws, log_norm = draw(lp, support, rule.draws, rule.proposal_temperature, rng, rule.systematic)
         e = entries_from_draws(lp, draws, rule.k)
         e.proposal_log_norm = log_norm if rule.tempered else None
         return e
@@ -191,22 +217,24 @@ def sparsify(logprobs: np.ndarray, rule: Rule, rng: np.random.Generator | None =
     if isinstance(rule, TopKTail):
         support = np.ones((n, v), bool)
         np.put_along_axis(support, order[:, :k], False, axis=1)
-        draws, log_norm = draw(lp, support, rule.tail_draws, rule.proposal_temperature, rng)
+        draws, log_norm = draw(lp, support, rule.tail_draws, rule.proposal_temperature, rng, rule.systematic)
         t = entries_from_draws(lp, np.where(support.any(1, keepdims=True), draws, -1), rule.tail_draws)
         e.tail_ids, e.tail_logprobs, e.tail_counts, e.n_tail = t.ids, t.logprobs, t.counts, t.n_entries
         e.proposal_log_norm = log_norm if rule.tempered else None
     return e
 
 
-def draw(lp: np.ndarray, support: np.ndarray, d: int, temperature: float, rng: np.random.Generator
-         ) -> tuple[np.ndarray, np.ndarray]:
+def draw(lp: np.ndarray, support: np.ndarray, d: int, temperature: float, rng: np.random.Generator,
+         systematic: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``d`` inverse-CDF draws per row from ``q ∝ exp(lp / T)`` restricted to ``support [N, V]``, and each row's
-    ``log Z = logsumexp(lp / T)`` over the support (-inf, and draws -1, where the support has no mass)."""
+    ``log Z = logsumexp(lp / T)`` over the support (-inf, and draws -1, where the support has no mass).
+    Independent draws, or ``systematic``: the points ``(u + i) / d``, i < d, of one uniform u per row."""
     n, _ = lp.shape
     w = np.where(support, np.exp(lp / temperature), 0.0)
     cdf = np.cumsum(w, axis=1)
     total = cdf[:, -1]
-    u = rng.random((n, d)) * total[:, None]
+    u = (rng.random((n, 1)) + np.arange(d)[None, :]) / d if systematic else rng.random((n, d))
+    u = u * total[:, None]
     out = np.array([np.searchsorted(cdf[i], u[i], side="right") for i in range(n)], np.int64).reshape(n, d)
     out = np.where(total[:, None] > 0, np.minimum(out, lp.shape[1] - 1), -1)
     with np.errstate(divide="ignore"):

@@ -132,6 +132,7 @@ class CacheWriter:
         self._new_manifest = Manifest(
             vocab_size=self.vocab_size, rule=rule.to_dict(), codec=codec.to_dict(), teacher=dict(teacher or {}),
             tokenizer=dict(tokenizer or {}), temperature=float(temperature), exactness=ex, build=dict(build or {}),
+            format_version=F.version_for(rule.to_dict()),
         )
         self.resume = resume
         self.resume_build_keys = tuple(resume_build_keys)  # build arguments a resume must match, besides identity
@@ -364,7 +365,7 @@ class CacheWriter:
         index = len(self.manifest.shards)
         name = F.SHARD_PATTERN.format(index=index)
         self._shard_tmp = self.path / F.SHARD_DIR / f".{name}.tmp"
-        meta = {"format": F.FORMAT_NAME, "format_version": F.FORMAT_VERSION, "shard": index,
+        meta = {"format": F.FORMAT_NAME, "format_version": self.manifest.format_version, "shard": index,
                 "vocab_size": self.vocab_size, "rule": self.manifest.rule, "codec": self.manifest.codec,
                 "id_map_sha256": (self.manifest.id_map or {}).get("sha256")}
         self._pq = shard_writer(self._shard_tmp, self.schema, meta, self.codec)

@@ -41,23 +41,26 @@ def _batches(tok, n_seq: int, seq_len: int, batch: int):
 
 #: the rules whose build throughput is compared with the top-k build of the same data
 RULES = ("topk 32", "topk_tail 4 16 2.0", "topk_tail 8 24", "topk_tail 16 16", "topk_tail 8 24 2.0", "sample 50",
-         "sample 50 2.0")
+         "sample 50 2.0", "sample 24 1.0 systematic")
 
 
 def _rule(spec: str):
+    """``"topk K"``, ``"sample D [T] [systematic]"`` or ``"topk_tail K D [T] [systematic]"``."""
     import logitstore as ls
+    from logitstore.rules import TopKTail
 
     name, *args = spec.split()
+    sys_ = args[-1] == "systematic"
+    args = args[:-1] if sys_ else args
     if name == "topk":
         return ls.TopK(int(args[0]))
     if name == "sample":
-        return ls.Sampled(int(args[0]), proposal_temperature=float(args[1]) if len(args) > 1 else 1.0)
-    from logitstore.rules import TopKTail
+        return ls.Sampled(int(args[0]), proposal_temperature=float(args[1]) if len(args) > 1 else 1.0,
+                          systematic=sys_)
+    return TopKTail(int(args[0]), int(args[1]), float(args[2]) if len(args) > 2 else 1.0, sys_)
 
-    return TopKTail(int(args[0]), int(args[1]), float(args[2]) if len(args) > 2 else 1.0)
 
-
-def throughput(n_seq: int, seq_len: int = 256, batch: int = 8, repeats: int = 3) -> dict:
+def throughput(n_seq: int, seq_len: int = 256, batch: int = 8, repeats: int = 3, rules=RULES) -> dict:
     """Positions/s of the bare forward and of a build (backend.score + CacheWriter) under each of ``RULES``, on
     the same batches; ``repeats`` interleaved rounds (each rule once per round), so slow phases of a shared
     machine hit every rule alike. Returns per rule the median and the range over the rounds."""
@@ -72,7 +75,7 @@ def throughput(n_seq: int, seq_len: int = 256, batch: int = 8, repeats: int = 3)
     backend = get_backend("transformers")(str(prepare_embedded_teacher()))
     batches = _batches(backend.tokenizer, n_seq, seq_len, batch)
     positions = n_seq * (seq_len - 1)
-    times: dict[str, list[float]] = {"bare": [], **{r: [] for r in RULES}}
+    times: dict[str, list[float]] = {"bare": [], **{r: [] for r in rules}}
     with torch.inference_mode():
         backend.model(torch.as_tensor(np.stack(batches[0])).long())  # warm-up
     for _ in range(repeats):
@@ -82,7 +85,7 @@ def throughput(n_seq: int, seq_len: int = 256, batch: int = 8, repeats: int = 3)
                 # intentional: only the bare forward pass is timed; its logits are discarded
                 _ = backend.model(torch.as_tensor(np.stack(b)).long()).logits
             times["bare"].append(time.perf_counter() - t0)
-        for spec in RULES:
+        for spec in rules:
             rule = _rule(spec)
             gen = torch.Generator().manual_seed(0)
             with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +99,7 @@ def throughput(n_seq: int, seq_len: int = 256, batch: int = 8, repeats: int = 3)
     rate = {k: [positions / t for t in v] for k, v in times.items()}
     return {"positions": positions, "repeats": repeats,
             "pos_s": {k: {"median": float(np.median(v)), "min": min(v), "max": max(v)} for k, v in rate.items()},
-            "vs_topk": {k: [a / b for a, b in zip(rate[k], rate["topk 32"])] for k in RULES}}
+            "vs_topk": {k: [a / b for a, b in zip(rate[k], rate["topk 32"])] for k in rules}}
 
 
 def _memory_child(T: int, vocab: int, extract: bool) -> None:
@@ -144,6 +147,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the throughput test (default 3)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--rules", help="';'-separated rules of the throughput test besides 'topk 32' (default all: "
+                                    + "; ".join(RULES[1:]) + ")")
     ap.add_argument("--_child", nargs=3, type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._child:
@@ -151,7 +156,10 @@ def main() -> None:
         return
     print("build benchmark: SmolLM2-135M-Instruct (embedded teacher), CPU, 2 threads\n")
     if not a.skip_throughput:
-        r = throughput(a.sequences, repeats=a.repeats)
+        rules = RULES if not a.rules else ("topk 32", *(s.strip() for s in a.rules.split(";") if s.strip()))
+        for spec in rules:
+            _rule(spec)  # a bad spec fails here, before any work
+        r = throughput(a.sequences, repeats=a.repeats, rules=rules)
         print(f"throughput, {r['positions']} positions in batches of 8 x 256, {r['repeats']} interleaved rounds "
               "(median, [min, max] over rounds):")
         bare = r["pos_s"]["bare"]
@@ -159,7 +167,7 @@ def main() -> None:
               f"{bare['max']:,.0f}]")
         print("| rule | build positions/s | vs bare forward | vs the top-32 build (per round) |")
         print("|---|---|---|---|")
-        for spec in RULES:
+        for spec in rules:
             x = r["pos_s"][spec]
             ratios = ", ".join(f"{v:.3f}" for v in r["vs_topk"][spec])
             print(f"| {spec} | {x['median']:,.0f} [{x['min']:,.0f}, {x['max']:,.0f}] | "

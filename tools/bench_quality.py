@@ -54,7 +54,8 @@ STUDENT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_
                num_key_value_heads=1, vocab_size=49152, max_position_embeddings=1024, tie_word_embeddings=True)
 LENGTH, EVAL_RECORDS, LR, BATCH = 128, 48, 3e-3, 4
 REGIMES = {"short": (200, 200), "long": (1000, 1000), "quick": (24, 12)}  # records, steps
-#: name -> (build flags as a dict of BuildConfig pieces, train loss, tail policy); None: no cache
+#: name -> (build flags as a dict of BuildConfig pieces, train loss, tail policy); None: no cache. A last part with
+#: ``S``: systematic draws (``--systematic``); with ``I``: trained with ``--estimator inclusion`` (``estimator_of``)
 CONFIGS = {
     "ce": (None, "ce", "other"),
     "online": (None, "forward_kl", "full"),
@@ -71,7 +72,30 @@ CONFIGS = {
     "t4-d8-T2": ({"top_k": 4, "tail_draws": 8, "T": 2.0}, "forward_kl", "sampled"),
     "t4-d16-T2-L": ({"top_k": 4, "tail_draws": 16, "T": 2.0}, "forward_kl", "sampled_label"),
     "t4-d8-T2-L": ({"top_k": 4, "tail_draws": 8, "T": 2.0}, "forward_kl", "sampled_label"),
+    "s50-T2-I": ({"sample": 50, "T": 2.0}, "forward_kl", "sampled"),
+    "t4-d16-T2-I": ({"top_k": 4, "tail_draws": 16, "T": 2.0}, "forward_kl", "sampled"),
+    "t4-d8-T2-I": ({"top_k": 4, "tail_draws": 8, "T": 2.0}, "forward_kl", "sampled"),
+    "t4-d16-T2-LI": ({"top_k": 4, "tail_draws": 16, "T": 2.0}, "forward_kl", "sampled_label"),
+    "t4-d16-T2-S": ({"top_k": 4, "tail_draws": 16, "T": 2.0, "sys": True}, "forward_kl", "sampled"),
+    "t4-d8-T2-S": ({"top_k": 4, "tail_draws": 8, "T": 2.0, "sys": True}, "forward_kl", "sampled"),
+    "t4-d16-T2-SI": ({"top_k": 4, "tail_draws": 16, "T": 2.0, "sys": True}, "forward_kl", "sampled"),
+    "t4-d8-T2-SI": ({"top_k": 4, "tail_draws": 8, "T": 2.0, "sys": True}, "forward_kl", "sampled"),
+    "s50-T2-S": ({"sample": 50, "T": 2.0, "sys": True}, "forward_kl", "sampled"),
+    "s50-T2-SI": ({"sample": 50, "T": 2.0, "sys": True}, "forward_kl", "sampled"),
+    "s32-SI": ({"sample": 32, "sys": True}, "forward_kl", "sampled"),
+    "s24-SI": ({"sample": 24, "sys": True}, "forward_kl", "sampled"),
+    "s16-SI": ({"sample": 16, "sys": True}, "forward_kl", "sampled"),
+    "s32-T1.5-SI": ({"sample": 32, "T": 1.5, "sys": True}, "forward_kl", "sampled"),
+    "s24-T1.5-SI": ({"sample": 24, "T": 1.5, "sys": True}, "forward_kl", "sampled"),
+    "s16-T2-SI": ({"sample": 16, "T": 2.0, "sys": True}, "forward_kl", "sampled"),
+    "s32-S": ({"sample": 32, "sys": True}, "forward_kl", "sampled"),
+    "s32": ({"sample": 32}, "forward_kl", "sampled"),
 }
+
+
+def estimator_of(name: str) -> str:
+    """The trainer's ``--estimator`` of a configuration: ``inclusion`` for the ``-I`` names, else ``counts``."""
+    return "inclusion" if name.rsplit("-", 1)[-1] in ("I", "LI", "SI") else "counts"
 
 
 #: standard-library modules whose docstrings extend the long regime's training text (pydoc_data.topics gives ~735)
@@ -121,11 +145,11 @@ def token_ids(path: Path, tokenizer) -> list[list[int]]:
 def rule_of(spec: dict):
     from logitstore.rules import Sampled, TopK, TopKTail
 
-    t = spec.get("T", 1.0)
+    t, s = spec.get("T", 1.0), spec.get("sys", False)
     if "sample" in spec:
-        return Sampled(spec["sample"], proposal_temperature=t)
+        return Sampled(spec["sample"], proposal_temperature=t, systematic=s)
     if "tail_draws" in spec:
-        return TopKTail(spec["top_k"], spec["tail_draws"], t)
+        return TopKTail(spec["top_k"], spec["tail_draws"], t, s)
     return TopK(spec["top_k"])
 
 
@@ -325,7 +349,8 @@ def run_one(bench: Bench, name: str, seed: int) -> dict:
     spec, loss, tail = CONFIGS[name]
     out = bench.work / "students" / bench.regime / f"{name}-seed{seed}"
     t = time.perf_counter()
-    res: dict = {"regime": bench.regime, "config": name, "seed": seed, "loss": loss, "tail": tail}
+    res: dict = {"regime": bench.regime, "config": name, "seed": seed, "loss": loss, "tail": tail,
+                 "estimator": estimator_of(name)}
     if name == "online":
         model = train_online(bench, out, seed)
     else:
@@ -333,6 +358,7 @@ def run_one(bench: Bench, name: str, seed: int) -> dict:
         if spec is not None:
             res.update(bytes_per_token=bytes_per_token(cache), rule=rule_of(spec).to_dict())
         train(TrainConfig(cache=str(cache), student=str(bench.scfg), output=str(out), loss=loss, tail=tail,
+                          estimator=estimator_of(name),
                           max_steps=bench.steps, batch_size=BATCH, max_length=LENGTH, lr=LR, seed=seed, quiet=True,
                           log_every=bench.steps, resume=(out / "checkpoints").exists()))
         model = bench.AutoModel.from_pretrained(out, dtype=bench.torch.float32)
@@ -347,7 +373,7 @@ def _angle(g, ref) -> tuple[float, float]:
     return math.degrees(math.acos(max(-1.0, min(1.0, cos)))), float(g.norm() / ref.norm())
 
 
-def angles(bench: Bench) -> list[dict]:
+def angles(bench: Bench, names: list[str]) -> list[dict]:
     """RS-KD's diagnostic: angle and norm ratio of each cached loss's gradient against the full forward KL's, for
     the seed-0 CE student of the short regime on the first 32 training records of each cache (the same records in
     every cache: builds order them deterministically). Three forms of one gradient:
@@ -370,7 +396,8 @@ def angles(bench: Bench) -> list[dict]:
     lt_all = bench.teacher_logprobs("train", bench.train_ids)
     row_of = {sequence_id(np.asarray(s, np.int32)): i for i, s in enumerate(bench.train_ids)}
     out = []
-    for name, (spec, loss, tail) in CONFIGS.items():
+    for name in names:
+        spec, loss, tail = CONFIGS[name]
         if spec is None:
             continue
         cache = bench.cache(spec)
@@ -384,7 +411,7 @@ def angles(bench: Bench) -> list[dict]:
         t = batch_targets(b, sel, logitstore.open(cache).manifest.vocab_size, logitstore.open(cache).rule)
         z = z0.clone().requires_grad_(True)
         view = student_view_from_logits(z, t.support()[0], t.labels)
-        Objective(loss, tail=tail).kd(view, t).mean().backward()
+        Objective(loss, tail=tail, estimator=estimator_of(name)).kd(view, t).mean().backward()
         g = z.grad
         p_full = torch.autograd.grad(logits, params, g_full.float(), retain_graph=True)
         p_g = torch.autograd.grad(logits, params, g.float())
@@ -488,7 +515,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     ap.add_argument("--only", help="comma-separated configurations (default all): " + ", ".join(CONFIGS))
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "logitstore" / "bench-quality"))
-    ap.add_argument("--angles", action="store_true", help="only the gradient diagnostic (needs the short ce run)")
+    ap.add_argument("--angles", action="store_true", help="only the gradient diagnostic of the --only configurations "
+                                                          "(needs the short ce run)")
     ap.add_argument("--report", action="store_true", help="only print the tables of the results so far")
     ap.add_argument("--plot", help="with --report: write the bytes/token vs recovered-KL plot of --regime (short "
                                    "unless long) here (PNG)")
@@ -499,13 +527,16 @@ def main(argv=None) -> int:
     if a.report:
         report(work, a.plot, "long" if a.regime == "long" else "short")
         return 0
-    if a.angles:
-        (work / "angles.json").write_text(json.dumps(angles(Bench(work, "short")), indent=1))
-        return 0
     names = a.only.split(",") if a.only else list(CONFIGS)
     bad = [n for n in names if n not in CONFIGS]
     if bad:
         ap.error(f"--only {','.join(bad)}: unknown; choose from {', '.join(CONFIGS)}")
+    if a.angles:  # merged into what earlier --angles runs wrote, by configuration
+        path, new = work / "angles.json", angles(Bench(work, "short"), names)
+        old = {r["config"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+        old.update({r["config"]: r for r in new})
+        path.write_text(json.dumps(list(old.values()), indent=1))
+        return 0
     regimes = ["quick"] if a.quick else ["short", "long"] if a.regime == "both" else [a.regime]
     seeds = 1 if a.quick else a.seeds
     for regime in regimes:

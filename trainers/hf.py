@@ -183,7 +183,7 @@ class DistillationLoss:
     """Our trainer's loss of one collated micro-batch, for any loop: ``loss, metrics = kd(model, batch)``.
 
     ``cache``: the cache or selection the batches come from (its rule, vocabulary and fingerprint);
-    ``options``: fields of ``trainers.config.LOSS_FIELDS`` (``loss``, ``tail``, ``temperature``,
+    ``options``: fields of ``trainers.config.LOSS_FIELDS`` (``loss``, ``tail``, ``estimator``, ``temperature``,
     ``ce_weight``, ``beta``, ``alpha``, ``taid_*``, ``keep_fraction``, ``keep_by``, ``keep_lowest``,
     ``scores``, ``route``, ``chunk_size``, ``head_memory_mb``), or ``config=TrainConfig(...)`` (its
     loss fields are used). ``total_steps`` lays out TAID's linear floor (the Trainer sets it).

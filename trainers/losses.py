@@ -56,7 +56,7 @@ import torch
 
 from logitstore.errors import InvalidInputError
 from trainers.checks import choice, number
-from trainers.config import LOSSES, SAMPLED_TAILS, TAILS
+from trainers.config import ESTIMATORS, LOSSES, SAMPLED_TAILS, TAILS
 from trainers.targets import SparseTargets
 from trainers.view import StudentView
 
@@ -188,7 +188,7 @@ def ce(student: StudentView) -> torch.Tensor:
 
 
 def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperature: float = 1.0,
-                       exact_label: bool = False) -> torch.Tensor:
+                       exact_label: bool = False, design: str = "counts") -> torch.Tensor:
     """The unbiased forward-KL estimator of a cache with draws, [N]: ``sum_x p_hat_x (lp_x - log q_x)``.
 
     ``p_hat`` is ``targets.estimate()`` on the support (sampled cache: ``(c/D) * p/q``; topk_tail:
@@ -201,6 +201,7 @@ def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperat
     ``exact_label`` (tail ``sampled_label``): the label's term uses its exact target
     (``targets.estimate_exact_label()``), ``+ p_label (label_logprob - log q_label)`` where the head does not
     hold the label, and its draws count 0; still unbiased, with no variance on the label.
+    ``design``: how a draw is weighed (``SparseTargets.estimate``): ``"counts"`` or ``"inclusion"``.
     """
     if temperature != 1.0:
         raise InvalidInputError(f"temperature={temperature!r} with the sampled estimator; only 1.0 is allowed "
@@ -212,11 +213,11 @@ def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperat
     dtype = torch.promote_types(ls.dtype, torch.float32)
     _, valid, lp = targets.support()
     if exact_label:
-        w, p_lab = (t.to(ls.device) for t in targets.estimate_exact_label(dtype))
+        w, p_lab = (t.to(ls.device) for t in targets.estimate_exact_label(dtype, design))
         lt_lab = targets.label_logprob.to(ls.device, dtype) if lp is not None else torch.zeros_like(p_lab)
         lab = torch.where(p_lab > 0, p_lab * (lt_lab - student.logp_label.to(dtype)), 0.0)
     else:
-        w, lab = targets.estimate(dtype).to(ls.device), 0.0
+        w, lab = targets.estimate(dtype, design).to(ls.device), 0.0
     use = valid.to(ls.device) & (w > 0)
     if lp is None:
         return _sum(use, -w * ls) + lab
@@ -268,11 +269,16 @@ class Objective:
     ``ce_coef = ce_weight``. For TAID, ``t`` adapts after each optimiser step (``step_end``).
     """
 
-    def __init__(self, loss: str, *, tail: str = "other", temperature: float = 1.0, ce_weight: float = 0.0,
-                 beta: float = 0.5, alpha: float = 0.1, taid_start: float = 0.4, taid_end: float = 1.0,
-                 taid_alpha: float = 5e-4, taid_beta: float = 0.99, total_steps: int | None = None):
+    def __init__(self, loss: str, *, tail: str = "other", estimator: str = "counts", temperature: float = 1.0,
+                 ce_weight: float = 0.0, beta: float = 0.5, alpha: float = 0.1, taid_start: float = 0.4,
+                 taid_end: float = 1.0, taid_alpha: float = 5e-4, taid_beta: float = 0.99,
+                 total_steps: int | None = None):
         self.loss = choice("loss", loss, LOSSES)
         self.tail = choice("tail", tail, TAILS)
+        self.estimator = choice("estimator", estimator, ESTIMATORS)
+        if estimator != "counts" and tail not in SAMPLED_TAILS:
+            raise InvalidInputError(f"estimator={estimator!r} weighs the draws of the sampled tails "
+                                    f"({', '.join(SAMPLED_TAILS)}); tail is {tail!r}")
         self.temperature = number("temperature", temperature, 0.0, math.inf, lo_open=True, hi_open=True)
         if tail in (*SAMPLED_TAILS, "residual") and (loss != "forward_kl" or self.temperature != 1.0):
             raise InvalidInputError(f"tail={tail!r} with loss={loss!r}, temperature={temperature!r}: that target "
@@ -298,14 +304,15 @@ class Objective:
     def from_config(cls, cfg, rule: str, total_steps: int | None = None) -> Objective:
         """The objective a ``trainers.config.TrainConfig`` names, for a cache of sparse-entry ``rule`` (its name:
         ``--tail auto`` resolves against it)."""
-        return cls(cfg.loss, tail=cfg.resolved_tail(rule), temperature=cfg.temperature, ce_weight=cfg.ce_weight,
+        return cls(cfg.loss, tail=cfg.resolved_tail(rule), estimator=cfg.estimator, temperature=cfg.temperature,
+                   ce_weight=cfg.ce_weight,
                    beta=cfg.beta, alpha=cfg.alpha, taid_start=cfg.taid_start, taid_end=cfg.taid_end,
                    total_steps=total_steps)
 
     @property
     def needs_logprobs(self) -> bool:
         """Whether the targets must carry teacher logprobs."""
-        return self.loss != "ce" and self.tail not in SAMPLED_TAILS
+        return self.loss != "ce" and (self.tail not in SAMPLED_TAILS or self.estimator == "inclusion")
 
     @property
     def needs_entropy(self) -> bool:
@@ -320,7 +327,7 @@ class Objective:
         """The KD divergence per position, [N] (not scaled by tau**2)."""
         if self.tail in SAMPLED_TAILS:
             return sampled_forward_kl(student, targets, temperature=self.temperature,
-                                      exact_label=self.tail == "sampled_label")
+                                      exact_label=self.tail == "sampled_label", design=self.estimator)
         if self.tail == "residual":
             return residual_forward_kl(student, targets, temperature=self.temperature)
         b = buckets(student, targets, tail=self.tail, temperature=self.temperature)

@@ -52,6 +52,7 @@ class SparseTargets:
     tail_counts: torch.Tensor | None = None  # [N, U] draws per tail id, 0 where ~tail_valid
     proposal_temperature: float = 1.0  # T of the proposal q ∝ p^(1/T) the draws came from
     proposal_log_norm: torch.Tensor | None = None  # [N] log Z of the proposal (T != 1)
+    systematic: bool = False  # the draws are systematic (rules.draw), not independent
 
     def __post_init__(self):
         nk = tuple(self.ids.shape)
@@ -91,34 +92,64 @@ class SparseTargets:
         t = self.proposal_temperature
         return torch.exp(lp * (1.0 - 1.0 / t) + self.proposal_log_norm.to(lp)[:, None])
 
-    def estimate(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def _inclusion(self, lp: torch.Tensor) -> torch.Tensor:
+        """``pi_x``, the chance that the D draws from the proposal hit ``x`` at least once, for draws with logprobs
+        ``lp [N, M]`` (``q_x = exp(lp_x / T - log Z)``; at T = 1, ``p_x`` for a sampled cache and ``p_x / m`` for
+        the tail of a ``topk_tail`` one): ``1 - (1 - q_x)^D`` for independent draws, ``min(1, D q_x)`` for
+        systematic ones (D points spaced 1/D apart, at a uniform offset, hit an interval of length q_x)."""
+        if self.proposal_temperature != 1.0:
+            log_q = lp / self.proposal_temperature - self.proposal_log_norm.to(lp)[:, None]
+        elif self.tail_ids is None:
+            log_q = lp
+        else:
+            log_q = lp - torch.log(self.tail_mass.to(lp).clamp_min(torch.finfo(lp.dtype).tiny))[:, None]
+        q = torch.exp(log_q).clamp(0.0, 1.0)
+        if self.systematic:
+            return (self.draws * q).clamp(max=1.0)
+        return -torch.expm1(self.draws * torch.log1p(-q))
+
+    def estimate(self, dtype: torch.dtype = torch.float32, design: str = "counts") -> torch.Tensor:
         """The unbiased estimate ``p_hat [N, S]`` of the teacher distribution on ``support()`` (module docstring);
-        0 where a column is not valid."""
+        0 where a column is not valid. ``design``: ``"counts"`` weighs each draw by how often it was drawn
+        (``(c_x / D) * p_x / q_x``); ``"inclusion"`` by whether it was drawn at all (``p_x / pi_x``, the
+        Horvitz-Thompson estimator: the counts' estimate averaged over the draws with the same drawn set of each
+        id, so never more variable per id; needs the stored logprobs)."""
         if not self.sampled:
             raise InvalidInputError("these targets carry no draws (a top-k or mass cache): the unbiased estimator "
                                     "needs a cache built with --sample D or --top-k K --tail-draws D")
+        if design not in ("counts", "inclusion"):
+            raise InvalidInputError(f"design={design!r} is not allowed; it must be 'counts' or 'inclusion'")
         tempered = self.proposal_temperature != 1.0
-        if self.tail_ids is None:  # a sampled cache: every entry is a draw
-            w = self.counts.to(dtype) / self.draws
-            if tempered:
-                w = w * self._importance(self.logprobs.to(dtype))
-            return torch.where(self.valid, w, 0.0)
-        head = torch.where(self.valid, torch.exp(self.logprobs.to(dtype)), 0.0)
-        w = self.tail_counts.to(dtype) / self.draws
-        if tempered:
-            w = w * self._importance(torch.where(self.tail_valid, self.tail_logprobs.to(dtype), 0.0))
+        sampled_only = self.tail_ids is None  # a sampled cache: every entry is a draw
+        valid = self.valid if sampled_only else self.tail_valid
+        lp = self.logprobs if sampled_only else self.tail_logprobs
+        if design == "inclusion":
+            if lp is None:
+                raise InvalidInputError("the inclusion-probability estimator needs the draws' logprobs; this cache "
+                                        "stores only ids and counts (built with values none)")
+            lp = torch.where(valid, lp.to(dtype), 0.0)
+            w = torch.exp(lp) / self._inclusion(lp).clamp_min(torch.finfo(dtype).tiny)
         else:
-            w = w * self.tail_mass.to(dtype).clamp(0.0, 1.0)[:, None]
-        return torch.cat([head, torch.where(self.tail_valid, w, 0.0)], 1)
+            w = (self.counts if sampled_only else self.tail_counts).to(dtype) / self.draws
+            if tempered:
+                w = w * self._importance(torch.where(valid, lp.to(dtype), 0.0))
+            elif not sampled_only:
+                w = w * self.tail_mass.to(dtype).clamp(0.0, 1.0)[:, None]
+        w = torch.where(valid, w, 0.0)
+        if sampled_only:
+            return w
+        head = torch.where(self.valid, torch.exp(self.logprobs.to(dtype)), 0.0)
+        return torch.cat([head, w], 1)
 
-    def estimate_exact_label(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    def estimate_exact_label(self, dtype: torch.dtype = torch.float32, design: str = "counts"
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """(``p_hat [N, S]`` on ``support()`` with the label's draws at 0, ``p_label [N]``): the label's exact target
         where the head does not hold it (0 where it does; the head's own column is exact). Unbiased for every id
         (module docstring)."""
         if self.label_logprob is None:
             raise InvalidInputError("the exact-label estimator needs targets.label_logprob (the teacher's exact "
                                     "label logprob)")
-        w = self.estimate(dtype)
+        w = self.estimate(dtype, design)
         ids, valid, _ = self.support()
         is_label = (ids == self.labels[:, None]) & valid
         k = 0 if self.tail_ids is None else self.ids.shape[1]  # the exact head's columns (none in a sampled cache)

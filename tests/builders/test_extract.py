@@ -1,12 +1,14 @@
 """builders.extract against a plain float64 full-vocabulary computation; chunked equals unchunked."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from builders.extract import chunk_rows_for, extract
 from logitstore.head import Head
-from logitstore.rules import MassTopK, Sampled, TopK, sparsify
+from logitstore.rules import MassTopK, Sampled, TopK, TopKTail, draw, sparsify
 
 
 def setup(M=37, H=16, V=500, seed=0):
@@ -72,6 +74,47 @@ def test_sampled_counts_are_an_unbiased_estimate():
         se = np.sqrt(p * (1 - p) / draws)
         # 5 standard errors, plus a few single hits where p is so small that counts are Poisson
         assert (np.abs(est - p) <= 5 * se + 3 / draws).all(), np.abs(est - p).max()
+
+
+@pytest.mark.parametrize("rule", [Sampled(20, proposal_temperature=1.5, systematic=True),
+                                  TopKTail(3, 12, 2.0, systematic=True)], ids=["sample", "topk_tail"])
+def test_systematic_draws_hit_each_token_floor_or_ceil_of_d_q_times(rule):
+    """Systematic draws: every token is drawn floor(D q) or ceil(D q) times (independent draws are not: a token with
+    D q = 2.6 is drawn 0-12 times), D q on average, in the extraction and in the numpy reference alike."""
+    h, head, labels, ref = setup(M=3, V=30)
+    h, labels, reps = h.repeat(2000, 1), labels.repeat(2000), 2000
+    got = extract(h, head, labels, rule, chunk_rows=512, generator=torch.Generator().manual_seed(3))
+    tail = isinstance(rule, TopKTail)
+    ids_k, cnt_k, n_k = ("tail_ids", "tail_counts", "n_tail") if tail else ("ids", "counts", "n_entries")
+    d = rule.draws
+    for j in range(3):
+        support = np.ones(ref.shape[1], bool)
+        if tail:
+            support[np.argsort(-ref[j])[:rule.k]] = False
+        q = np.where(support, np.exp(ref[j] / rule.proposal_temperature), 0.0)
+        q /= q.sum()
+        rows = np.arange(j, len(h), 3)
+        counts = np.zeros((len(rows), ref.shape[1]))
+        for i, r in enumerate(rows):
+            n = got[n_k][r]
+            counts[i, got[ids_k][r, :n]] = got[cnt_k][r, :n]
+        assert (counts.sum(1) == d).all()
+        lo, hi = np.floor(d * q - 1e-4), np.ceil(d * q + 1e-4)
+        assert ((counts >= lo) & (counts <= hi)).all(), np.abs(counts - d * q).max()
+        se = np.sqrt(0.25 / reps)  # a count in {floor, ceil} varies by at most 1/2
+        assert (np.abs(counts.mean(0) - d * q) <= 5 * se + 1e-3).all(), np.abs(counts.mean(0) - d * q).max()
+        # the numpy reference makes the same design
+        lp = np.repeat(ref[j:j + 1], 500, 0)
+        drawn, _ = draw(lp, np.repeat(support[None], 500, 0), d, rule.proposal_temperature,
+                        np.random.default_rng(0), systematic=True)
+        ref_counts = np.stack([np.bincount(row, minlength=ref.shape[1]) for row in drawn])
+        assert ((ref_counts >= lo) & (ref_counts <= hi)).all()
+        assert (np.abs(ref_counts.mean(0) - d * q) <= 5 * np.sqrt(0.25 / 500) + 1e-3).all()
+    # independent draws of the same rule break the floor/ceil band: the check above can fail
+    indep = extract(h, head, labels, dataclasses.replace(rule, systematic=False), chunk_rows=512,
+                    generator=torch.Generator().manual_seed(3))
+    spread = [int(indep[cnt_k][r, :indep[n_k][r]].max()) for r in range(0, len(h), 3)]
+    assert max(spread) - min(spread) > 2
 
 
 def test_empty_and_budget():

@@ -68,6 +68,7 @@ def test_draws_are_reproducible_for_a_seed_and_change_with_it(tiny_teacher, tmp_
     (["--mass", "0.9", "--tail-draws", "4"], "--mass and --tail-draws are different rules"),
     (["--top-k", "4", "--tail-draws", "4", "--values", "none"], "only allowed under rule sample"),
     (["--top-k", "4", "--tail-draws", "4", "--backend", "vllm"], None),  # vLLM is refused before any engine starts
+    (["--top-k", "4", "--systematic"], "--systematic shapes the draws of --sample or --tail-draws"),
 ])
 def test_bad_rule_flags_are_refused_with_one_line_and_nothing_written(tiny_teacher, tmp_path, capsys, flags,
                                                                         message):
@@ -80,6 +81,43 @@ def test_bad_rule_flags_are_refused_with_one_line_and_nothing_written(tiny_teach
     if message is not None:
         assert message in err, err
     assert not out.exists()
+
+
+def test_a_systematic_build_records_its_design_and_trains_with_either_estimator(tiny_teacher, tmp_path):
+    """``--systematic``: the manifest's rule says ``design: systematic``; every tail id is drawn floor(D q) or
+    ceil(D q) times for q the reference proposal; the cache verifies and trains with both estimators."""
+    from transformers import LlamaConfig
+
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, 4)
+    out = tmp_path / "c"
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "--tail-draws", "24",
+                 "--proposal-temperature", "2", "--systematic", "--values", "fp32", "-q"]) == 0
+    assert verify(out) == []
+    cache = logitstore.open(out)
+    assert cache.manifest.rule == {"rule": "topk_tail", "k": 4, "tail_draws": 24, "proposal_temperature": 2.0,
+                                   "design": "systematic"}
+    assert cache.rule.systematic
+    for seq in cache:
+        ref = reference_logprobs(tiny_teacher, seq.input_ids)[seq.pos - 1]
+        for i in range(len(seq.pos)):
+            rest = np.ones(ref.shape[1], bool)
+            rest[np.argsort(-ref[i])[:4]] = False
+            q = np.where(rest, np.exp(ref[i] / 2.0), 0.0)
+            q /= q.sum()
+            n = int(seq.n_tail[i])
+            got = np.zeros(ref.shape[1])
+            got[seq.tail_ids[i, :n]] = seq.tail_counts[i, :n]
+            assert ((got >= np.floor(24 * q - 1e-3)) & (got <= np.ceil(24 * q + 1e-3))).all()
+    cfg = tmp_path / "student" / "config.json"
+    cfg.parent.mkdir()
+    LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True).to_json_file(str(cfg))
+    for est in ("counts", "inclusion"):
+        run = tmp_path / f"s-{est}"
+        assert main(["train", str(out), "--student", str(cfg), "--estimator", est, "--max-steps", "2",
+                     "--batch-size", "2", "--tokenizer", str(tiny_teacher), "--quiet", "-o", str(run)]) == 0, est
+        assert (run / "model.safetensors").is_file()
 
 
 def test_the_vllm_backend_refuses_the_tail_rule():

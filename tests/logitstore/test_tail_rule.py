@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import logitstore as ls
-from logitstore.errors import FormatVersionError, InvalidInputError
+from logitstore.errors import CorruptCacheError, FormatVersionError, InvalidInputError
 from logitstore.rules import Sampled, TopK, TopKTail, rule_from_dict, sparsify
 from logitstore.verify import verify
-from tests.conftest import CODECS, entropy, random_logprobs, rewrite_shard, set_column
+from tests.conftest import CODECS, entropy, random_logprobs, read_manifest, rewrite_shard, set_column, write_manifest
 
 V1 = Path(__file__).resolve().parents[1] / "data" / "format-v1"
 VOCAB = 120
@@ -40,15 +40,17 @@ def build(path, rule, codec, n_seqs=8, seed=0):
     return refs
 
 
-@pytest.mark.parametrize("rule", [TopKTail(5, 12), TopKTail(3, 20, 2.0), TopKTail(VOCAB, 4)],
-                         ids=["k5-d12", "k3-d20-T2", "k=V"])
+@pytest.mark.parametrize("rule", [TopKTail(5, 12), TopKTail(3, 20, 2.0), TopKTail(VOCAB, 4),
+                                  TopKTail(3, 20, 2.0, systematic=True)],
+                         ids=["k5-d12", "k3-d20-T2", "k=V", "k3-d20-T2-systematic"])
 @pytest.mark.parametrize("codec", ["qdelta-ranked", "fp32-raw", "fp16", "fp16-scalars"])
 def test_tail_draws_round_trip(tmp_path, rule, codec):
     codec = CODECS[codec]
     refs = build(tmp_path / "c", rule, codec)
     assert verify(tmp_path / "c") == []
     cache = ls.open(tmp_path / "c")
-    assert cache.manifest.format_version == ls.FORMAT_VERSION == 2
+    # the oldest version that describes the cache: 3 only for systematic draws (FORMAT.md, "Versions")
+    assert cache.manifest.format_version == (3 if rule.systematic else 2) and ls.FORMAT_VERSION == 3
     assert rule_from_dict(cache.manifest.rule) == rule
     bound = codec.logprob_error_bound() + 1e-6 if codec.values != "fp16" else None
     for s in cache:
@@ -149,10 +151,20 @@ def test_verify_finds_a_damaged_tail(tmp_path):
 @pytest.mark.parametrize("bad", [
     lambda: TopKTail(4, 0), lambda: TopKTail(4, -3), lambda: TopKTail(4, 70000), lambda: Sampled(8, 0, 0.0),
     lambda: TopKTail(4, 8, -1.0), lambda: TopKTail(4, 8, float("nan")), lambda: TopKTail(4, 8, float("inf")),
+    lambda: TopKTail(4, 8, 1.0, 1), lambda: Sampled(8, systematic="yes"),
+    lambda: rule_from_dict({"rule": "topk_tail", "k": 4, "tail_draws": 8, "design": "stratified"}),
+    lambda: rule_from_dict({"rule": "topk", "k": 4, "design": "systematic"}),
 ])
 def test_bad_rule_parameters_are_refused(bad):
     with pytest.raises(InvalidInputError):
         bad()
+
+
+def test_the_design_of_the_draws_round_trips_and_is_absent_for_independent_draws():
+    for rule in (TopKTail(4, 8, 2.0, systematic=True), Sampled(8, 4, 1.0, systematic=True), TopKTail(4, 8)):
+        d = rule.to_dict()
+        assert ("design" in d) == rule.systematic and d.get("design", "systematic") == "systematic"
+        assert rule_from_dict(d) == rule
 
 
 def test_values_none_needs_an_untempered_sampled_rule(tmp_path):
@@ -191,7 +203,7 @@ def test_a_version_1_cache_reads_exactly_as_it_was_written(v1, name):
 
 
 def test_a_version_1_cache_is_not_resumed_by_this_writer(v1):
-    with pytest.raises(FormatVersionError, match="format_version 1 cache and this logitstore writes version 2"):
+    with pytest.raises(FormatVersionError, match="format_version 1 cache and this logitstore writes version 2 "):
         with ls.CacheWriter(v1 / "topk", vocab_size=64, rule=TopK(6), resume=True,
                             teacher={"id": "tiny-random", "revision": "r1", "dtype": "fp32"},
                             tokenizer={"name": "none", "fingerprint": "", "vocab_size": 64}):
@@ -200,10 +212,34 @@ def test_a_version_1_cache_is_not_resumed_by_this_writer(v1):
 
 def test_an_unknown_version_is_refused_by_name(v1):
     m = json.loads((v1 / "topk" / "manifest.json").read_text())
-    m["format_version"] = 3
+    m["format_version"] = 4
     (v1 / "topk" / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(FormatVersionError, match="format_version 3 is not readable"):
+    with pytest.raises(FormatVersionError, match="format_version 4 is not readable.*upgrade logitstore"):
         ls.open(v1 / "topk")
+
+
+def test_a_systematic_cache_is_refused_by_a_reader_that_predates_it(tmp_path, monkeypatch):
+    """Version 3 (systematic draws) is refused by name where only versions 1 and 2 are read, never misread as
+    independent draws; a version 2 cache is still resumed and a version 3 one resumed as version 3."""
+    import logitstore.manifest as M
+
+    build(tmp_path / "s", TopKTail(3, 12, 2.0, systematic=True), ls.Codec())
+    build(tmp_path / "i", TopKTail(3, 12, 2.0), ls.Codec())
+    monkeypatch.setattr(M, "READABLE_VERSIONS", (1, 2))
+    monkeypatch.setattr(M, "FORMAT_VERSION", 2)
+    with pytest.raises(FormatVersionError, match="format_version 3 is not readable.*upgrade logitstore"):
+        ls.open(tmp_path / "s")
+    assert ls.open(tmp_path / "i").manifest.format_version == 2
+    monkeypatch.undo()
+    for name, rule in (("s", TopKTail(3, 12, 2.0, systematic=True)), ("i", TopKTail(3, 12, 2.0))):
+        with ls.CacheWriter(tmp_path / name, vocab_size=VOCAB, rule=rule, codec=ls.Codec(), resume=True) as w:
+            assert w.manifest.format_version == (3 if rule.systematic else 2)
+    # a version 2 manifest that claims systematic draws was made by no writer: refused as damaged, not read
+    m = read_manifest(tmp_path / "s")
+    m["format_version"] = 2
+    write_manifest(tmp_path / "s", m)
+    with pytest.raises(CorruptCacheError, match="format_version is 2, expected 3 or later"):
+        ls.open(tmp_path / "s")
 
 
 def test_materializing_a_selection_keeps_the_tail_draws(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from builders.extract import extract
+from logitstore.errors import InvalidInputError
 from logitstore.head import Head
 from logitstore.rules import Sampled, TopK, TopKTail
 from trainers import losses as L
@@ -24,7 +25,12 @@ from trainers.view import student_view_from_logits
 
 V, H, M = 40, 8, 6000
 FP32 = 2e-6  # the extraction runs in float32; the references in float64 (deterministic parts differ by this)
-RULES = [TopKTail(4, 8), TopKTail(4, 8, 2.0), TopKTail(10, 4, 0.7), Sampled(12), Sampled(12, proposal_temperature=1.8)]
+RULES = [TopKTail(4, 8), TopKTail(4, 8, 2.0), TopKTail(10, 4, 0.7), Sampled(12), Sampled(12, proposal_temperature=1.8),
+         TopKTail(4, 8, 2.0, systematic=True), Sampled(12, proposal_temperature=1.8, systematic=True)]
+
+
+def rule_id(r) -> str:
+    return f"{r.name}-{r.draws}-T{r.proposal_temperature}" + ("-sys" if r.systematic else "")
 
 
 def teacher_case(seed: int):
@@ -48,7 +54,8 @@ def targets_from(res: dict, rule, labels: torch.Tensor) -> SparseTargets:
                          tail_mass=t("tail_mass").double(), labels=labels, vocab_size=V,
                          counts=None if res.get("counts") is None else t("counts").double(), draws=rule.draws,
                          label_logprob=t("label_logprob").double(), proposal_temperature=rule.proposal_temperature,
-                         proposal_log_norm=None if not rule.tempered else t("proposal_log_norm").double(), **tail)
+                         proposal_log_norm=None if not rule.tempered else t("proposal_log_norm").double(),
+                         systematic=rule.systematic, **tail)
 
 
 def dense(targets: SparseTargets, weights: torch.Tensor) -> torch.Tensor:
@@ -58,7 +65,7 @@ def dense(targets: SparseTargets, weights: torch.Tensor) -> torch.Tensor:
                                                                            torch.where(valid, weights, 0.0))
 
 
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}-{r.draws}-T{r.proposal_temperature}")
+@pytest.mark.parametrize("rule", RULES, ids=rule_id)
 def test_the_estimate_is_unbiased_for_the_teacher_distribution(rule):
     head, h, lp = teacher_case(3)
     labels = torch.zeros(M, dtype=torch.long)
@@ -73,7 +80,7 @@ def test_the_estimate_is_unbiased_for_the_teacher_distribution(rule):
     assert abs(float(tot.mean()) - 1.0) < 5 * float(tot.std()) / math.sqrt(M) + 1e-6
 
 
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}-{r.draws}-T{r.proposal_temperature}")
+@pytest.mark.parametrize("rule", RULES, ids=rule_id)
 def test_the_sampled_forward_kl_is_unbiased_in_value_and_gradient(rule):
     head, h, lp = teacher_case(4)
     labels = torch.zeros(M, dtype=torch.long)
@@ -95,7 +102,7 @@ def test_the_sampled_forward_kl_is_unbiased_in_value_and_gradient(rule):
 
 
 @pytest.mark.parametrize("rank", [0, 12], ids=["label-in-head", "label-in-tail"])
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}-{r.draws}-T{r.proposal_temperature}")
+@pytest.mark.parametrize("rule", RULES, ids=rule_id)
 def test_the_exact_label_estimator_is_unbiased_and_steadier_on_the_label(rule, rank):
     """Tail ``sampled_label``: the label's draws replaced by its exact target; unbiased in value and gradient against
     the full-vocabulary reference, and (label in the tail) the label's gradient varies less than the plain one's."""
@@ -129,6 +136,60 @@ def test_the_exact_label_estimator_is_unbiased_and_steadier_on_the_label(rule, r
     assert not (w[:, k:][(ids[:, k:] == label) & valid[:, k:]]).any()  # the label's draws count 0
     if not in_head:
         assert grads[True][:, label].std() < 0.5 * grads[False][:, label].std()
+
+
+@pytest.mark.parametrize("rule", RULES, ids=rule_id)
+def test_the_inclusion_estimator_is_unbiased_and_never_more_variable_per_token(rule):
+    """``design="inclusion"`` (Horvitz-Thompson, ``p_x / pi_x``, ``pi_x = 1 - (1 - q_x)^D``, or ``min(1, D q_x)``
+    for systematic draws): unbiased for p, and its forward-KL
+    value and gradient for the full-vocabulary ones; per token its spread is at most the counts estimator's (it is
+    that estimator averaged over the draws that give each token the same drawn-or-not), and below it in total."""
+    head, h, lp = teacher_case(3)
+    labels = torch.zeros(M, dtype=torch.long)
+    res = extract(h, head, labels, rule, chunk_rows=700, generator=torch.Generator().manual_seed(12))
+    t = targets_from(res, rule, labels)
+    p = lp.exp()
+    est = dense(t, t.estimate(torch.float64, design="inclusion"))
+    mean, se = est.mean(0), est.std(0) / math.sqrt(M)
+    assert ((mean - p).abs() <= 5 * se + FP32).all(), ((mean - p).abs() - 5 * se).max()
+    # the reference inclusion probability of one token, from the proposal over the full vocabulary in float64
+    tail = torch.ones(V, dtype=torch.bool)
+    if isinstance(rule, TopKTail):
+        tail[torch.argsort(lp, descending=True)[:rule.k]] = False
+    q = torch.where(tail, torch.exp(lp / rule.proposal_temperature), 0.0)
+    q = q / q.sum()
+    x = int(torch.argsort(torch.where(tail, lp, -math.inf), descending=True)[2])
+    drawn = est[:, x] > 0
+    pi = min(1.0, rule.draws * float(q[x])) if rule.systematic else 1 - (1 - q[x]) ** rule.draws
+    torch.testing.assert_close(est[drawn, x], (p[x] / pi).expand(int(drawn.sum())), atol=1e-5, rtol=1e-4)
+    counts = dense(t, t.estimate(torch.float64))
+    sd_i, sd_c = est.std(0), counts.std(0)
+    assert (sd_i <= sd_c * 1.1 + FP32).all(), (sd_i - sd_c * 1.1).max()  # 1.1: the spread of M-draw sd estimates
+    # independent draws: strictly steadier in total; systematic ones: equal where D q < 1 (a count is 0 or 1 there)
+    assert float(est.var(0).sum()) < (1 + 1e-9 if rule.systematic else 0.95) * float(counts.var(0).sum())
+    zs = torch.randn(1, V, generator=torch.Generator().manual_seed(2), dtype=torch.float64).repeat(M, 1)
+    for exact_label in (False, True):
+        z = zs.clone().requires_grad_(True)
+        view = student_view_from_logits(z, t.support()[0], t.labels)
+        value = L.sampled_forward_kl(view, t, exact_label=exact_label, design="inclusion")
+        value.sum().backward()
+        value = value.detach()
+        ls = torch.log_softmax(zs[0], -1)
+        assert abs(float(value.mean()) - float((p * (lp - ls)).sum())) < 5 * float(value.std()) / math.sqrt(M) + 1e-9
+        g, se = z.grad.mean(0), z.grad.std(0) / math.sqrt(M)
+        g_ref = torch.softmax(zs[0], -1) - p
+        assert ((g - g_ref).abs() <= 5 * se + FP32).all(), ((g - g_ref).abs() - 5 * se).max()
+
+
+def test_the_inclusion_estimator_needs_logprobs_and_a_known_design():
+    t = SparseTargets(ids=torch.tensor([[1, 2]]), valid=torch.ones(1, 2, dtype=torch.bool), logprobs=None,
+                      tail_mass=torch.zeros(1), labels=torch.tensor([1]), vocab_size=4,
+                      counts=torch.tensor([[3.0, 1.0]]), draws=4)
+    torch.testing.assert_close(t.estimate(torch.float64), torch.tensor([[0.75, 0.25]], dtype=torch.float64))
+    with pytest.raises(InvalidInputError, match="inclusion-probability estimator needs the draws' logprobs"):
+        t.estimate(design="inclusion")
+    with pytest.raises(InvalidInputError, match="design='hh' is not allowed"):
+        t.estimate(design="hh")
 
 
 def test_a_top_k_bucket_is_biased_where_the_tail_estimator_is_not():
