@@ -21,7 +21,7 @@ from logitstore.format import SAMPLING_RULES
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "taid", "ce")
 TAILS = ("other", "renormalize", "sampled", "sampled_label", "label", "residual")
 SAMPLED_TAILS = ("sampled", "sampled_label")  # the unbiased estimators: caches with draws, forward_kl at T = 1
-ESTIMATORS = ("counts", "inclusion")  # how the sampled tails weigh a draw (trainers.targets.SparseTargets.estimate)
+ESTIMATORS = ("auto", "counts", "inclusion")  # how the sampled tails weigh a draw (SparseTargets.estimate)
 
 KEEP_BY = ("teacher_entropy", "student_entropy")  # or "score:<column>" of a `logitstore score` directory
 ROUTES = ("none", "correctness")
@@ -51,11 +51,11 @@ class TrainConfig:
                            "label's exact target in place of its draws: unbiased, lower variance), 'residual' "
                            "(RS-KD: the tail mass on "
                            "the label; forward_kl); auto: sampled for caches with draws and forward_kl, else other")
-    estimator: str = _f("counts", "with --tail sampled or sampled_label: how a draw is weighed: 'counts' (by how "
-                                  "often it was drawn, (c/D) p/q) or 'inclusion' (by whether it was drawn at all, "
-                                  "p / pi with pi = 1 - (1 - q)^D, or min(1, D q) for systematic draws: "
-                                  "Horvitz-Thompson, never more variable per token; needs the draws' logprobs); "
-                                  "both unbiased")
+    estimator: str = _f("auto", "with --tail sampled or sampled_label: how a draw is weighed: 'counts' (by how "
+                                "often it was drawn, (c/D) p/q) or 'inclusion' (by whether it was drawn at all, "
+                                "p / pi with pi = 1 - (1 - q)^D, or min(1, D q) for systematic draws: "
+                                "Horvitz-Thompson, never more variable per token; needs the draws' logprobs); both "
+                                "unbiased; auto: inclusion where the cache stores the draws' logprobs, else counts")
     temperature: float = _f(1.0, "distillation temperature tau: teacher and student re-tempered, KD term scaled "
                                  "by tau^2 (the cache holds temperature-1 logprobs)")
     ce_weight: float = _f(0.0, "weight lambda of the label cross-entropy: loss = (1-lambda) KD + lambda CE")
@@ -142,7 +142,7 @@ class TrainConfig:
             raise InvalidInputError(f"--tail {self.resolved_tail(rule)} needs a cache with draws (built with "
                                     f"--sample D or --top-k K --tail-draws D); {cache} has rule {rule!r}: use "
                                     "--tail other, label or renormalize")
-        if self.estimator != "counts" and self.resolved_tail(rule) not in SAMPLED_TAILS:
+        if self.estimator == "inclusion" and self.resolved_tail(rule) not in SAMPLED_TAILS:
             raise InvalidInputError(f"--estimator {self.estimator} weighs the draws of --tail sampled or "
                                     f"sampled_label; this run's tail is {self.resolved_tail(rule)!r}")
 

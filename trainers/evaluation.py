@@ -44,7 +44,8 @@ def batch_targets(batch: dict, sel: torch.Tensor, vocab: int, rule: Rule) -> Spa
                          tail_ids=get("tail_ids"), tail_valid=get("tail_valid"), tail_logprobs=get("tail_logprobs"),
                          tail_counts=get("tail_counts"),
                          proposal_temperature=getattr(rule, "proposal_temperature", 1.0),
-                         proposal_log_norm=get("proposal_log_norm"), systematic=getattr(rule, "systematic", False))
+                         proposal_log_norm=get("proposal_log_norm"), systematic=rule.systematic,
+                         capped=rule.name == "sample" and rule.k < rule.draws)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -188,7 +188,7 @@ def ce(student: StudentView) -> torch.Tensor:
 
 
 def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperature: float = 1.0,
-                       exact_label: bool = False, design: str = "counts") -> torch.Tensor:
+                       exact_label: bool = False, design: str = "auto") -> torch.Tensor:
     """The unbiased forward-KL estimator of a cache with draws, [N]: ``sum_x p_hat_x (lp_x - log q_x)``.
 
     ``p_hat`` is ``targets.estimate()`` on the support (sampled cache: ``(c/D) * p/q``; topk_tail:
@@ -201,7 +201,7 @@ def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperat
     ``exact_label`` (tail ``sampled_label``): the label's term uses its exact target
     (``targets.estimate_exact_label()``), ``+ p_label (label_logprob - log q_label)`` where the head does not
     hold the label, and its draws count 0; still unbiased, with no variance on the label.
-    ``design``: how a draw is weighed (``SparseTargets.estimate``): ``"counts"`` or ``"inclusion"``.
+    ``design``: how a draw is weighed (``SparseTargets.estimate``): ``"counts"``, ``"inclusion"`` or ``"auto"``.
     """
     if temperature != 1.0:
         raise InvalidInputError(f"temperature={temperature!r} with the sampled estimator; only 1.0 is allowed "
@@ -269,14 +269,14 @@ class Objective:
     ``ce_coef = ce_weight``. For TAID, ``t`` adapts after each optimiser step (``step_end``).
     """
 
-    def __init__(self, loss: str, *, tail: str = "other", estimator: str = "counts", temperature: float = 1.0,
+    def __init__(self, loss: str, *, tail: str = "other", estimator: str = "auto", temperature: float = 1.0,
                  ce_weight: float = 0.0, beta: float = 0.5, alpha: float = 0.1, taid_start: float = 0.4,
                  taid_end: float = 1.0, taid_alpha: float = 5e-4, taid_beta: float = 0.99,
                  total_steps: int | None = None):
         self.loss = choice("loss", loss, LOSSES)
         self.tail = choice("tail", tail, TAILS)
         self.estimator = choice("estimator", estimator, ESTIMATORS)
-        if estimator != "counts" and tail not in SAMPLED_TAILS:
+        if estimator == "inclusion" and tail not in SAMPLED_TAILS:
             raise InvalidInputError(f"estimator={estimator!r} weighs the draws of the sampled tails "
                                     f"({', '.join(SAMPLED_TAILS)}); tail is {tail!r}")
         self.temperature = number("temperature", temperature, 0.0, math.inf, lo_open=True, hi_open=True)

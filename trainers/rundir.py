@@ -107,6 +107,9 @@ class RunDir:
         _, path = ckpt.latest(self.out)
         state = ckpt.load_state(path)
         saved = {**TrainConfig().to_dict(), **state["config"]}  # options added since then: at their defaults
+        if "estimator" not in state["config"] and cfg.estimator == "auto":
+            # a run from before --estimator weighed draws by their counts: it goes on as it started
+            saved["estimator"] = cfg.estimator = "counts"
         changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
         if changed:
             diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)

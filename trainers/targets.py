@@ -53,6 +53,7 @@ class SparseTargets:
     proposal_temperature: float = 1.0  # T of the proposal q ∝ p^(1/T) the draws came from
     proposal_log_norm: torch.Tensor | None = None  # [N] log Z of the proposal (T != 1)
     systematic: bool = False  # the draws are systematic (rules.draw), not independent
+    capped: bool = False  # a sampled cache kept at most k < D unique draws (rules.Sampled): a draw may be left out
 
     def __post_init__(self):
         nk = tuple(self.ids.shape)
@@ -108,21 +109,27 @@ class SparseTargets:
             return (self.draws * q).clamp(max=1.0)
         return -torch.expm1(self.draws * torch.log1p(-q))
 
-    def estimate(self, dtype: torch.dtype = torch.float32, design: str = "counts") -> torch.Tensor:
+    def estimate(self, dtype: torch.dtype = torch.float32, design: str = "auto") -> torch.Tensor:
         """The unbiased estimate ``p_hat [N, S]`` of the teacher distribution on ``support()`` (module docstring);
         0 where a column is not valid. ``design``: ``"counts"`` weighs each draw by how often it was drawn
         (``(c_x / D) * p_x / q_x``); ``"inclusion"`` by whether it was drawn at all (``p_x / pi_x``, the
         Horvitz-Thompson estimator: the counts' estimate averaged over the draws with the same drawn set of each
-        id, so never more variable per id; needs the stored logprobs)."""
+        id, so never more variable per id; needs the stored logprobs and every draw kept); ``"auto"``: inclusion
+        where the draws' logprobs are there and no cap left draws out, else counts."""
         if not self.sampled:
             raise InvalidInputError("these targets carry no draws (a top-k or mass cache): the unbiased estimator "
                                     "needs a cache built with --sample D or --top-k K --tail-draws D")
-        if design not in ("counts", "inclusion"):
-            raise InvalidInputError(f"design={design!r} is not allowed; it must be 'counts' or 'inclusion'")
+        if design not in ("auto", "counts", "inclusion"):
+            raise InvalidInputError(f"design={design!r} is not allowed; it must be 'auto', 'counts' or 'inclusion'")
         tempered = self.proposal_temperature != 1.0
         sampled_only = self.tail_ids is None  # a sampled cache: every entry is a draw
         valid = self.valid if sampled_only else self.tail_valid
         lp = self.logprobs if sampled_only else self.tail_logprobs
+        if design == "auto":
+            design = "counts" if lp is None or self.capped else "inclusion"
+        if design == "inclusion" and self.capped:
+            raise InvalidInputError("the inclusion-probability estimator needs every draw kept; this cache kept at "
+                                    "most k < D unique draws per position (build --sample D --top-k k): use counts")
         if design == "inclusion":
             if lp is None:
                 raise InvalidInputError("the inclusion-probability estimator needs the draws' logprobs; this cache "
@@ -141,7 +148,7 @@ class SparseTargets:
         head = torch.where(self.valid, torch.exp(self.logprobs.to(dtype)), 0.0)
         return torch.cat([head, w], 1)
 
-    def estimate_exact_label(self, dtype: torch.dtype = torch.float32, design: str = "counts"
+    def estimate_exact_label(self, dtype: torch.dtype = torch.float32, design: str = "auto"
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(``p_hat [N, S]`` on ``support()`` with the label's draws at 0, ``p_label [N]``): the label's exact target
         where the head does not hold it (0 where it does; the head's own column is exact). Unbiased for every id

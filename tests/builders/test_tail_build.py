@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 import logitstore
+from logitstore.rules import Sampled, TopK, TopKTail
 from logitstore.verify import verify
 from tests.builders.conftest import reference_logprobs
 from tests.builders.test_driver import write_jsonl
 from tests.conftest import FP32_ATOL
 from tools.cli import main
+from tools.cli.build import _flags_of
+from tools.cli.build import _rule as _rule_of_args
 
 
 def test_a_tail_draw_build_matches_the_reference(tiny_teacher, tmp_path):
@@ -120,10 +123,47 @@ def test_a_systematic_build_records_its_design_and_trains_with_either_estimator(
         assert (run / "model.safetensors").is_file()
 
 
+def test_a_run_from_before_the_estimator_option_resumes_with_counts(tiny_teacher, tmp_path):
+    """A checkpoint whose config has no ``estimator`` (written before the option, when draws were weighed by their
+    counts) resumes under the default ``auto`` with counts: it ends where the same run resumed with ``--estimator
+    counts`` ends, and not where one resumed with inclusion weights would."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    from trainers import checkpoint as ckpt
+
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, 6)
+    out = tmp_path / "c"
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "--tail-draws", "8",
+                 "-q"]) == 0
+    cfg = tmp_path / "student" / "config.json"
+    cfg.parent.mkdir()
+    LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True).to_json_file(str(cfg))
+    common = ["--student", str(cfg), "--batch-size", "2", "--tokenizer", str(tiny_teacher), "--quiet",
+              "--save-every", "2"]
+    models = {}
+    for name, est in (("counts", "counts"), ("old", "counts"), ("inclusion", "inclusion")):
+        run = tmp_path / name
+        assert main(["train", str(out), *common, "--max-steps", "2", "--estimator", est, "-o", str(run)]) == 0
+        resume = ["--estimator", est]
+        if name == "old":
+            _, path = ckpt.latest(run)
+            state = torch.load(path / ckpt.STATE_FILE, weights_only=False)
+            del state["config"]["estimator"]  # as an older logitstore wrote it
+            torch.save(state, path / ckpt.STATE_FILE)
+            resume = []  # the default, auto
+        assert main(["train", str(out), *common, "--max-steps", "4", "--resume", *resume, "-o", str(run)]) == 0
+        models[name] = load_file(str(run / "model.safetensors"))
+    same = lambda a, b: all(torch.equal(models[a][k], models[b][k]) for k in models[a])  # noqa: E731
+    assert same("old", "counts") and not same("inclusion", "counts")  # the estimator changes a run: this can fail
+
+
 def test_the_vllm_backend_refuses_the_tail_rule():
     from builders.backends.vllm import VLLMBackend
     from logitstore.errors import InvalidInputError
-    from logitstore.rules import TopKTail
 
     backend = VLLMBackend.__new__(VLLMBackend)  # only the rule check, no engine
     backend.max_logprobs = 64
@@ -153,7 +193,6 @@ def test_a_student_trains_from_a_tail_draw_cache_with_each_tail_policy(tiny_teac
 
 def test_a_build_without_a_rule_flag_uses_the_recommended_default(tiny_teacher, tmp_path, capsys):
     from builders.config import DEFAULT_RULE, default_rule
-    from logitstore.rules import TopK
 
     data = tmp_path / "d.jsonl"
     write_jsonl(data, 3)
@@ -162,6 +201,16 @@ def test_a_build_without_a_rule_flag_uses_the_recommended_default(tiny_teacher, 
     assert logitstore.open(out).manifest.rule == DEFAULT_RULE.to_dict()
     assert verify(out) == []
     err = capsys.readouterr().err
-    assert f"the default, --top-k {DEFAULT_RULE.k} --tail-draws {DEFAULT_RULE.tail_draws}" in err
+    assert f"the default, {_flags_of(DEFAULT_RULE)} (docs/choosing-a-cache.md)" in err
     # the vLLM backend cannot draw from the full distribution: its default is an exact top-k head
     assert isinstance(default_rule("vllm"), TopK)
+
+
+@pytest.mark.parametrize("rule", [TopK(32), TopKTail(4, 16, 2.0), TopKTail(4, 8, 1.0, systematic=True), Sampled(24),
+                                  Sampled(24, systematic=True), Sampled(50, 20, 2.0, True)], ids=str)
+def test_the_flags_printed_for_a_rule_name_that_rule(rule):
+    """What `build --help` and the no-flag message print for a rule (the default's) builds exactly that rule."""
+    from tools.cli import build_parser
+
+    args = build_parser().parse_args(["build", "T", "D", "-o", "C", *_flags_of(rule).split()])
+    assert _rule_of_args(args) == rule

@@ -211,6 +211,11 @@ def test_every_tail_policy_equals_our_loop_s(small, sampled_cache, tail_cache, t
     assert_loss_is_our_loop_s(path, dict(loss="forward_kl", tail=tail))
 
 
+@pytest.mark.parametrize("tail", ["sampled", "sampled_label"])
+def test_the_inclusion_estimator_equals_our_loop_s(tail_cache, tail):
+    assert_loss_is_our_loop_s(tail_cache, dict(loss="forward_kl", tail=tail, estimator="inclusion"))
+
+
 @pytest.mark.parametrize("weighting", ["keep-teacher", "keep-student-lowest", "route", "selection-weights"])
 def test_every_weighting_equals_our_loop_s(ranked_cache, weighting, tmp_path):
     ids = [s.seq_id for s in logitstore.open(ranked_cache.path)]
@@ -235,6 +240,11 @@ def test_refusals(small, sampled_cache, tmp_path):
         DistillationLoss(small, tail="sampled")
     with pytest.raises(InvalidInputError, match="--tail sampled_label needs a cache with draws"):
         DistillationLoss(small, tail="sampled_label")
+    with pytest.raises(InvalidInputError, match="--estimator 'hh': choose from counts, inclusion"):
+        DistillationLoss(small, estimator="hh")
+    with pytest.raises(InvalidInputError, match="--estimator inclusion weighs the draws of --tail sampled or "
+                                                "sampled_label; this run's tail is 'other'"):
+        DistillationLoss(sampled_cache.path, tail="other", estimator="inclusion")
     ds = CacheDataset(small)
     with pytest.raises(InvalidInputError, match="normalize='mean'"):
         DistillationTrainer(model=tiny_student(), args=hf_args(tmp_path), train_dataset=ds, normalize="mean")

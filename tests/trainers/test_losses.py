@@ -386,8 +386,9 @@ def _sampled_case(M, V, D, seed, with_logprobs=True):
     return zt, zs, targets
 
 
+@pytest.mark.parametrize("design", ["counts", "auto"])  # auto: inclusion with logprobs, counts without
 @pytest.mark.parametrize("with_logprobs", [True, False])
-def test_sampled_estimator_unbiased(with_logprobs):
+def test_sampled_estimator_unbiased(with_logprobs, design):
     M, V, D = 4000, 8, 16
     zt, zs, targets = _sampled_case(M, V, D, seed=6, with_logprobs=with_logprobs)
     p = torch.softmax(zt, -1)
@@ -396,7 +397,7 @@ def test_sampled_estimator_unbiased(with_logprobs):
     (g_ref,) = torch.autograd.grad(dense, z0)
     z = zs.expand(M, V).clone().requires_grad_()
     view = SV.student_view_from_logits(z, targets.ids, targets.labels)
-    est = L.sampled_forward_kl(view, targets)
+    est = L.sampled_forward_kl(view, targets, design=design)
     est.sum().backward()  # z.grad[i] is row i's gradient
     mean, se = z.grad.mean(0), z.grad.std(0) / math.sqrt(M)
     assert ((mean - g_ref).abs() <= 5 * se + 1e-12).all(), (mean, g_ref, se)
@@ -515,7 +516,7 @@ def test_objective_sampled_matches_hand_formula():
     targets = SparseTargets(**{**vars(targets), **{f: getattr(targets, f)[:, :2] for f in ("ids", "valid",
                                                                                            "logprobs", "counts")}})
     assert (targets.counts.sum(-1) < 5).any()
-    obj = L.Objective("forward_kl", tail="sampled")
+    obj = L.Objective("forward_kl", tail="sampled", estimator="counts")
     assert not obj.needs_logprobs
     z = zs.expand(6, 9)
     w = torch.ones(6, dtype=F64)
@@ -523,6 +524,14 @@ def test_objective_sampled_matches_hand_formula():
     lq, lp = torch.log_softmax(z, -1), torch.log_softmax(zt, -1)
     per = (targets.counts / 5 * torch.where(targets.valid, lp[targets.ids] - lq.gather(1, targets.ids), 0)).sum(-1)
     torch.testing.assert_close(loss, per.mean(), rtol=0, atol=1e-12)
+    # a cap that left draws out: auto weighs by counts, and the inclusion estimator is refused
+    targets.capped = True
+    auto, _ = L.Objective("forward_kl", tail="sampled")(SV.student_view_from_logits(z, targets.ids, targets.labels),
+                                                        targets, w)
+    torch.testing.assert_close(auto, per.mean(), rtol=0, atol=1e-12)
+    with pytest.raises(InvalidInputError, match="needs every draw kept"):
+        L.Objective("forward_kl", tail="sampled", estimator="inclusion")(
+            SV.student_view_from_logits(z, targets.ids, targets.labels), targets, w)
 
 
 @pytest.mark.parametrize("kwargs, match", [

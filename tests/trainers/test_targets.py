@@ -65,13 +65,14 @@ def dense(targets: SparseTargets, weights: torch.Tensor) -> torch.Tensor:
                                                                            torch.where(valid, weights, 0.0))
 
 
+@pytest.mark.parametrize("design", ["counts", "auto"])
 @pytest.mark.parametrize("rule", RULES, ids=rule_id)
-def test_the_estimate_is_unbiased_for_the_teacher_distribution(rule):
+def test_the_estimate_is_unbiased_for_the_teacher_distribution(rule, design):
     head, h, lp = teacher_case(3)
     labels = torch.zeros(M, dtype=torch.long)
     res = extract(h, head, labels, rule, chunk_rows=700, generator=torch.Generator().manual_seed(9))
     t = targets_from(res, rule, labels)
-    est = dense(t, t.estimate(torch.float64))  # [M, V]
+    est = dense(t, t.estimate(torch.float64, design))  # [M, V]
     mean, se = est.mean(0), est.std(0) / math.sqrt(M)
     p = lp.exp()
     assert ((mean - p).abs() <= 5 * se + FP32).all(), ((mean - p).abs() - 5 * se).max()
@@ -80,8 +81,9 @@ def test_the_estimate_is_unbiased_for_the_teacher_distribution(rule):
     assert abs(float(tot.mean()) - 1.0) < 5 * float(tot.std()) / math.sqrt(M) + 1e-6
 
 
+@pytest.mark.parametrize("design", ["counts", "auto"])
 @pytest.mark.parametrize("rule", RULES, ids=rule_id)
-def test_the_sampled_forward_kl_is_unbiased_in_value_and_gradient(rule):
+def test_the_sampled_forward_kl_is_unbiased_in_value_and_gradient(rule, design):
     head, h, lp = teacher_case(4)
     labels = torch.zeros(M, dtype=torch.long)
     res = extract(h, head, labels, rule, chunk_rows=700, generator=torch.Generator().manual_seed(10))
@@ -89,7 +91,7 @@ def test_the_sampled_forward_kl_is_unbiased_in_value_and_gradient(rule):
     zs = torch.randn(1, V, generator=torch.Generator().manual_seed(2), dtype=torch.float64).repeat(M, 1)
     z = zs.clone().requires_grad_(True)
     view = student_view_from_logits(z, t.support()[0], t.labels)
-    value = L.sampled_forward_kl(view, t)
+    value = L.sampled_forward_kl(view, t, design=design)
     value.sum().backward()
     value = value.detach()
     ls = torch.log_softmax(zs[0], -1)
@@ -117,7 +119,7 @@ def test_the_exact_label_estimator_is_unbiased_and_steadier_on_the_label(rule, r
     for exact in (False, True):
         z = zs.clone().requires_grad_(True)
         view = student_view_from_logits(z, t.support()[0], t.labels)
-        value = L.sampled_forward_kl(view, t, exact_label=exact)
+        value = L.sampled_forward_kl(view, t, exact_label=exact, design="counts")
         value.sum().backward()
         grads[exact] = z.grad
     value = value.detach()
@@ -127,7 +129,7 @@ def test_the_exact_label_estimator_is_unbiased_and_steadier_on_the_label(rule, r
     g, se = grads[True].mean(0), grads[True].std(0) / math.sqrt(M)
     g_ref = torch.softmax(zs[0], -1) - p
     assert ((g - g_ref).abs() <= 5 * se + FP32).all(), ((g - g_ref).abs() - 5 * se).max()
-    w, p_lab = t.estimate_exact_label(torch.float64)
+    w, p_lab = t.estimate_exact_label(torch.float64, "counts")
     in_head = bool((t.ids[0][t.valid[0]] == label).any()) if isinstance(rule, TopKTail) else False
     torch.testing.assert_close(p_lab, torch.zeros(M, dtype=torch.float64) if in_head else p[label].expand(M),
                                atol=1e-5, rtol=0)  # the exact target where the head does not hold the label
@@ -162,7 +164,7 @@ def test_the_inclusion_estimator_is_unbiased_and_never_more_variable_per_token(r
     drawn = est[:, x] > 0
     pi = min(1.0, rule.draws * float(q[x])) if rule.systematic else 1 - (1 - q[x]) ** rule.draws
     torch.testing.assert_close(est[drawn, x], (p[x] / pi).expand(int(drawn.sum())), atol=1e-5, rtol=1e-4)
-    counts = dense(t, t.estimate(torch.float64))
+    counts = dense(t, t.estimate(torch.float64, "counts"))
     sd_i, sd_c = est.std(0), counts.std(0)
     assert (sd_i <= sd_c * 1.1 + FP32).all(), (sd_i - sd_c * 1.1).max()  # 1.1: the spread of M-draw sd estimates
     # independent draws: strictly steadier in total; systematic ones: equal where D q < 1 (a count is 0 or 1 there)
@@ -185,10 +187,11 @@ def test_the_inclusion_estimator_needs_logprobs_and_a_known_design():
     t = SparseTargets(ids=torch.tensor([[1, 2]]), valid=torch.ones(1, 2, dtype=torch.bool), logprobs=None,
                       tail_mass=torch.zeros(1), labels=torch.tensor([1]), vocab_size=4,
                       counts=torch.tensor([[3.0, 1.0]]), draws=4)
-    torch.testing.assert_close(t.estimate(torch.float64), torch.tensor([[0.75, 0.25]], dtype=torch.float64))
+    for design in ("counts", "auto"):  # auto: counts, as there are no logprobs to weigh by inclusion
+        torch.testing.assert_close(t.estimate(torch.float64, design), torch.tensor([[0.75, 0.25]], dtype=torch.float64))
     with pytest.raises(InvalidInputError, match="inclusion-probability estimator needs the draws' logprobs"):
         t.estimate(design="inclusion")
-    with pytest.raises(InvalidInputError, match="design='hh' is not allowed"):
+    with pytest.raises(InvalidInputError, match="design='hh' is not allowed; it must be 'auto', 'counts' or"):
         t.estimate(design="hh")
 
 
@@ -232,7 +235,9 @@ def test_when_k_covers_the_vocabulary_the_tail_draws_nothing_and_the_estimate_is
     res = extract(h[:20], head, torch.zeros(20, dtype=torch.long), rule, chunk_rows=8)
     assert (res["n_tail"] == 0).all()
     t = targets_from(res, rule, torch.zeros(20, dtype=torch.long))
-    torch.testing.assert_close(dense(t, t.estimate(torch.float64)), lp.exp().expand(20, V), atol=1e-6, rtol=0)
+    for design in ("counts", "inclusion"):
+        torch.testing.assert_close(dense(t, t.estimate(torch.float64, design)), lp.exp().expand(20, V), atol=1e-6,
+                                   rtol=0)
 
 
 def test_the_residual_target_puts_the_tail_mass_on_the_label():

@@ -211,12 +211,15 @@ def _rule(args: argparse.Namespace):
 
 
 def _flags_of(rule) -> str:
-    """The build flags that name a top-k or top-k + tail-draws rule."""
-    from logitstore.rules import TopKTail
+    """The build flags that name a top-k, sampled or top-k + tail-draws rule."""
+    from logitstore.rules import Sampled, TopKTail
 
+    t = f" --proposal-temperature {rule.proposal_temperature:g}" if rule.proposal_temperature != 1 else ""
+    s = " --systematic" if rule.systematic else ""
     if isinstance(rule, TopKTail):
-        t = f" --proposal-temperature {rule.proposal_temperature:g}" if rule.proposal_temperature != 1 else ""
-        return f"--top-k {rule.k} --tail-draws {rule.tail_draws}{t}" + (" --systematic" if rule.systematic else "")
+        return f"--top-k {rule.k} --tail-draws {rule.tail_draws}{t}{s}"
+    if isinstance(rule, Sampled):
+        return f"--sample {rule.draws}" + (f" --top-k {rule.k}" if rule.k != rule.draws else "") + t + s
     return f"--top-k {rule.k}"
 
 
