@@ -13,11 +13,12 @@ teacher's full distribution at every step: the ceiling, d; the teacher's logprob
 into a float32 memmap and read back, which is the same target as a forward pass per step), and
 caches trained with ``logitstore train`` (``CONFIGS``: top-k with each tail policy, sampled, exact head +
 tail draws, tempered proposals; ``-L``: the same cache trained with ``--tail sampled_label``, the label's exact
-target in place of its draws). The caches are built by the builder's driver, extraction and writer
-(``builders.driver.build_with``) from the teacher's final hidden states, computed once per record and
-replayed for every cache (the body is the same for every rule; only the extraction differs). Every configuration runs
-with ``--seeds`` seeds (student init and data order); each seed's recovered fraction is paired
-with the same seed's (a) and (d): ``(a - x) / (a - d)``.
+target in place of its draws; ``-S``: systematic draws (``build --systematic``); ``-I``, ``-SI``, ``-LI``: trained
+with ``--estimator inclusion``; every other configuration with ``--estimator counts``). The caches are built by
+the builder's driver, extraction and writer (``builders.driver.build_with``) from the teacher's final hidden
+states, computed once per record and replayed for every cache (the body is the same for every rule; only the
+extraction differs). Every configuration runs with ``--seeds`` seeds (student init and data order); each seed's
+recovered fraction is paired with the same seed's (a) and (d): ``(a - x) / (a - d)``.
 
 Reported per configuration: held-out label CE and the exact full-vocabulary KL(teacher || student)
 (both from the teacher's and the student's logits), the student's expected calibration error (top-1
