@@ -40,7 +40,8 @@ temperature-1 logprobs ``lp`` and the tail mass ``m = 1 - sum exp(lp)`` outside 
 4. ``sampled_forward_kl``: the estimator of "Sparse Logit Sampling" (Anshumann et al., ACL
    2025) for caches with counts, ``sum_j (c_j / D) (lp_j - log q_j)`` with the full-vocabulary
    student logprob ``log q_j``; ``E[c_j / D] = p_j``, so its value and gradient are unbiased
-   for the full forward KL at T = 1. ``ce``: ``-log q(label)``.
+   for the full forward KL at T = 1; or, with the inclusion design, each drawn id weighed by
+   ``p_j / pi_j`` (Horvitz-Thompson, ``trainers.targets``), unbiased too. ``ce``: ``-log q(label)``.
 5. ``reduce``: the one masking/normalising helper, ``sum_i w_i l_i / sum_i w_i`` over w_i > 0.
 6. ``Objective``: per position ``kd_coef * tau**2 * kd + ce_coef * ce``, reduced with the
    weights; the tau**2 keeps gradient magnitudes comparable across temperatures (Hinton et
@@ -265,7 +266,8 @@ class Objective:
 
     ``loss`` names the KD divergence (or ``"ce"``: labels only); ``tail`` how the teacher's
     mass outside the stored ids is handled (``"sampled"``: the unbiased estimator, only with
-    ``forward_kl`` at temperature 1). Default coefficients: ``kd_coef = 1 - ce_weight``,
+    ``forward_kl`` at temperature 1; ``estimator`` says how it weighs a draw: ``SparseTargets.estimate``'s
+    ``design``). Default coefficients: ``kd_coef = 1 - ce_weight``,
     ``ce_coef = ce_weight``. For TAID, ``t`` adapts after each optimiser step (``step_end``).
     """
 
