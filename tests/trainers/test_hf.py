@@ -240,7 +240,7 @@ def test_refusals(small, sampled_cache, tmp_path):
         DistillationLoss(small, tail="sampled")
     with pytest.raises(InvalidInputError, match="--tail sampled_label needs a cache with draws"):
         DistillationLoss(small, tail="sampled_label")
-    with pytest.raises(InvalidInputError, match="--estimator 'hh': choose from counts, inclusion"):
+    with pytest.raises(InvalidInputError, match="--estimator 'hh': choose from auto, counts, inclusion"):
         DistillationLoss(small, estimator="hh")
     with pytest.raises(InvalidInputError, match="--estimator inclusion weighs the draws of --tail sampled or "
                                                 "sampled_label; this run's tail is 'other'"):
