@@ -21,6 +21,27 @@ from tools.cli.build import _flags_of
 from tools.cli.build import _rule as _rule_of_args
 
 
+def student_config(tmp_path):
+    """A one-layer student with the tiny teacher's vocabulary, as a config.json to initialise from."""
+    from transformers import LlamaConfig
+
+    cfg = tmp_path / "student" / "config.json"
+    cfg.parent.mkdir()
+    LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True).to_json_file(str(cfg))
+    return cfg
+
+
+def tail_cache(tiny_teacher, tmp_path, sequences: int):
+    """A ``--top-k 4 --tail-draws 8`` cache of ``sequences`` records."""
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, sequences)
+    out = tmp_path / "c"
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "--tail-draws", "8",
+                 "-q"]) == 0
+    return out
+
+
 def test_a_tail_draw_build_matches_the_reference(tiny_teacher, tmp_path):
     data = tmp_path / "d.jsonl"
     write_jsonl(data, 6)
@@ -89,7 +110,6 @@ def test_bad_rule_flags_are_refused_with_one_line_and_nothing_written(tiny_teach
 def test_a_systematic_build_records_its_design_and_trains_with_either_estimator(tiny_teacher, tmp_path):
     """``--systematic``: the manifest's rule says ``design: systematic``; every tail id is drawn floor(D q) or
     ceil(D q) times for q the reference proposal; the cache verifies and trains with both estimators."""
-    from transformers import LlamaConfig
 
     data = tmp_path / "d.jsonl"
     write_jsonl(data, 4)
@@ -112,10 +132,7 @@ def test_a_systematic_build_records_its_design_and_trains_with_either_estimator(
             got = np.zeros(ref.shape[1])
             got[seq.tail_ids[i, :n]] = seq.tail_counts[i, :n]
             assert ((got >= np.floor(24 * q - 1e-3)) & (got <= np.ceil(24 * q + 1e-3))).all()
-    cfg = tmp_path / "student" / "config.json"
-    cfg.parent.mkdir()
-    LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True).to_json_file(str(cfg))
+    cfg = student_config(tmp_path)
     for est in ("counts", "inclusion"):
         run = tmp_path / f"s-{est}"
         assert main(["train", str(out), "--student", str(cfg), "--estimator", est, "--max-steps", "2",
@@ -129,19 +146,11 @@ def test_a_run_from_before_the_estimator_option_resumes_with_counts(tiny_teacher
     counts`` ends, and not where one resumed with inclusion weights would."""
     import torch
     from safetensors.torch import load_file
-    from transformers import LlamaConfig
 
     from trainers import checkpoint as ckpt
 
-    data = tmp_path / "d.jsonl"
-    write_jsonl(data, 6)
-    out = tmp_path / "c"
-    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "--tail-draws", "8",
-                 "-q"]) == 0
-    cfg = tmp_path / "student" / "config.json"
-    cfg.parent.mkdir()
-    LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True).to_json_file(str(cfg))
+    out = tail_cache(tiny_teacher, tmp_path, 6)
+    cfg = student_config(tmp_path)
     common = ["--student", str(cfg), "--batch-size", "2", "--tokenizer", str(tiny_teacher), "--quiet",
               "--save-every", "2"]
     models = {}
@@ -172,17 +181,9 @@ def test_the_vllm_backend_refuses_the_tail_rule():
 
 
 def test_a_student_trains_from_a_tail_draw_cache_with_each_tail_policy(tiny_teacher, tmp_path):
-    from transformers import LlamaConfig
 
-    data = tmp_path / "d.jsonl"
-    write_jsonl(data, 8)
-    out = tmp_path / "c"
-    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "--top-k", "4", "--tail-draws", "8",
-                 "-q"]) == 0
-    cfg = tmp_path / "student" / "config.json"
-    cfg.parent.mkdir()
-    LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True).to_json_file(str(cfg))
+    out = tail_cache(tiny_teacher, tmp_path, 8)
+    cfg = student_config(tmp_path)
     for tail in ("sampled", "other", "label", "renormalize"):
         run = tmp_path / f"s-{tail}"
         assert main(["train", str(out), "--student", str(cfg), "--loss", "forward_kl", "--tail", tail,
