@@ -20,6 +20,9 @@ exact ``exp(label_logprob)`` (stored for every position) wherever the head does 
 draws of the label count 0. Every id's estimate stays unbiased and the label's has no variance: at
 proposal temperature T the draw of a rare label has weight ``(c/D) * p/q``, far above ``p`` when drawn
 and 0 otherwise, and the label is the token a held-out cross-entropy scores.
+``estimate(design="inclusion")`` weighs a drawn id by whether it was drawn, not how often:
+``p_hat_x = p_x / pi_x`` with ``pi_x`` the chance of drawing it at all (Horvitz-Thompson; ``1 - (1 - q_x)^D``
+for independent draws, ``min(1, D q_x)`` for systematic ones), unbiased and never more variable per id.
 ``residual()`` is RS-KD's "residual mass to the ground truth" target of a top-k cache: the head
 ``p_j`` plus the tail mass ``m`` on the label (biased; Anshumann et al. 2025, slide 13).
 """
@@ -31,6 +34,7 @@ import dataclasses
 import torch
 
 from logitstore.errors import InvalidInputError
+from trainers.config import ESTIMATORS
 
 
 @dataclasses.dataclass
@@ -88,23 +92,24 @@ class SparseTargets:
         return (torch.cat([self.ids, self.tail_ids], 1), torch.cat([self.valid, self.tail_valid], 1),
                 None if self.logprobs is None else torch.cat([self.logprobs, self.tail_logprobs], 1))
 
+    def _log_proposal(self, lp: torch.Tensor) -> torch.Tensor:
+        """``log q_x`` of draws with logprobs ``lp [N, M]``: ``lp_x / T - log Z``; at T = 1, ``lp_x`` for a sampled
+        cache and ``lp_x - log m`` for the tail of a ``topk_tail`` one."""
+        if self.proposal_temperature != 1.0:
+            return lp / self.proposal_temperature - self.proposal_log_norm.to(lp)[:, None]
+        if self.tail_ids is None:
+            return lp
+        return lp - torch.log(self.tail_mass.to(lp).clamp_min(torch.finfo(lp.dtype).tiny))[:, None]
+
     def _importance(self, lp: torch.Tensor) -> torch.Tensor:
         """``p_x / q_x`` of draws with logprobs ``lp [N, M]`` under the tempered proposal."""
-        t = self.proposal_temperature
-        return torch.exp(lp * (1.0 - 1.0 / t) + self.proposal_log_norm.to(lp)[:, None])
+        return torch.exp(lp - self._log_proposal(lp))
 
     def _inclusion(self, lp: torch.Tensor) -> torch.Tensor:
         """``pi_x``, the chance that the D draws from the proposal hit ``x`` at least once, for draws with logprobs
-        ``lp [N, M]`` (``q_x = exp(lp_x / T - log Z)``; at T = 1, ``p_x`` for a sampled cache and ``p_x / m`` for
-        the tail of a ``topk_tail`` one): ``1 - (1 - q_x)^D`` for independent draws, ``min(1, D q_x)`` for
-        systematic ones (D points spaced 1/D apart, at a uniform offset, hit an interval of length q_x)."""
-        if self.proposal_temperature != 1.0:
-            log_q = lp / self.proposal_temperature - self.proposal_log_norm.to(lp)[:, None]
-        elif self.tail_ids is None:
-            log_q = lp
-        else:
-            log_q = lp - torch.log(self.tail_mass.to(lp).clamp_min(torch.finfo(lp.dtype).tiny))[:, None]
-        q = torch.exp(log_q).clamp(0.0, 1.0)
+        ``lp [N, M]``: ``1 - (1 - q_x)^D`` for independent draws, ``min(1, D q_x)`` for systematic ones (D points
+        spaced 1/D apart, at a uniform offset, hit an interval of length q_x)."""
+        q = torch.exp(self._log_proposal(lp)).clamp(0.0, 1.0)
         if self.systematic:
             return (self.draws * q).clamp(max=1.0)
         return -torch.expm1(self.draws * torch.log1p(-q))
@@ -119,7 +124,7 @@ class SparseTargets:
         if not self.sampled:
             raise InvalidInputError("these targets carry no draws (a top-k or mass cache): the unbiased estimator "
                                     "needs a cache built with --sample D or --top-k K --tail-draws D")
-        if design not in ("auto", "counts", "inclusion"):
+        if design not in ESTIMATORS:
             raise InvalidInputError(f"design={design!r} is not allowed; it must be 'auto', 'counts' or 'inclusion'")
         tempered = self.proposal_temperature != 1.0
         sampled_only = self.tail_ids is None  # a sampled cache: every entry is a draw
@@ -127,10 +132,11 @@ class SparseTargets:
         lp = self.logprobs if sampled_only else self.tail_logprobs
         if design == "auto":
             design = "counts" if lp is None or self.capped else "inclusion"
-        if design == "inclusion" and self.capped:
-            raise InvalidInputError("the inclusion-probability estimator needs every draw kept; this cache kept at "
-                                    "most k < D unique draws per position (build --sample D --top-k k): use counts")
         if design == "inclusion":
+            if self.capped:
+                raise InvalidInputError("the inclusion-probability estimator needs every draw kept; this cache kept "
+                                        "at most k < D unique draws per position (build --sample D --top-k k): use "
+                                        "counts")
             if lp is None:
                 raise InvalidInputError("the inclusion-probability estimator needs the draws' logprobs; this cache "
                                         "stores only ids and counts (built with values none)")

@@ -188,7 +188,7 @@ def _rule(args: argparse.Namespace):
         raise InvalidInputError(f"--proposal-temperature {t}: must be a finite number > 0 (draws from q ∝ p^(1/T))")
     if t is not None and args.sample is None and args.tail_draws is None:
         raise InvalidInputError("--proposal-temperature shapes the draws of --sample or --tail-draws; give one of them")
-    sys_ = bool(getattr(args, "systematic", False))
+    sys_ = args.systematic
     if sys_ and args.sample is None and args.tail_draws is None:
         raise InvalidInputError("--systematic shapes the draws of --sample or --tail-draws; give one of them")
     t = 1.0 if t is None else t
