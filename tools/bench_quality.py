@@ -13,8 +13,10 @@ teacher's full distribution at every step: the ceiling, d; the teacher's logprob
 into a float32 memmap and read back, which is the same target as a forward pass per step), and
 caches trained with ``logitstore train`` (``CONFIGS``: top-k with each tail policy, sampled, exact head +
 tail draws, tempered proposals; ``-L``: the same cache trained with ``--tail sampled_label``, the label's exact
-target in place of its draws; ``-S``: systematic draws (``build --systematic``); ``-I``, ``-SI``, ``-LI``: trained
-with ``--estimator inclusion``; every other configuration with ``--estimator counts``). The caches are built by
+target in place of its draws; ``-S``: systematic draws (``build --systematic``); ``-I``, ``-SI``, ``-LI``, ``-SLI``:
+trained with ``--estimator inclusion``; every other configuration with ``--estimator counts``; ``-S-other``,
+``-S-label``: a systematic cache trained with ``--tail other`` / ``label``, its drawn ids as an exact support and
+the rest as a bucket; a ``-h`` suffix: the cache built with ``--scalars fp16``). The caches are built by
 the builder's driver, extraction and writer (``builders.driver.build_with``) from the teacher's final hidden
 states, computed once per record and replayed for every cache (the body is the same for every rule; only the
 extraction differs). Every configuration runs with ``--seeds`` seeds (student init and data order); each seed's
@@ -86,6 +88,15 @@ CONFIGS = {
     "s32-SI": ({"sample": 32, "sys": True}, "forward_kl", "sampled"),
     "s24-SI": ({"sample": 24, "sys": True}, "forward_kl", "sampled"),
     "s16-SI": ({"sample": 16, "sys": True}, "forward_kl", "sampled"),
+    "s24-SLI": ({"sample": 24, "sys": True}, "forward_kl", "sampled_label"),
+    "s32-SLI": ({"sample": 32, "sys": True}, "forward_kl", "sampled_label"),
+    "s32-SI-h": ({"sample": 32, "sys": True, "half": True}, "forward_kl", "sampled"),
+    "s36-SI-h": ({"sample": 36, "sys": True, "half": True}, "forward_kl", "sampled"),
+    "s40-SI-h": ({"sample": 40, "sys": True, "half": True}, "forward_kl", "sampled"),
+    "s24-S-other": ({"sample": 24, "sys": True}, "forward_kl", "other"),
+    "s24-S-label": ({"sample": 24, "sys": True}, "forward_kl", "label"),
+    "s16-S-label": ({"sample": 16, "sys": True}, "forward_kl", "label"),
+    "s32-S-label": ({"sample": 32, "sys": True}, "forward_kl", "label"),
     "s32-T1.5-SI": ({"sample": 32, "T": 1.5, "sys": True}, "forward_kl", "sampled"),
     "s24-T1.5-SI": ({"sample": 24, "T": 1.5, "sys": True}, "forward_kl", "sampled"),
     "s16-T2-SI": ({"sample": 16, "T": 2.0, "sys": True}, "forward_kl", "sampled"),
@@ -96,7 +107,7 @@ CONFIGS = {
 
 def estimator_of(name: str) -> str:
     """The trainer's ``--estimator`` of a configuration: ``inclusion`` for the ``-I`` names, else ``counts``."""
-    return "inclusion" if name.rsplit("-", 1)[-1] in ("I", "LI", "SI") else "counts"
+    return "inclusion" if name.removesuffix("-h").rsplit("-", 1)[-1] in ("I", "LI", "SI", "SLI") else "counts"
 
 
 #: standard-library modules whose docstrings extend the long regime's training text (pydoc_data.topics gives ~735)
@@ -226,13 +237,15 @@ class Bench:
     def cache(self, spec: dict) -> Path:
         from builders.config import BuildConfig
         from builders.driver import build_with
+        from logitstore.codec import Codec
 
         key = "-".join(f"{k}{v}" for k, v in sorted(spec.items()))
         path = self.work / f"cache-{self.regime}-{key}"
         if not (path / "manifest.json").exists():
             t = time.perf_counter()
+            codec = Codec(scalars="fp16") if spec.get("half") else Codec()
             build_with(self.backend(), str(self.tdir), self.data, path,
-                       BuildConfig(rule=rule_of(spec), max_length=LENGTH), progress=False)
+                       BuildConfig(rule=rule_of(spec), codec=codec, max_length=LENGTH), progress=False)
             print(f"  built {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
         return path
 
@@ -514,6 +527,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--regime", choices=["short", "long", "both"], default="short")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1 (default "
+                                                               "0): one seed range per process, to run seeds side by "
+                                                               "side")
     ap.add_argument("--only", help="comma-separated configurations (default all): " + ", ".join(CONFIGS))
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "logitstore" / "bench-quality"))
     ap.add_argument("--angles", action="store_true", help="only the gradient diagnostic of the --only configurations "
@@ -542,7 +558,7 @@ def main(argv=None) -> int:
     seeds = 1 if a.quick else a.seeds
     for regime in regimes:
         bench = Bench(work, regime)
-        for seed in range(seeds):
+        for seed in range(a.first_seed, a.first_seed + seeds):
             for name in names:
                 res_path = work / "results" / regime / f"{name}-seed{seed}.json"
                 if res_path.exists():
