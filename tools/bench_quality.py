@@ -91,6 +91,7 @@ CONFIGS = {
     "s24-SLI": ({"sample": 24, "sys": True}, "forward_kl", "sampled_label"),
     "s32-SLI": ({"sample": 32, "sys": True}, "forward_kl", "sampled_label"),
     "s32-SI-h": ({"sample": 32, "sys": True, "half": True}, "forward_kl", "sampled"),
+    "s36-SI": ({"sample": 36, "sys": True}, "forward_kl", "sampled"),
     "s36-SI-h": ({"sample": 36, "sys": True, "half": True}, "forward_kl", "sampled"),
     "s40-SI-h": ({"sample": 40, "sys": True, "half": True}, "forward_kl", "sampled"),
     "s24-S-other": ({"sample": 24, "sys": True}, "forward_kl", "other"),
@@ -510,7 +511,7 @@ def _plot(by: dict, path: str, regime: str) -> None:
     for name, seeds in by.items():
         pts = [s.get("recovered_kl") for s in seeds.values() if s.get("recovered_kl") is not None]
         bpt = next(iter(seeds.values())).get("bytes_per_token")
-        if not pts or bpt is None:
+        if len(pts) < 2 or bpt is None:  # a mean and its spread need seeds: one-seed rows stay in the tables
             continue
         ax.errorbar(bpt, 100 * np.mean(pts), yerr=100 * _sd(np.asarray(pts)), fmt="o", capsize=3)
         ax.annotate(name, (bpt, 100 * np.mean(pts)), textcoords="offset points", xytext=(5, 4), fontsize=8)
