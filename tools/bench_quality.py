@@ -125,14 +125,20 @@ def _chunks(tokenizer, words: list[str]) -> list[str]:
     return out
 
 
+def topic_records(tokenizer) -> list[str]:
+    """All of pydoc_data.topics as texts of about LENGTH tokens, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return _chunks(tokenizer, " ".join(" ".join(topics[k].split()) for k in sorted(topics)).split())
+
+
 def records(tokenizer, n: int) -> tuple[list[str], list[str]]:
     """``n`` training texts and EVAL_RECORDS held-out texts of about LENGTH tokens, in a fixed order. Held out:
     the last records of pydoc_data.topics; training: the others, then (the long regime) stdlib docstrings."""
     import importlib
     import inspect
-    from pydoc_data.topics import topics
 
-    top = _chunks(tokenizer, " ".join(" ".join(topics[k].split()) for k in sorted(topics)).split())
+    top = topic_records(tokenizer)
     train, held = top[:-EVAL_RECORDS], top[-EVAL_RECORDS:]
     if len(train) < n:
         docs: dict[str, None] = {}

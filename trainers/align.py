@@ -15,11 +15,14 @@ Minixhofer et al., "Universal Cross-Tokenizer Distillation via Approximate Likel
 both sides and closes a chunk where they are equal). A teacher special token is aligned with the
 student's special token of the same content, as its own chunk, or dropped when the student has
 none. A chunk's teacher likelihood is the product of its teacher tokens' probabilities, its
-student likelihood the product of its student tokens'.
+student likelihood the product of its student tokens'. ``merge_chunks`` joins consecutive chunks
+into longer ones (ALM's ``merge_by_space_prob``: a chunk closes only where the teacher expects a word to
+end).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 from typing import Any
@@ -114,6 +117,32 @@ class TokenBytes:
         if not hasattr(self, "_content_of"):
             self._content_of = {i: c for c, i in self.specials.items()}
         return self._content_of
+
+    def space_mask(self) -> np.ndarray:
+        """``[V]`` bool: the tokens whose text starts with a space (tokenkit's ``get_space_mask``, mode "space": a
+        word begins with them)."""
+        return np.array([bool(b) and b[:1] == b" " and not sp for b, sp in zip(self.table, self.special)], bool)
+
+    def first_byte(self) -> np.ndarray:
+        """``[V]`` int64: each token's first byte, 256 for a special or empty token."""
+        return np.array([256 if sp or not b else b[0] for b, sp in zip(self.table, self.special)], np.int64)
+
+    def extensions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which tokens continue each token's text, CSR: for token v, ``ids[ptr[v]:ptr[v + 1]]`` are the tokens whose
+        bytes strictly extend v's, and ``next_byte`` (same slice) the byte of each that follows v's text. Special and
+        empty tokens have none."""
+        keys = sorted((b, i) for i, b in enumerate(self.table) if b and not self.special[i])
+        texts = [b for b, _ in keys]
+        ptr, ids, nxt = [0], [], []
+        for v, b in enumerate(self.table):
+            if b and not self.special[v]:
+                k = bisect.bisect_right(texts, b)
+                while k < len(texts) and texts[k].startswith(b):
+                    ids.append(keys[k][1])
+                    nxt.append(texts[k][len(b)])
+                    k += 1
+            ptr.append(len(ids))
+        return np.asarray(ptr, np.int64), np.asarray(ids, np.int64), np.asarray(nxt, np.int64)
 
     def spell(self, ids) -> bytes:
         """The bytes a token sequence spells (special tokens spell nothing)."""
@@ -238,3 +267,37 @@ def align(teacher: TokenBytes, student: TokenBytes, student_tokenizer, ids: np.n
         return np.where((x >= 0) & ok[safe], new[safe], -1) if c else np.full(x.shape, -1, np.int64)
 
     return Alignment(s_arr, remap(c_t), remap(c_s_arr), np.asarray(nbytes, np.int64)[ok])
+
+
+def chunk_ends(al: Alignment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per chunk ``[C]``: its first and last teacher token and its last student token (indices into the sequences)."""
+    c = al.n_chunks
+    first, last, s_last = np.full(c, np.iinfo(np.int64).max), np.full(c, -1), np.full(c, -1)
+    t = np.flatnonzero(al.chunk_of_teacher >= 0)
+    np.minimum.at(first, al.chunk_of_teacher[t], t)
+    np.maximum.at(last, al.chunk_of_teacher[t], t)
+    s = np.flatnonzero(al.chunk_of_student >= 0)
+    np.maximum.at(s_last, al.chunk_of_student[s], s)
+    return first, last, s_last
+
+
+def merge_chunks(al: Alignment, close: np.ndarray) -> Alignment:
+    """Join each run of consecutive chunks into one, closing a run after chunk c where ``close[c]``; a run also
+    closes where the next chunk does not follow on in the teacher's sequence (a context stretch or a dropped chunk
+    between them) and around special tokens' chunks (they spell no text), so a merged chunk is always one stretch
+    of text on both sides."""
+    c = al.n_chunks
+    if c == 0:
+        return al
+    first, last, _ = chunk_ends(al)
+    ends = np.asarray(close, bool).copy()
+    ends[-1] = True
+    special = al.chunk_bytes == 0
+    ends[:-1] |= (first[1:] != last[:-1] + 1) | special[1:] | special[:-1]
+    group = np.concatenate([[0], np.cumsum(ends[:-1])])
+
+    def remap(x: np.ndarray) -> np.ndarray:
+        return np.where(x >= 0, group[np.maximum(x, 0)], -1)
+
+    return Alignment(al.student_ids, remap(al.chunk_of_teacher), remap(al.chunk_of_student),
+                     np.bincount(group, weights=al.chunk_bytes, minlength=int(group[-1]) + 1).astype(np.int64))

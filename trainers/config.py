@@ -25,7 +25,8 @@ ESTIMATORS = ("auto", "counts", "inclusion")  # how the sampled tails weigh a dr
 
 KEEP_BY = ("teacher_entropy", "student_entropy")  # or "score:<column>" of a `logitstore score` directory
 ROUTES = ("none", "correctness")
-CROSS = ("alm", "gold")  # cross-tokenizer methods (trainers.cross)
+CROSS = ("alm", "gold", "nextbyte")  # cross-tokenizer methods (trainers.cross)
+ALM_MODES = ("plain", "append_space", "merge_by_space_prob", "merge_by_space_prob+append_space")  # tokenkit's names
 DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -116,13 +117,28 @@ class TrainConfig:
                             "directory and the student shares it); also spelled --student-tokenizer",
                         aliases=("--student-tokenizer",))
     cross_tokenizer: str = _f("", "train a student whose tokenizer differs from the teacher's: 'alm' (approximate "
-                                  "likelihood matching of aligned text chunks) or 'gold' (the cached distribution "
-                                  "through a vocabulary match on aligned one-token chunks, ULD elsewhere); "
-                                  "evaluation in bits per byte")
+                                  "likelihood matching of aligned text chunks), 'gold' (the cached distribution "
+                                  "through a vocabulary match on aligned one-token chunks, ULD elsewhere) or "
+                                  "'nextbyte' (both models' next-byte distributions at every aligned token "
+                                  "boundary, in place of that token's CE; give --ce-weight, e.g. 0.5); evaluation in "
+                                  "bits per byte")
     teacher_tokenizer: str = _f("", "with --cross-tokenizer: the teacher's tokenizer directory, when the cache's "
                                     "tokenizer record does not name a local one (its fingerprint must match)")
     alm_temperature: float = _f(100.0, "with --cross-tokenizer alm: the binarisation temperature tau of chunk "
                                        "likelihoods")
+    alm_mode: str = _f("plain", "with --cross-tokenizer alm: 'plain' (each aligned chunk's likelihood), "
+                                "'append_space' (each chunk's likelihood times the probability that the next token "
+                                "starts with a space: the event 'this text, then a word ends'), "
+                                "'merge_by_space_prob' (chunks joined until one ends where the teacher gives a space "
+                                "next at least --alm-space-threshold), or both joined by '+' (the ALM authors' "
+                                "recommended form); the teacher's space probability is the sum over the cached "
+                                "entries (exact for an exact head; a lower bound by at most the tail mass)")
+    alm_space_threshold: float = _f(0.1, "with --alm-mode merge_by_space_prob: the teacher's probability of a space "
+                                         "next at which a chunk may close")
+    gradmag: bool = _f(False, "with --cross-tokenizer and --ce-weight lambda in (0, 1): weigh the KD and CE losses "
+                              "so that their gradients w.r.t. the student's final hidden states have norms in the "
+                              "ratio (1 - lambda) : lambda, keeping the harmonic-mean magnitude (GradMag, the ALM "
+                              "paper's balancing; lambda 0.5 weighs them equally)")
     skip_verify: bool = _f(False, "do not check the cache's shard checksums, schema and counts before training "
                                   "(pages are still checked by their CRCs while reading)")
     skip_bad_shards: bool = _f(False, "train on the sound shards of a damaged cache, leaving out (and naming) the "
@@ -181,7 +197,9 @@ class TrainConfig:
         if self.cross_tokenizer:
             self._validate_cross(_bad)
         elif self.teacher_tokenizer:
-            raise InvalidInputError("--teacher-tokenizer goes with --cross-tokenizer alm|gold")
+            raise InvalidInputError("--teacher-tokenizer goes with --cross-tokenizer")
+        elif self.gradmag or self.alm_mode != "plain":
+            raise InvalidInputError(f"{'--gradmag' if self.gradmag else '--alm-mode'} goes with --cross-tokenizer")
         return self
 
     def validate_loss(self) -> TrainConfig:
@@ -216,6 +234,19 @@ class TrainConfig:
             raise bad("cross_tokenizer", self.cross_tokenizer, f"choose from {', '.join(CROSS)}")
         if not self.alm_temperature > 0:
             raise bad("alm_temperature", self.alm_temperature, "must be > 0")
+        if self.alm_mode not in ALM_MODES:
+            raise bad("alm_mode", self.alm_mode, f"choose from {', '.join(ALM_MODES)}")
+        if self.alm_mode != "plain" and self.cross_tokenizer != "alm":
+            raise bad("alm_mode", self.alm_mode, "goes with --cross-tokenizer alm")
+        if not 0 < self.alm_space_threshold < 1:
+            raise bad("alm_space_threshold", self.alm_space_threshold, "must be in (0, 1)")
+        if self.gradmag and not 0 < self.ce_weight < 1:
+            raise bad("ce_weight", self.ce_weight, "--gradmag balances KD and CE: give --ce-weight in (0, 1)")
+        if self.gradmag and self.cross_tokenizer == "nextbyte":
+            raise bad("gradmag", True, "goes with --cross-tokenizer alm or gold (nextbyte weighs KD and CE per "
+                                       "token by --ce-weight)")
+        if self.gradmag and self.loss == "ce":
+            raise bad("loss", self.loss, "--gradmag balances KD and CE: --loss ce has no KD term")
         unsupported = [(self.pack, "--pack"), (self.keep_fraction < 1, "--keep-fraction"),
                        (self.route != "none", "--route"), (self.tail != "auto", "--tail"),
                        (self.temperature != 1.0, "--temperature"), (bool(self.scores), "--scores")]

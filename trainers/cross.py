@@ -1,4 +1,4 @@
-"""Cross-tokenizer students (``train --cross-tokenizer alm|gold``): the piece the training loop plugs in.
+"""Cross-tokenizer students (``train --cross-tokenizer alm|gold|nextbyte``): the piece the training loop plugs in.
 
 ``CrossTokenizer(cfg, manifest, student)`` turns each teacher batch of the streaming loader into
 a student batch (``prepare``): per sequence, the text is rebuilt from the teacher's tokens, encoded
@@ -10,6 +10,18 @@ head run as for any student (``trainers.view.student_view``, chunked).
   ``label_logprob`` over the chunk's teacher tokens (stored for every cached position), s_c the
   student's; ``loss = (1 - ce_weight) mean_c alm_kl + ce_weight mean_u CE_u`` over student tokens u.
   ``--loss ce``: the student's cross-entropy alone (the baseline on the same text and tokens).
+  ``--alm-mode`` adds the two refinements of the ALM authors' recommended configuration (``tokenkit``'s
+  ``alm_mode=merge_by_space_prob+append_space``): ``append_space`` compares, per chunk, the likelihood of
+  "this text, then a token starting with a space" (both chunk log-likelihoods plus the log-probability
+  of a space-initial token at the position after the chunk: the teacher's summed over its cached entries
+  there, the student's over its full vocabulary), which says how likely a word ends there; chunks whose
+  next teacher position is not cached (a sequence's last) keep the plain likelihood.
+  ``merge_by_space_prob`` joins consecutive chunks until one whose teacher space probability is at least
+  ``--alm-space-threshold`` (``trainers.align.merge_chunks``), so chunks are whole words.
+  ``--gradmag`` (with ``--ce-weight`` lambda in (0, 1)) weighs the two terms by GradMag: per micro-batch,
+  ``w_kd = (1 - lambda) / |dKD/dh|``, ``w_ce = lambda / |dCE/dh|`` (h the student's final hidden states; the
+  paper takes the last layer's parameters), ``loss = (w_kd KD + w_ce CE) / (w_kd + w_ce)`` with the weights
+  held constant, so each term's gradient has its share of one magnitude.
 - ``gold`` (after TRL's GOLD trainer, which matches vocabularies by token string and falls back to
   ULD; Boizard et al. 2024): on a one-token chunk (one teacher token and one student token, so the
   same bytes), the cached entries are mapped to student ids by a vocabulary match on token bytes
@@ -18,6 +30,28 @@ head run as for any student (``trainers.view.student_view``, chunked).
   between the teacher's distribution at the chunk's first position (top K and tail mass) and the
   student's, each scaled by the probability of the rest of the chunk along the text (GOLD's merge of
   a multi-token group: the first marginal times the actual continuation's probability).
+- ``nextbyte``: at the start of every chunk (a byte offset i where both tokenizations start a token) both
+  models say which *byte* comes next, in 257 buckets (the 256 byte values and one for special tokens)
+  whatever their vocabularies, and ``--loss`` (default forward KL) is taken over the buckets. It takes the
+  place of the CE at the chunk's first student token, ``(1 - lambda) KD + lambda CE`` there with lambda
+  the ``--ce-weight``, and every other token keeps its CE; the loss is the weighted mean over tokens.
+  (A mean over chunks mixed with a mean over tokens, as for ``alm`` and ``gold``, weighs the chunk starts
+  several times each other token, and Adam's normalisation then slows the learning of the rest: on the
+  benchmark a byte student ended far worse than with CE alone even with the actual next bytes as targets;
+  BENCHMARKS.md, "Cross-tokenizer students".) A model's next-token distribution at i summed by first byte is not
+  its next-byte distribution: it is conditioned on a token boundary at i, which leaks the future (after
+  the token " the", a boundary says the word ended, while the text " the" goes on to " then", " there"
+  as often). So each side's next-byte distribution after the text is taken one token back, from the
+  distribution at the start j of the token v that ends at i (Phan et al., "Exact Byte-Level
+  Probabilities from Tokenized Language Models", 2024, truncated to one token):
+  ``P(b) = [P_j(v) P_i(first byte b) + sum_{u extends v, next byte b} P_j(u)] / [P_j(v) + sum_{u extends v} P_j(u)]``.
+  The student's side is exact over its vocabulary (``TokenBytes.extensions``); the teacher's uses its cached
+  entries at j and i and the exact label logprob ``P_j(v)``, and spreads each position's exact tail mass
+  evenly over the vocabulary's tokens outside its entries, so every byte that some token starts with keeps
+  some mass. (Renormalising over the entries instead gives 0 to the bytes no entry starts with, at every
+  boundary of the benchmark's top-32 cache, 1.7% of the exact mass on average, and the student is taught
+  they never come; ``python tools/bench_cross.py --target-check``.) A chunk whose token before it is not
+  predicted on both sides (the text's first) gets no KD term.
 
 Evaluation is in bits per byte over the target text (``trainers.align.roles``): ``eval_bpb`` the
 student's, ``eval_teacher_bpb`` the teacher's on the same bytes (special tokens' chunks spell no text
@@ -35,11 +69,11 @@ import torch
 
 from logitstore.errors import InvalidInputError, TokenizerMismatchError
 from logitstore.identity import tokenizer_fingerprint
-from trainers.align import TokenBytes, align
+from trainers.align import TokenBytes, align, chunk_ends, merge_chunks
 from trainers.losses import reduce
 from trainers.targets import SparseTargets
 from trainers.view import StudentView, student_view
-from trainers.xlosses import alm_kl, sorted_l1
+from trainers.xlosses import ALM_EPS, alm_kl, sorted_l1
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +128,14 @@ class CrossTokenizer:
         if len(student.tokenizer) > student.vocab_size:
             raise InvalidInputError(f"student {cfg.student} has {student.vocab_size} embedding rows, its tokenizer "
                                     f"{len(student.tokenizer)} tokens: every token id must fit")
-        if cfg.cross_tokenizer == "gold" and (manifest.codec.get("values") == "none" or
-                                              manifest.rule.get("rule") == "sample"):
-            raise InvalidInputError("--cross-tokenizer gold needs a cache with exact top entries (rules topk, mass, "
-                                    "topk_tail); use alm, which needs only the label logprobs")
+        if cfg.cross_tokenizer in ("gold", "nextbyte") and (manifest.codec.get("values") == "none" or
+                                                            manifest.rule.get("rule") == "sample"):
+            raise InvalidInputError(f"--cross-tokenizer {cfg.cross_tokenizer} needs a cache with exact top entries "
+                                    "(rules topk, mass, topk_tail); use alm, which needs only the label logprobs")
+        if cfg.alm_mode != "plain" and (manifest.codec.get("values") == "none" or
+                                        manifest.rule.get("rule") == "sample"):
+            raise InvalidInputError(f"--alm-mode {cfg.alm_mode} needs a cache with exact top entries (rules topk, "
+                                    "mass, topk_tail) for the teacher's space probability; use --alm-mode plain")
         self.cfg, self.method = cfg, cfg.cross_tokenizer
         self.tokenizer = student.tokenizer
         self.teacher = TokenBytes.of(load_teacher_tokenizer(manifest, cfg.teacher_tokenizer))
@@ -106,6 +144,18 @@ class CrossTokenizer:
         cap = getattr(student.model.config, "max_position_embeddings", None)
         self.max_length = int(cap) if cap else None
         self.match = torch.from_numpy(vocab_match(self.teacher, self.student)) if self.method == "gold" else None
+        if self.method == "nextbyte":  # token id -> bucket: its first byte, or 256 for a special or empty token
+            self.byte_t = self.teacher.first_byte()
+            self.byte_s = torch.from_numpy(self.student.first_byte())
+            self.ext_t, self.ext_s = self.teacher.extensions(), self.student.extensions()
+            self.count_t = np.bincount(self.byte_t, minlength=NEXT_BYTE_BUCKETS).astype(np.float64)
+        mode = cfg.alm_mode if self.method == "alm" else "plain"
+        self.merge, self.append = "merge_by_space_prob" in mode, "append_space" in mode
+        self.space_t = self.teacher.space_mask()
+        self.space_s = torch.from_numpy(self.student.space_mask())
+        if (self.merge or self.append) and not (self.space_t.any() and bool(self.space_s.any())):
+            side = "teacher" if not self.space_t.any() else "student"
+            raise InvalidInputError(f"--alm-mode {mode}: the {side}'s tokenizer has no token starting with a space")
         logger.info("cross-tokenizer %s: teacher %s -> student %s (%d tokens)%s", self.method, self.teacher.name,
                     self.student.name, len(self.student.table),
                     "" if self.match is None else f", {int((self.match >= 0).sum())} teacher ids matched")
@@ -120,13 +170,19 @@ class CrossTokenizer:
         ids, am = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
         tgt, lp = batch["target_mask"].numpy(), batch["label_logprob"].numpy().astype(np.float64)
         B, T = ids.shape
-        rows, t_lp, nbytes, weight, t_first, n_t = [], [], [], [], [], []
+        rows, t_lp, nbytes, weight, t_first, n_t, space, s_last = [], [], [], [], [], [], [], []
         for b in range(B):
             L = int(am[b].sum())
             target = np.zeros(L, bool)
             target[1:] = tgt[b, :L - 1]
             al = align(self.teacher, self.student, self.tokenizer, ids[b, :L], target, bos=self.bos,
                        max_length=self.max_length)
+            if self.merge:
+                p_space = self.teacher_space(batch, b, al, tgt)
+                al = merge_chunks(al, p_space >= self.cfg.alm_space_threshold)
+            if self.append:
+                space.append(self.teacher_space(batch, b, al, tgt))
+                s_last.append(chunk_ends(al)[2])
             c = al.n_chunks
             ct = al.chunk_of_teacher[1:]  # teacher token p is predicted at layout index p - 1
             use = ct >= 0
@@ -158,6 +214,15 @@ class CrossTokenizer:
         out.update(chunk_t_lp=cat(t_lp, np.float64), chunk_bytes=cat(nbytes, np.int64),
                    chunk_weight=cat(weight, np.float32), seq_ids=batch["seq_ids"],
                    chunk_first=_first_index(flat, base), chunk_single=(cat(n_t, np.int64) == 1) & (n_s == 1))
+        if self.append:  # per chunk: the teacher's space log-probability after it, where cached, and where the
+            # student's distribution after it sits in the flattened [B, S] layout
+            p = np.concatenate(space) if space else np.zeros(0)
+            nxt = np.concatenate([b * S + x for b, x in enumerate(s_last)]) if s_last else np.zeros(0, np.int64)
+            has = p >= 0
+            out.update(chunk_space=torch.from_numpy(has), chunk_next=torch.from_numpy(np.where(has, nxt, 0)),
+                       chunk_t_space=torch.from_numpy(np.where(has, np.log(np.maximum(p, ALM_EPS)), 0.0)))
+        if self.method == "nextbyte":
+            out.update(self.next_byte_inputs(batch, rows, np.concatenate(t_first) if t_first else np.zeros(0, int), S))
         if self.method == "gold":
             tf = cat(t_first, np.int64)
             get = lambda k: batch[k].reshape(B * T, *batch[k].shape[2:])[tf]  # noqa: E731
@@ -165,10 +230,24 @@ class CrossTokenizer:
                        t_tail=get("tail_mass"), t_first_lp=torch.from_numpy(lp.reshape(-1))[tf])
         return out
 
+    def teacher_space(self, batch: dict, b: int, al, tgt: np.ndarray) -> np.ndarray:
+        """Per chunk of ``al`` ``[C]``: the teacher's probability that the token after the chunk starts with a space,
+        summed over the cached entries at that position; -1 where that position is not cached."""
+        _, last, _ = chunk_ends(al)
+        ok = last >= 0
+        ok[ok] = tgt[b, last[ok]]  # layout index p predicts teacher token p + 1: the token after the chunk's last
+        pos = np.where(ok, last, 0)
+        t_ids = batch["topk_ids"][b].numpy()[pos]
+        valid = batch["topk_valid"][b].numpy()[pos] & (t_ids >= 0) & (t_ids < self.space_t.size)
+        spaced = valid & self.space_t[np.clip(t_ids, 0, self.space_t.size - 1)]
+        lp = batch["topk_logprobs"][b].numpy()[pos].astype(np.float64)
+        p = np.where(spaced, np.exp(np.where(spaced, lp, 0.0)), 0.0).sum(-1)
+        return np.where(ok, np.minimum(p, 1.0), -1.0)
+
     # ------------------------------------------------------------ the loss
-    def student_logp(self, body, student, sb: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def student_logp(self, body, student, sb: dict, *, with_hidden: bool = False):
         """(hidden states at the target positions ``[N, H]``, the student's label logprobs ``[N]``, their chunk sums
-        ``[C]``)."""
+        ``[C]``), and with ``with_hidden`` the body's output ``[B, S, H]`` last."""
         h = body(sb)
         sel = sb["target_mask"]
         hs, labels = h[sel], sb["labels"][sel]
@@ -178,11 +257,19 @@ class CrossTokenizer:
         lp = view.logp_label
         s_lp = torch.zeros(sb["chunk_t_lp"].shape[0], dtype=lp.dtype, device=lp.device)
         s_lp = s_lp.index_add(0, sb["chunk"][sel], lp)
-        return hs, lp, s_lp
+        return (hs, lp, s_lp, h) if with_hidden else (hs, lp, s_lp)
+
+    def student_space(self, h: torch.Tensor, student, sb: dict) -> torch.Tensor:
+        """The student's log-probability of a space-initial token after each chunk with ``chunk_space`` ``[C']``."""
+        hn = h.reshape(-1, h.shape[-1])[sb["chunk_next"][sb["chunk_space"]]]
+        logp = torch.log_softmax(student.head(hn).float(), dim=-1)
+        mask = self.space_s.to(logp.device)[:logp.shape[1]]
+        return torch.logsumexp(logp[:, :mask.numel()].masked_fill(~mask, -math.inf), dim=-1).clamp(max=0.0)
 
     def loss(self, body, student, sb: dict, objective) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one prepared micro-batch and its metrics (``loss``, ``kd``, ``ce``, ``chunks``)."""
-        hs, lp, s_lp = self.student_logp(body, student, sb)
+        """The loss of one prepared micro-batch and its metrics (``loss``, ``kd``, ``ce``, ``chunks``; with
+        ``--gradmag`` also ``gradmag_kd``, the KD term's weight share)."""
+        hs, lp, s_lp, h = self.student_logp(body, student, sb, with_hidden=True)
         sel = sb["target_mask"]
         w_tok = sb["chunk_weight"][sb["chunk"][sel]]
         ce = reduce(-lp, w_tok)
@@ -191,13 +278,41 @@ class CrossTokenizer:
             total = ce if s_lp.shape[0] else hs.sum() * 0 + student.head.weight.sum() * 0
             return total, {**metrics, "loss": float(total.detach())}
         if self.method == "alm":
-            kd_c = alm_kl(sb["chunk_t_lp"], s_lp, self.cfg.alm_temperature)
+            t_c, s_c = sb["chunk_t_lp"], s_lp
+            if self.append:
+                t_c = t_c + sb["chunk_t_space"].to(t_c)
+                s_c = s_c.to(torch.float64).index_add(0, torch.nonzero(sb["chunk_space"]).squeeze(1),
+                                                      self.student_space(h, student, sb).to(torch.float64))
+            kd_c = alm_kl(t_c, s_c, self.cfg.alm_temperature)
+        elif self.method == "nextbyte":
+            return self.nextbyte_total(hs, h, lp, w_tok, sb, student, objective, metrics)
         else:
             kd_c = self.gold(hs, lp, s_lp, sb, student, objective)
         kd = reduce(kd_c, sb["chunk_weight"].to(kd_c))
         lam = self.cfg.ce_weight
-        total = ((1 - lam) * kd + lam * ce.to(kd)).float()
+        if self.cfg.gradmag and torch.is_grad_enabled() and h.requires_grad:
+            norm = lambda x: torch.autograd.grad(x, h, retain_graph=True)[0].double().norm() + 1e-12  # noqa: E731
+            n_kd, n_ce = norm(kd), norm(ce)
+            w_kd = (1 - lam) / n_kd if n_kd > 1e-12 else n_kd * 0  # a KD term without gradient: CE alone
+            w_ce = lam / n_ce
+            total = ((w_kd * kd + w_ce * ce.to(kd)) / (w_kd + w_ce)).float()
+            metrics["gradmag_kd"] = float(w_kd / (w_kd + w_ce))
+        else:
+            total = ((1 - lam) * kd + lam * ce.to(kd)).float()
         return total, {**metrics, "kd": float(kd.detach()), "loss": float(total.detach())}
+
+    def nextbyte_total(self, hs, h, lp, w_tok, sb: dict, student, objective, metrics: dict):
+        """``nextbyte``'s loss per student token (module docstring): at a chunk's first token with a KD term,
+        ``(1 - lambda) KD + lambda CE``; at every other token, CE; ``sum_u w_u loss_u / sum_u w_u``."""
+        kd_c = self.nextbyte(hs, h, sb, student, objective)
+        ok = sb["nb_ok"]
+        at = sb["chunk_first"][ok]  # the chunk's first token among the target positions
+        a = torch.zeros_like(lp).index_fill(0, at, 1 - self.cfg.ce_weight)
+        kd_tok = torch.zeros(lp.shape[0], dtype=kd_c.dtype, device=lp.device).index_copy(0, at, kd_c[ok])
+        w = w_tok.to(kd_c)
+        total = ((w * (a.to(kd_c) * kd_tok + (1 - a.to(kd_c)) * -lp.to(kd_c))).sum() / w.sum().clamp(min=1e-30))
+        kd = reduce(kd_c[ok], sb["chunk_weight"][ok].to(kd_c)) if bool(ok.any()) else kd_c.sum() * 0
+        return total.float(), {**metrics, "kd": float(kd.detach()), "loss": float(total.detach())}
 
     def gold(self, hs, lp, s_lp, sb: dict, student, objective) -> torch.Tensor:
         """GOLD-style per-chunk loss ``[C]`` (module docstring)."""
@@ -223,6 +338,99 @@ class CrossTokenizer:
         t_rest = sb["t_tail"].float().clamp(0, 1) * t_scale  # the exact tail mass, scaled like the entries
         uld = sorted_l1(p_top, t_rest, q_top, (s_scale - q_top.sum(-1)).clamp(min=0))
         return torch.where(sb["chunk_single"], matched_kd, uld)
+
+    def next_byte_inputs(self, batch: dict, rows: list, t_first: np.ndarray, S: int) -> dict:
+        """What ``nextbyte`` needs per chunk ``[C]``: the teacher's next-byte distribution ``nb_target [C, 257]``
+        (at the flattened ``[B, T]`` teacher position ``nb_first``), ``nb_ok`` (both sides predict the token before
+        the chunk), the student's token before it (``nb_prev_id``)
+        and where its prediction sits in the flattened ``[B, S]`` layout (``nb_prev_pos``), and the student
+        tokens extending it (``nb_ext_row``, ``nb_ext_id``, ``nb_ext_byte``: chunk, token, next byte)."""
+        n = NEXT_BYTE_BUCKETS
+        ids, tgt = batch["input_ids"].numpy(), batch["target_mask"].numpy()
+        B, T = ids.shape
+        t_ids, t_valid = batch["topk_ids"].numpy(), batch["topk_valid"].numpy()
+        t_lp, label_lp = batch["topk_logprobs"].numpy().astype(np.float64), batch["label_logprob"].numpy()
+        C = t_first.size
+        b_of, i0 = t_first // T, t_first % T  # layout index i0 predicts the chunk's first teacher token i0 + 1
+        heads, exts, v_lp, ok = np.zeros((C, n)), np.zeros((C, n)), np.zeros(C), np.zeros(C, bool)
+        prev_pos, prev_id = np.zeros(C, np.int64), np.zeros(C, np.int64)
+        tail = batch["tail_mass"].numpy().astype(np.float64)
+        V = len(self.teacher.table)
+        t_ptr, t_ext, t_next = self.ext_t
+        c = 0
+        for b, al in enumerate(rows):
+            u0 = np.full(al.n_chunks, np.iinfo(np.int64).max)
+            u = np.flatnonzero(al.chunk_of_student >= 0)
+            np.minimum.at(u0, al.chunk_of_student[u], u)  # each chunk's first student token
+            for k in range(al.n_chunks):
+                bb, i = int(b_of[c]), int(i0[c])
+                head = self._entries(t_ids[bb, i], t_valid[bb, i], t_lp[bb, i])
+                hid = np.fromiter(head, np.int64, len(head))
+                np.add.at(heads[c], self.byte_t[hid], np.fromiter(head.values(), np.float64, len(head)))
+                rest = self.count_t - np.bincount(self.byte_t[hid], minlength=n)  # tokens outside the entries
+                heads[c] += tail[bb, i] * rest / max(rest.sum(), 1.0)
+                heads[c] /= max(heads[c].sum(), 1e-300)
+                if i >= 1 and tgt[bb, i - 1] and u0[k] >= 2:  # both sides predict the token before the chunk
+                    ok[c], v_lp[c] = True, label_lp[bb, i - 1]
+                    at_j = self._entries(t_ids[bb, i - 1], t_valid[bb, i - 1], t_lp[bb, i - 1])
+                    v = int(ids[bb, i])
+                    e_ids, e_next = t_ext[t_ptr[v]:t_ptr[v + 1]], t_next[t_ptr[v]:t_ptr[v + 1]]
+                    known = np.array([e in at_j for e in e_ids.tolist()], bool)
+                    np.add.at(exts[c], e_next[known], [at_j[e] for e in e_ids[known].tolist()])
+                    exts[c] += tail[bb, i - 1] * np.bincount(e_next[~known], minlength=n) / max(V - len(at_j), 1)
+                    prev_pos[c], prev_id[c] = b * S + u0[k] - 2, al.student_ids[u0[k] - 1]
+                c += 1
+        heads_t = torch.from_numpy(heads)
+        target = torch.where(torch.from_numpy(ok)[:, None],
+                             one_token_back(heads_t, torch.from_numpy(exts), torch.from_numpy(v_lp)), heads_t)
+        ptr, e_ids, e_byte = self.ext_s
+        lo, hi = ptr[prev_id], ptr[prev_id + 1]
+        cnt = np.where(ok, hi - lo, 0)
+        row = np.repeat(np.arange(C), cnt)
+        at = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(lo, cnt)
+        return dict(nb_target=target, nb_ok=torch.from_numpy(ok), nb_first=torch.from_numpy(t_first),
+                    nb_prev_pos=torch.from_numpy(prev_pos), nb_prev_id=torch.from_numpy(prev_id),
+                    nb_ext_row=torch.from_numpy(row), nb_ext_id=torch.from_numpy(e_ids[at]),
+                    nb_ext_byte=torch.from_numpy(e_byte[at]))
+
+    def _entries(self, ids: np.ndarray, valid: np.ndarray, logprobs: np.ndarray) -> dict[int, float]:
+        """The cached entries of one position as {teacher id: probability}."""
+        V = len(self.teacher.table)
+        return {int(t): float(np.exp(x)) for t, ok, x in zip(ids.tolist(), valid.tolist(), logprobs.tolist())
+                if ok and 0 <= t < V}
+
+    def nextbyte(self, hs, h, sb: dict, student, objective) -> torch.Tensor:
+        """The per-chunk loss ``[C]`` over next-byte buckets at each chunk's start (module docstring)."""
+        n = NEXT_BYTE_BUCKETS
+        first = sb["chunk_first"]
+        C = first.shape[0]
+        fb = self.byte_s.to(hs.device)
+
+        def buckets(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(log-probabilities ``[C, V]``, float32; the buckets' probabilities ``[C, 257]``, float64, each a
+            logsumexp over its tokens so that none underflows)."""
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            idx = torch.cat([fb, fb.new_full((max(0, logp.shape[1] - fb.numel()),), n - 1)])[:logp.shape[1]]
+            ix = idx.expand(logp.shape[0], -1)
+            top = logp.new_full((logp.shape[0], n), -math.inf).scatter_reduce(1, ix, logp.detach(), "amax")
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            total = logp.new_zeros(logp.shape[0], n).scatter_add(1, ix, (logp - top.gather(1, ix)).exp())
+            return logp, (total.double().log() + top.double()).exp()
+
+        _, q_i = buckets(student.head(hs[first]))
+        logp_prev, _ = buckets(student.head(h.reshape(-1, h.shape[-1])[sb["nb_prev_pos"]]))
+        row = sb["nb_ext_row"]
+        ext = q_i.new_zeros(C * n).index_add_(0, row * n + sb["nb_ext_byte"],
+                                              logp_prev[row, sb["nb_ext_id"]].exp().double()).view(C, n)
+        v_lp = logp_prev.gather(1, sb["nb_prev_id"][:, None]).squeeze(1).double()
+        q = torch.where(sb["nb_ok"][:, None], one_token_back(q_i, ext, v_lp), q_i)
+        p = sb["nb_target"].to(q)
+        labels = fb[sb["labels"][sb["target_mask"]][first]]
+        targets = SparseTargets(ids=torch.arange(n, device=q.device).expand(C, n), valid=p > 0,
+                                logprobs=torch.where(p > 0, p.log(), -math.inf),
+                                tail_mass=torch.zeros(C, device=q.device, dtype=q.dtype), labels=labels, vocab_size=n)
+        logq = q.clamp(min=1e-300).log()  # float64: the buckets' targets reach down to ~1e-16 (the tail's share)
+        return objective.kd(StudentView(logq, logq.gather(1, labels[:, None]).squeeze(1), None), targets)
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -250,6 +458,17 @@ class CrossTokenizer:
                 "eval_ce": sums["ce"] / max(sums["tokens"], 1), "eval_tokens": sums["tokens"],
                 "eval_chunks": sums["chunks"], "eval_alm": sums["alm"] / max(sums["chunks"], 1),
                 "eval_sequences": sums["seqs"]}
+
+
+NEXT_BYTE_BUCKETS = 257  # the 256 byte values and one for special tokens
+
+
+def one_token_back(p_i: torch.Tensor, ext: torch.Tensor, v_logprob: torch.Tensor) -> torch.Tensor:
+    """``[P_j(v) p_i + ext] / [P_j(v) + sum(ext)]`` per row (the ``nextbyte`` docstring), stably: ``p_i``, ``ext``
+    ``[..., 257]`` probabilities, ``v_logprob [...]`` the log of ``P_j(v)``."""
+    z = ext.sum(-1)
+    mix = torch.where(z > 0, torch.sigmoid(v_logprob - z.clamp(min=1e-300).log()), torch.ones_like(z))
+    return mix[..., None] * p_i + (1 - mix[..., None]) * ext / z.clamp(min=1e-300)[..., None]
 
 
 def _first_index(chunk: torch.Tensor, n: int) -> torch.Tensor:

@@ -237,7 +237,8 @@ def test_bits_per_byte_equal_a_direct_computation(text_cache, byte_student, stud
     assert got_same["eval_teacher_bpb"] == pytest.approx(bits_teacher / n_bytes, rel=1e-6)
 
 
-@pytest.mark.parametrize("which,method", [("byte", "alm"), ("bpe", "gold")])  # bpe alm: the reference test
+# the other pairs: the reference tests above
+@pytest.mark.parametrize("which,method", [("byte", "alm"), ("bpe", "gold"), ("bpe", "nextbyte")])
 def test_cross_tokenizer_students_train_end_to_end(text_cache, byte_student, bpe_student, tmp_path, which, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -303,3 +304,263 @@ def test_student_tokenizer_flag_and_refusals(text_cache, byte_student, tiny_teac
     assert main([*again, "--teacher-tokenizer", str(byte_student.parent), "-o", str(tmp_path / "f")]) == 2
     assert "fingerprint" in capsys.readouterr().err
     assert not (tmp_path / "f").exists() and not (tmp_path / "d").exists()
+
+
+def reference_groups(chunks, p_after, threshold):
+    """ALM's merge_by_space_prob on the two-pointer chunks: a group closes after a chunk whose teacher space
+    probability after it (``p_after(last teacher token)``, None where not cached) reaches ``threshold``, at the last
+    chunk, and before a gap in the teacher's tokens."""
+    out, cur = [], None
+    for n, (ti, sj) in enumerate(chunks):
+        cur = (ti, sj) if cur is None else (cur[0] + ti, cur[1] + sj)
+        p = p_after(ti[-1])
+        last = n == len(chunks) - 1 or chunks[n + 1][0][0] != ti[-1] + 1
+        if last or (p is not None and p >= threshold):
+            out.append(cur)
+            cur = None
+    return out
+
+
+@pytest.mark.parametrize("which,mode", [("byte", "merge_by_space_prob+append_space"), ("bpe", "append_space"),
+                                        ("bpe", "merge_by_space_prob")])
+def test_alm_modes_equal_a_plain_reference(text_cache, byte_student, bpe_student, embedded_tokenizer, which, mode):
+    """tokenkit's debiasing (append_space) and chunk merging (merge_by_space_prob), restated from its definitions:
+    a space token is one whose token string starts with 'Ġ' (teacher) or whose decoded text starts with ' '
+    (student); the teacher's space probability sums the cached entries at the position after the chunk."""
+    threshold = 0.6  # the tiny teacher gives space-initial tokens much of its mass
+    c, student, cross, batch, objective = setup(text_cache, byte_student if which == "byte" else bpe_student,
+                                                alm_mode=mode, alm_space_threshold=threshold)
+    sb = cross.prepare(batch)
+    loss, m = cross.loss(student.hidden, student, sb, objective)
+    loss.backward()
+    got_grad = student.model.get_input_embeddings().weight.grad.clone()
+    student.model.zero_grad()
+    t_space = {i for i, t in enumerate(embedded_tokenizer.convert_ids_to_tokens(list(range(len(embedded_tokenizer)))))
+               if t.startswith("Ġ")}
+    tok = cross.tokenizer
+    s_space = [i for i in range(len(tok)) if i not in tok.all_special_ids and tok.decode([i]).startswith(" ")]
+    assert t_space and s_space
+    cache = logitstore.open(text_cache)
+    terms, n_minimal, n_spaced = [], 0, 0
+    for sid in batch["seq_ids"]:
+        seq = cache[sid]
+        text, t_ends = text_spans(embedded_tokenizer, seq.input_ids)
+        s_ids, s_ends = student_spans(tok, text, t_ends[0])
+        ids = torch.tensor(s_ids)[None]
+        lp = torch.log_softmax(student.model(input_ids=ids).logits[0].double(), -1)
+        label_lp = dict(zip(seq.pos.tolist(), seq.label_logprob.tolist()))
+        row = {int(p): j for j, p in enumerate(seq.pos)}
+
+        def p_after(k, seq=seq, row=row):  # the teacher's cached entries predicting token k + 1
+            j = row.get(k + 1)
+            if j is None:
+                return None
+            n = seq.n_entries[j]
+            return float(sum(math.exp(lp_) for t, lp_ in zip(seq.ids[j, :n], seq.logprobs[j, :n].astype(np.float64))
+                             if int(t) in t_space))
+
+        chunks = [(ti, sj) for ti, sj in reference_chunks(t_ends, s_ends, t_ends[0]) if 0 not in sj]
+        n_minimal += len(chunks)
+        groups = reference_groups(chunks, p_after, threshold) if "merge" in mode else chunks
+        for ti, sj in groups:
+            t = sum(label_lp[k] for k in ti)
+            s = sum(lp[u - 1, ids[0, u]] for u in sj)
+            p = p_after(ti[-1])
+            if "append" in mode and p is not None:
+                n_spaced += 1
+                t += math.log(min(max(p, 1e-6), 1.0))  # the codec's rounding can sum past 1
+                s = s + torch.logsumexp(lp[sj[-1], s_space], 0)
+            a, b = t / 100 - 1e-6, s / 100 - 1e-6
+            q = math.exp(a)
+            terms.append(100 * (q * (a - b) + (1 - q) * (math.log(1 - q) - torch.log(-torch.expm1(b)))))
+    ref = sum(terms) / len(terms)
+    assert m["chunks"] == len(terms)
+    if "merge" in mode:
+        assert 0 < len(terms) < n_minimal  # the threshold merges some chunks, not all
+    if "append" in mode:
+        assert 0 < n_spaced and int(sb["chunk_space"].sum()) == n_spaced
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    ref.backward()
+    torch.testing.assert_close(got_grad, student.model.get_input_embeddings().weight.grad.float(), rtol=1e-3,
+                               atol=1e-6)
+
+
+def test_merge_chunks_on_a_hand_made_alignment():
+    from trainers.align import Alignment, chunk_ends, merge_chunks
+
+    # teacher tokens 0..7: 0 context, chunks 0:[1], 1:[2,3], 2:[4], (5 context), 3:[6], 4 a special token's [7]
+    al = Alignment(student_ids=np.arange(9), chunk_of_teacher=np.array([-1, 0, 1, 1, 2, -1, 3, 4]),
+                   chunk_of_student=np.array([-1, -1, 0, 1, 1, 2, -1, 3, 4]), chunk_bytes=np.array([3, 5, 2, 4, 0]))
+    first, last, s_last = chunk_ends(al)
+    assert first.tolist() == [1, 2, 4, 6, 7] and last.tolist() == [1, 3, 4, 6, 7] and s_last.tolist() == [2, 4, 5, 7, 8]
+    m = merge_chunks(al, np.zeros(5, bool))  # no word end: 0-2 join; the context gap and the special token split
+    assert m.chunk_of_teacher.tolist() == [-1, 0, 0, 0, 0, -1, 1, 2]
+    assert m.chunk_of_student.tolist() == [-1, -1, 0, 0, 0, 0, -1, 1, 2] and m.chunk_bytes.tolist() == [10, 4, 0]
+    m = merge_chunks(al, np.array([True, False, False, False, False]))
+    assert m.chunk_bytes.tolist() == [3, 7, 4, 0] and m.chunk_of_teacher.tolist() == [-1, 0, 1, 1, 1, -1, 2, 3]
+
+
+def test_gradmag_balances_the_two_gradients(text_cache, bpe_student):
+    """GradMag: the KD and CE terms weighted by their gradients' norms w.r.t. the final hidden states. The two terms
+    alone (checked against plain references above) are ``--ce-weight 0`` and ``1``; their norms are taken here."""
+    lam = 0.3
+    c, student, cross, batch, objective = setup(text_cache, bpe_student, ce_weight=lam, gradmag=True)
+    sb = cross.prepare(batch)
+    loss, m = cross.loss(student.hidden, student, sb, objective)
+    loss.backward()
+    got = student.model.get_input_embeddings().weight.grad.clone()
+    student.model.zero_grad()
+    h = student.hidden(sb).detach().requires_grad_()
+    alone = (c.replace(ce_weight=0.0, gradmag=False), c.replace(ce_weight=1.0, gradmag=False))
+    norms = []
+    for cc in alone:
+        cross.cfg = cc
+        norms.append(float(torch.autograd.grad(cross.loss(lambda _: h, student, sb, objective)[0], h)[0].norm()))
+    w = ((1 - lam) / norms[0], lam / norms[1])
+    assert m["gradmag_kd"] == pytest.approx(w[0] / sum(w), rel=1e-5)
+    total = 0.0
+    for cc, wi in zip(alone, w):
+        cross.cfg = cc
+        total = total + wi * cross.loss(student.hidden, student, sb, objective)[0] / sum(w)
+    assert float(loss.detach()) == pytest.approx(float(total.detach()), rel=1e-5)
+    total.backward()
+    torch.testing.assert_close(got, student.model.get_input_embeddings().weight.grad, rtol=1e-4, atol=1e-7)
+    assert w[0] / sum(w) != pytest.approx(1 - lam, rel=1e-3)  # the balancing moved the weights off lambda
+
+
+def test_alm_mode_and_gradmag_refusals(text_cache, byte_student, tmp_path):
+    from trainers.config import TrainConfig
+
+    base = dict(cache=str(text_cache), student=str(byte_student), output=str(tmp_path / "o"), max_steps=1)
+    for kw, words in [(dict(alm_mode="append_space"), "--alm-mode goes with --cross-tokenizer"),
+                      (dict(gradmag=True, ce_weight=0.5), "--gradmag goes with --cross-tokenizer"),
+                      (dict(cross_tokenizer="alm", alm_mode="append"), "choose from plain, append_space"),
+                      (dict(cross_tokenizer="gold", alm_mode="append_space"), "goes with --cross-tokenizer alm"),
+                      (dict(cross_tokenizer="alm", alm_mode="merge_by_space_prob", alm_space_threshold=1.0),
+                       "--alm-space-threshold 1.0: must be in (0, 1)"),
+                      (dict(cross_tokenizer="alm", gradmag=True), "--ce-weight 0.0: --gradmag balances KD and CE"),
+                      (dict(cross_tokenizer="alm", gradmag=True, ce_weight=0.5, loss="ce"), "--loss ce has no KD"),
+                      (dict(cross_tokenizer="nextbyte", gradmag=True, ce_weight=0.5), "goes with --cross-tokenizer alm "
+                                                                                      "or gold")]:
+        with pytest.raises(logitstore.errors.InvalidInputError, match=None) as e:
+            TrainConfig(**base, **kw).validate()
+        assert words in str(e.value) and "\n" not in str(e.value), (kw, str(e.value))
+    import dataclasses
+
+    from trainers.cross import CrossTokenizer
+    from trainers.student import load_student
+
+    c = cfg(text_cache, byte_student, tmp_path / "o", alm_mode="append_space")
+    m = logitstore.open(text_cache).manifest
+    student = load_student(c.student, manifest=m, seed=1, cache_tokenizer=False)
+    for rule in ("sample", "topk"):  # draws, or no stored values: no exact entries for the space probability
+        other = dataclasses.replace(m, rule={**m.rule, "rule": rule},
+                                    codec={**m.codec, "values": "none" if rule == "topk" else m.codec["values"]})
+        with pytest.raises(logitstore.errors.InvalidInputError, match="needs a cache with exact top entries"):
+            CrossTokenizer(c, other, student)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("which", ["byte", "bpe"])
+def test_nextbyte_loss_equals_a_plain_reference(text_cache, byte_student, bpe_student, embedded_tokenizer, which):
+    """Next-byte KD: at each chunk start, (1 - lambda) times the forward KL between the teacher's and the student's
+    next-byte distributions in 256 + 1 buckets plus lambda times the CE, and the CE at every other token; each
+    next-byte distribution taken one token back (from the distribution that predicted the token before the chunk:
+    that token, then the first byte of the next, or a longer token that extends it), restated here from the
+    tokenizers' own token strings, the batch's entries and the student's full distributions. The random teacher's
+    entries rarely extend the token they follow, so the batch gets one such entry per position."""
+    from trainers.align import byte_level_alphabet
+
+    lam = 0.25
+    c, student, cross, batch, objective = setup(text_cache, byte_student if which == "byte" else bpe_student,
+                                                cross_tokenizer="nextbyte", ce_weight=lam)
+    alphabet = byte_level_alphabet()
+
+    def spelled(tokenizer):
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        names = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        return [b"" if i in special else bytes(alphabet[ch] for ch in t) for i, t in enumerate(names)]
+
+    t_text, s_text = spelled(embedded_tokenizer), spelled(cross.tokenizer)
+    longer = {}  # a teacher token strictly extending each prefix
+    for i, t in enumerate(t_text):
+        for n in range(1, len(t)):
+            longer.setdefault(t[:n], i)
+    B, T = batch["input_ids"].shape
+    for b in range(B):
+        for p in range(1, T):  # layout p - 1 predicts token p: its last entry becomes an extension of token p
+            if batch["target_mask"][b, p - 1] and t_text[int(batch["input_ids"][b, p])] in longer:
+                batch["topk_ids"][b, p - 1, -1] = longer[t_text[int(batch["input_ids"][b, p])]]
+                batch["topk_logprobs"][b, p - 1, -1] = math.log(0.05)
+                batch["topk_valid"][b, p - 1, -1] = True
+    sb = cross.prepare(batch)
+    loss, m = cross.loss(student.hidden, student, sb, objective)
+    loss.backward()
+    got_grad = student.model.get_input_embeddings().weight.grad.clone()
+    student.model.zero_grad()
+
+    def one_back(p_i, v, p_v, dist, texts, tail=0.0):
+        """(p_v p_i + ext) / (p_v + sum(ext)), ext the mass of the tokens u extending v by their next byte: dist[u]
+        where given, else an even share of ``tail`` among the tokens outside ``dist``."""
+        ext = torch.zeros(257, dtype=torch.float64)
+        if (id(texts), v) not in longer_of:
+            longer_of[id(texts), v] = [(u, tu[len(v)]) for u, tu in enumerate(texts)
+                                       if v and len(tu) > len(v) and tu.startswith(v)]
+        for u, nxt in longer_of[id(texts), v]:
+            ext[nxt] += dist[u] if u in dist else tail / (len(texts) - len(dist))
+        return (p_v * p_i + ext) / (p_v + ext.sum()), float(ext.sum().detach())
+
+    longer_of = {}
+
+    t_bucket = [t[0] if t else 256 for t in t_text]
+    vocab_count = torch.bincount(torch.tensor(t_bucket), minlength=257).double()
+    s_bucket = torch.tensor([t[0] if t else 256 for t in s_text])
+    kls, ces, ext_mass = [], [], [0.0, 0.0]
+    for b in range(B):
+        L = int(batch["attention_mask"][b].sum())
+        t_ids = batch["input_ids"][b, :L].tolist()
+        text, t_ends = text_spans(embedded_tokenizer, t_ids)
+        s_ids, s_ends = student_spans(cross.tokenizer, text, t_ends[0])
+        ids = torch.tensor(s_ids)[None]
+        lp = torch.log_softmax(student.model(input_ids=ids).logits[0].double(), -1)
+
+        def entries(k, b=b):  # the batch's entries predicting teacher token k: {id: probability}
+            ok = batch["topk_valid"][b, k - 1]
+            return {int(t): math.exp(float(x)) for t, x in zip(batch["topk_ids"][b, k - 1][ok],
+                                                               batch["topk_logprobs"][b, k - 1][ok].double())}
+
+        for ti, sj in reference_chunks(t_ends, s_ends, t_ends[0]):
+            if 0 in sj:
+                continue
+            ces.extend(-lp[u - 1, ids[0, u]] for u in sj[1:])
+            if ti[0] < 2 or not batch["target_mask"][b, ti[0] - 2] or sj[0] < 2:  # no prediction of the token
+                ces.append(-lp[sj[0] - 1, ids[0, sj[0]]])  # before the chunk on both sides: CE alone
+                continue
+            ces.append(lam * -lp[sj[0] - 1, ids[0, sj[0]]])  # the chunk's first token: (1 - lambda) KD + lambda CE
+            p = torch.zeros(257, dtype=torch.float64)
+            at_i = entries(ti[0])
+            for t, pt in at_i.items():
+                p[t_bucket[t]] += pt
+            rest = vocab_count.clone()  # the tail, evenly over the tokens outside the entries
+            for t in at_i:
+                rest[t_bucket[t]] -= 1
+            p += float(batch["tail_mass"][b, ti[0] - 1]) * rest / rest.sum()
+            p, e_t = one_back(p / p.sum(), t_text[t_ids[ti[0] - 1]],
+                              math.exp(float(batch["label_logprob"][b, ti[0] - 2])), entries(ti[0] - 1), t_text,
+                              tail=float(batch["tail_mass"][b, ti[0] - 2]))
+            q_i = torch.zeros(257, dtype=torch.float64).index_add(0, s_bucket, lp[sj[0] - 1, :len(s_bucket)].exp())
+            prev = lp[sj[0] - 2, :len(s_text)].exp()
+            q, e_s = one_back(q_i, s_text[s_ids[sj[0] - 1]], prev[s_ids[sj[0] - 1]], dict(enumerate(prev)), s_text)
+            assert bool((p > 0)[vocab_count > 0].all())  # every byte a teacher token starts with keeps some mass
+            keep = p > 0
+            kls.append((p[keep] * (p[keep].log() - q[keep].log())).sum())
+            ext_mass[0] += e_t
+            ext_mass[1] += float(e_s)
+    ref = ((1 - lam) * sum(kls) + sum(ces)) / len(ces)  # the mean over the student's tokens
+    kl_values = [float(k.detach()) for k in kls]
+    assert int(sb["nb_ok"].sum()) == len(kls) > 0 and min(kl_values) >= 0 and max(kl_values) > 0.1
+    assert ext_mass[0] > 0 and (ext_mass[1] > 0) == (which == "bpe")  # longer tokens: the teacher's, the BPE's
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-4)
+    ref.backward()
+    torch.testing.assert_close(got_grad, student.model.get_input_embeddings().weight.grad.float(), rtol=1e-3,
+                               atol=1e-6)
