@@ -27,8 +27,9 @@ of each method over CE against the gain of same-tokenizer KD over CE, over the s
     python tools/bench_cross.py --only byte:alm,bpe:alm --alm-ce-weight 0.5 --gradmag \
         --alm-mode merge_by_space_prob+append_space  # the ALM authors' recommended configuration
 
-Results are one JSON file per (student, method, seed) under ``WORKDIR/results``, named by the ALM flags
-for ALM runs (a run skips what is there); the cache, tokenizers and students stay in WORKDIR.
+Results are one JSON file per (student, method, seed) under ``WORKDIR/results``, named by the flags the run
+depends on (``--alm-ce-weight``, ``--alm-mode``, ``--gradmag`` for ALM, ``--mix-ce`` for gold and nextbyte;
+a run skips what is there); the cache, tokenizers and students stay in WORKDIR.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def run(p: dict, student: str, method: str, seed: int, steps: int, ce_weight: fl
     else:
         kw.update(cross_tokenizer="alm" if method == "ce" else method, loss="ce" if method == "ce" else "forward_kl",
                   ce_weight=0.0 if method == "ce" else ce_weight)
-        if method != "ce":
+        if method in ("alm", "gold"):  # nextbyte weighs KD and CE per token (--gradmag is refused there)
             kw.update(gradmag=gradmag)
         if method == "alm":
             kw.update(alm_mode=alm_mode)

@@ -128,12 +128,11 @@ class CrossTokenizer:
         if len(student.tokenizer) > student.vocab_size:
             raise InvalidInputError(f"student {cfg.student} has {student.vocab_size} embedding rows, its tokenizer "
                                     f"{len(student.tokenizer)} tokens: every token id must fit")
-        if cfg.cross_tokenizer in ("gold", "nextbyte") and (manifest.codec.get("values") == "none" or
-                                                            manifest.rule.get("rule") == "sample"):
+        exact_entries = manifest.codec.get("values") != "none" and manifest.rule.get("rule") != "sample"
+        if cfg.cross_tokenizer in ("gold", "nextbyte") and not exact_entries:
             raise InvalidInputError(f"--cross-tokenizer {cfg.cross_tokenizer} needs a cache with exact top entries "
                                     "(rules topk, mass, topk_tail); use alm, which needs only the label logprobs")
-        if cfg.alm_mode != "plain" and (manifest.codec.get("values") == "none" or
-                                        manifest.rule.get("rule") == "sample"):
+        if cfg.alm_mode != "plain" and not exact_entries:
             raise InvalidInputError(f"--alm-mode {cfg.alm_mode} needs a cache with exact top entries (rules topk, "
                                     "mass, topk_tail) for the teacher's space probability; use --alm-mode plain")
         self.cfg, self.method = cfg, cfg.cross_tokenizer
@@ -151,11 +150,13 @@ class CrossTokenizer:
             self.count_t = np.bincount(self.byte_t, minlength=NEXT_BYTE_BUCKETS).astype(np.float64)
         mode = cfg.alm_mode if self.method == "alm" else "plain"
         self.merge, self.append = "merge_by_space_prob" in mode, "append_space" in mode
-        self.space_t = self.teacher.space_mask()
-        self.space_s = torch.from_numpy(self.student.space_mask())
-        if (self.merge or self.append) and not (self.space_t.any() and bool(self.space_s.any())):
-            side = "teacher" if not self.space_t.any() else "student"
-            raise InvalidInputError(f"--alm-mode {mode}: the {side}'s tokenizer has no token starting with a space")
+        if self.merge or self.append:
+            self.space_t = self.teacher.space_mask()
+            self.space_s = torch.from_numpy(self.student.space_mask())
+            if not (self.space_t.any() and bool(self.space_s.any())):
+                side = "teacher" if not self.space_t.any() else "student"
+                raise InvalidInputError(f"--alm-mode {mode}: the {side}'s tokenizer has no token starting with a "
+                                        "space")
         logger.info("cross-tokenizer %s: teacher %s -> student %s (%d tokens)%s", self.method, self.teacher.name,
                     self.student.name, len(self.student.table),
                     "" if self.match is None else f", {int((self.match >= 0).sum())} teacher ids matched")
@@ -342,9 +343,9 @@ class CrossTokenizer:
     def next_byte_inputs(self, batch: dict, rows: list, t_first: np.ndarray, S: int) -> dict:
         """What ``nextbyte`` needs per chunk ``[C]``: the teacher's next-byte distribution ``nb_target [C, 257]``
         (at the flattened ``[B, T]`` teacher position ``nb_first``), ``nb_ok`` (both sides predict the token before
-        the chunk), the student's token before it (``nb_prev_id``)
-        and where its prediction sits in the flattened ``[B, S]`` layout (``nb_prev_pos``), and the student
-        tokens extending it (``nb_ext_row``, ``nb_ext_id``, ``nb_ext_byte``: chunk, token, next byte)."""
+        the chunk), the student's token before it (``nb_prev_id``) and where its prediction sits in the flattened
+        ``[B, S]`` layout (``nb_prev_pos``), and the student tokens extending it (``nb_ext_row``, ``nb_ext_id``,
+        ``nb_ext_byte``: chunk, token, next byte)."""
         n = NEXT_BYTE_BUCKETS
         ids, tgt = batch["input_ids"].numpy(), batch["target_mask"].numpy()
         B, T = ids.shape
@@ -406,19 +407,19 @@ class CrossTokenizer:
         C = first.shape[0]
         fb = self.byte_s.to(hs.device)
 
-        def buckets(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """(log-probabilities ``[C, V]``, float32; the buckets' probabilities ``[C, 257]``, float64, each a
-            logsumexp over its tokens so that none underflows)."""
+        def buckets(logits: torch.Tensor) -> torch.Tensor:
+            """The buckets' probabilities ``[C, 257]``, float64, each a logsumexp over its tokens so that none
+            underflows."""
             logp = torch.log_softmax(logits.float(), dim=-1)
             idx = torch.cat([fb, fb.new_full((max(0, logp.shape[1] - fb.numel()),), n - 1)])[:logp.shape[1]]
             ix = idx.expand(logp.shape[0], -1)
             top = logp.new_full((logp.shape[0], n), -math.inf).scatter_reduce(1, ix, logp.detach(), "amax")
             top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
             total = logp.new_zeros(logp.shape[0], n).scatter_add(1, ix, (logp - top.gather(1, ix)).exp())
-            return logp, (total.double().log() + top.double()).exp()
+            return (total.double().log() + top.double()).exp()
 
-        _, q_i = buckets(student.head(hs[first]))
-        logp_prev, _ = buckets(student.head(h.reshape(-1, h.shape[-1])[sb["nb_prev_pos"]]))
+        q_i = buckets(student.head(hs[first]))
+        logp_prev = torch.log_softmax(student.head(h.reshape(-1, h.shape[-1])[sb["nb_prev_pos"]]).float(), dim=-1)
         row = sb["nb_ext_row"]
         ext = q_i.new_zeros(C * n).index_add_(0, row * n + sb["nb_ext_byte"],
                                               logp_prev[row, sb["nb_ext_id"]].exp().double()).view(C, n)
