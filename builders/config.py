@@ -19,6 +19,7 @@ from builders.data import Fields
 from builders.generate import GenerationConfig
 from logitstore.codec import Codec
 from logitstore.rules import Rule, Sampled, TopK
+from logitstore.settings import declared_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ RESUME_BUILD_KEYS = ("data_fingerprint", "fields", "max_length", "on_long", "cac
                      "policy")
 #: a distributed resume must also keep the windows, which define the blocks
 RAY_RESUME_KEYS = RESUME_BUILD_KEYS + ("window",)
+#: the defaults of those that are dicts: a sub-setting added since a cache was started counts as its default there
+RESUME_DEFAULTS = {"fields": declared_defaults(Fields), "generation": declared_defaults(GenerationConfig)}
 
 
 def build_record(teacher: str, data: Path, data_fp: str, config: BuildConfig, backend_options: dict,

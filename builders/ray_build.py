@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from builders.config import RAY_RESUME_KEYS, BuildConfig, RayOptions, build_record, length_limit
+from builders.config import RAY_RESUME_KEYS, RESUME_DEFAULTS, BuildConfig, RayOptions, build_record, length_limit
 from builders.data import Example, SkipReport
 from builders.inputs import data_fingerprint
 from builders.plan import Item, Plan, positions_of, sequences_to_score, window_seed
@@ -177,7 +177,7 @@ def _clear_inputs(inputs: Path) -> None:
 
 def _check_resume(out: Path, old: Manifest, new: dict) -> None:
     require_current_version(old, out)
-    diffs = build_key_diffs(old.build, new, RAY_RESUME_KEYS)
+    diffs = build_key_diffs(old.build, new, RAY_RESUME_KEYS, RESUME_DEFAULTS)
     if diffs:
         raise InvalidInputError(f"cannot resume {out}: " + "; ".join(diffs))
 

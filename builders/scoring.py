@@ -16,7 +16,7 @@ from pathlib import Path
 
 import logitstore
 from builders.backends.base import Backend
-from builders.config import RESUME_BUILD_KEYS, BuildConfig
+from builders.config import RESUME_BUILD_KEYS, RESUME_DEFAULTS, BuildConfig
 from builders.plan import Item, batches, positions_of
 from builders.policy import policy_exactness, policy_values
 from logitstore.records import SequenceRecord
@@ -33,7 +33,8 @@ def open_writer(backend: Backend, out: Path, config: BuildConfig, build_args: di
         out, vocab_size=backend.vocab_size, rule=config.rule, codec=config.codec, teacher=backend.describe(),
         tokenizer=backend.tokenizer_record(), build=build_args, exactness=exactness,
         shard_bytes=max(1, int(config.shard_mb * 2**20)), row_group_positions=config.row_group_positions,
-        resume=resume, resume_build_keys=RESUME_BUILD_KEYS, policy=policy is not None, lock=config.lock, **kwargs)
+        resume=resume, resume_build_keys=RESUME_BUILD_KEYS, resume_defaults=RESUME_DEFAULTS, policy=policy is not None,
+        lock=config.lock, **kwargs)
 
 
 def score_items(backend: Backend, writer: logitstore.CacheWriter, todo: list[Item], config: BuildConfig, gen,

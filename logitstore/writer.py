@@ -49,6 +49,7 @@ from logitstore.manifest import (
 from logitstore.ownership import check_output_dir, remove_own_files, rmdir_if_empty, stray_shard_files
 from logitstore.records import SequenceRecord
 from logitstore.rules import Rule, TopKTail
+from logitstore.settings import fill_defaults
 from logitstore.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class CacheWriter:
         row_group_positions: int = 65536,
         resume: bool = False,
         resume_build_keys: tuple[str, ...] = (),
+        resume_defaults: dict[str, dict[str, Any]] | None = None,
         id_counts: np.ndarray | None = None,
         policy: bool = False,
         lock: bool = True,
@@ -136,6 +138,7 @@ class CacheWriter:
         )
         self.resume = resume
         self.resume_build_keys = tuple(resume_build_keys)  # build arguments a resume must match, besides identity
+        self.resume_defaults = dict(resume_defaults or {})  # their sub-settings' defaults (logitstore.settings)
         # token frequencies the ranked id map is built from (default: the first row group's entries); writers of
         # the parts of one cache (``logitstore.parts``) pass the same counts, so the parts share one id map
         self.id_counts = None if id_counts is None else np.asarray(id_counts, np.int64).ravel()
@@ -298,7 +301,8 @@ class CacheWriter:
             f"{name}: cache has {getattr(old, name)!r}, this build has {getattr(new, name)!r}"
             for name in ("vocab_size", "rule", "codec", "teacher", "tokenizer", "temperature")
             if getattr(old, name) != getattr(new, name)
-        ] + build_key_diffs(old.build, new.build, self.resume_build_keys)
+        ] + build_key_diffs(old.build, new.build, self.resume_build_keys,
+                                                      self.resume_defaults)
         if old.has_policy != self.policy:
             diffs.append(f"policy fields: cache has {'them' if old.has_policy else 'none'}, this build "
                          f"{'has them' if self.policy else 'has none'} (responses from another model or not)")
@@ -439,8 +443,12 @@ def teacher_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(phrases)
 
 
-def build_key_diffs(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
-    """What a resume would change in the build arguments ``keys``, one phrase per differing key."""
+def build_key_diffs(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...],
+                    defaults: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """What a resume would change in the build arguments ``keys``, one phrase per differing key. ``defaults``: the
+    declared defaults of dict-valued arguments, for the sub-settings an older build did not record
+    (``logitstore.settings``)."""
+    old = fill_defaults(old, new, defaults or {})
     return [f"build {key}: cache has {old.get(key)!r}, this build has {new.get(key)!r}"
             for key in keys if old.get(key) != new.get(key)]
 

@@ -44,6 +44,7 @@ from logitstore.errors import CacheExistsError, InvalidInputError, LogitstoreErr
 from logitstore.lock import LOCK_NAME, BuildLock, read_lock
 from logitstore.manifest import atomic_write_bytes
 from logitstore.ownership import describe_entries, refuse_file
+from logitstore.settings import declared_defaults, fill_defaults
 from logitstore.union import Member, Union, save_union
 from trainers.checkpoint import list_checkpoints
 from trainers.config import TrainConfig
@@ -170,12 +171,17 @@ def _tokenizer_dir(cfg: DistillConfig) -> Path:
                             "tokenizer files beside it, or a teacher directory with them")
 
 
+#: the sections of run.json that hold a config dataclass: their settings added since a run started take defaults
+SECTIONS = {"build": BuildConfig, "train": TrainConfig, "policy": PolicyConfig}
+
+
 def _start(out: Path, cfg: DistillConfig, resume: bool) -> None:
     """Write ``run.json``, or on resume check that it holds the same settings."""
     want = cfg.settings()
     f = out / RUN_FILE
     if resume and f.is_file():
-        have = json.loads(f.read_text(encoding="utf-8"))
+        have = fill_defaults(json.loads(f.read_text(encoding="utf-8")), want,
+                             {name: declared_defaults(cls) for name, cls in SECTIONS.items()})
         changed = sorted(k for k in set(have) | set(want) if k not in RESUMABLE and have.get(k) != want.get(k))
         if changed:
             raise InvalidInputError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)} "

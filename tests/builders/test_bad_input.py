@@ -240,6 +240,30 @@ def test_duplicates_are_scored_once_and_counted_the_same_after_a_crash(tiny_teac
     assert verify(tmp_path / "c") == []
 
 
+def test_a_cache_started_before_a_setting_existed_resumes_at_its_default(tiny_teacher, tmp_path, capsys, fake):
+    """A build record written before a sub-setting existed (here ``fields.answer``) resumes where the new command
+    keeps that setting at its default, and is refused where it does not."""
+    from logitstore.manifest import CHECKSUM_KEY, manifest_checksum
+
+    data, out = tmp_path / "d.jsonl", tmp_path / "c"
+    _records_with_duplicates(data, 30, 0)
+    small = ["--token-budget", "256", "--shard-mb", "0.002", "--row-group-positions", "40"]
+    fake.fail_after = 20
+    with pytest.raises(RuntimeError, match="crashed"):
+        _build(tiny_teacher, data, out, *small)
+    fake.fail_after = None
+    assert 0 < len(logitstore.open(out)) < 30
+    m = json.loads((out / "manifest.json").read_text())
+    del m["build"]["fields"]["answer"]  # as a logitstore from before the answer field wrote it
+    m[CHECKSUM_KEY] = manifest_checksum(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert _build(tiny_teacher, data, out, *small, "--resume", "--answer-field", "solution") == 2
+    assert "build fields: cache has" in capsys.readouterr().err
+    assert _build(tiny_teacher, data, out, *small, "--resume") == 0
+    assert len(logitstore.open(out)) == 30 and verify(out) == []
+
+
 # ---------------------------------------------------------------- a second teacher with another tokenizer or vocabulary
 
 

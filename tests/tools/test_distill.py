@@ -157,7 +157,21 @@ def test_a_finished_run_resumes_to_nothing_and_other_settings_are_refused(run_di
     assert "lock" not in json.loads((run / "run.json").read_text())["build"]
     assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume", refs=refs)) == 0
     assert (run / "round-002" / "student" / "model.safetensors").read_bytes() == before
+    # a run from before a setting existed (run.json without it) resumes where the setting is at its default ...
+    settings = json.loads((run / "run.json").read_text())
+    original = json.dumps(settings)
+    for section, key in (("train", "gradmag"), ("train", "alm_mode"), ("build", "seed")):
+        del settings[section][key]
+    (run / "run.json").write_text(json.dumps(settings))
+    assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume", refs=refs)) == 0
+    assert (run / "round-002" / "student" / "model.safetensors").read_bytes() == before
+    # ... and not where the run's value is other than the default (max_steps: 4 here, 1000 by default)
+    del settings["train"]["max_steps"]
+    (run / "run.json").write_text(json.dumps(settings))
     capsys.readouterr()
+    assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume", refs=refs)) == 2
+    assert "(train differ" in capsys.readouterr().err
+    (run / "run.json").write_text(original)
     assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume", "--lr", "1e-2", refs=refs)) == 2
     assert "--resume: the run in" in capsys.readouterr().err  # other settings
     assert main(args(tiny_teacher, prompts, student_cfg, run, refs=refs)) == 2
