@@ -58,8 +58,8 @@ def add_rule_flags(b) -> None:
     from builders.config import default_rule
 
     r = b.add_argument_group("entries per position (one rule)",
-                             f"without a rule flag: {_flags_of(default_rule('transformers'))}, the cache measured "
-                             f"closest to online KD per byte (--backend vllm: {_flags_of(default_rule('vllm'))}); "
+                             f"without a rule flag: {_flags_of(default_rule('transformers'))}, the cache the quality "
+                             f"benchmark recommends (--backend vllm: {_flags_of(default_rule('vllm'))}); "
                              "see docs/choosing-a-cache.md")
     r.add_argument("--top-k", type=int, metavar="K",
                    help="keep the K most likely tokens (with --mass/--sample: the cap)")
