@@ -301,8 +301,7 @@ class CacheWriter:
             f"{name}: cache has {getattr(old, name)!r}, this build has {getattr(new, name)!r}"
             for name in ("vocab_size", "rule", "codec", "teacher", "tokenizer", "temperature")
             if getattr(old, name) != getattr(new, name)
-        ] + build_key_diffs(old.build, new.build, self.resume_build_keys,
-                                                      self.resume_defaults)
+        ] + build_key_diffs(old.build, new.build, self.resume_build_keys, self.resume_defaults)
         if old.has_policy != self.policy:
             diffs.append(f"policy fields: cache has {'them' if old.has_policy else 'none'}, this build "
                          f"{'has them' if self.policy else 'has none'} (responses from another model or not)")
