@@ -9,8 +9,10 @@ into an ``Example`` of one of three kinds, chosen by the fields present, in this
   student learns to stop: the tokens between the render before the turn *with* the generation
   prompt and the render through the turn, less whitespace after the marker (ChatML's ``\\n``,
   never generated since decoding stops at the marker). The turn header is context.
-- ``prompt`` + ``response``: BOS (if the tokenizer adds one), then prompt and response tokenised
-  separately (no chat template), so the boundary is exact; the response tokens are the targets.
+- ``prompt`` + ``response``: BOS (if the tokenizer adds one), then the prompt's tokens and the response's
+  (no chat template): the joint text's tokens after the prompt's where the boundary falls between two
+  tokens, else the response tokenised on its own (``Encoder.pair``), so the boundary is exact; the
+  response tokens are the targets.
 - ``text``: every token after the first is a target.
 
 Bad records raise ``BadRecordError`` or are counted by reason in a ``SkipReport``; sequences
@@ -96,6 +98,16 @@ class Encoder:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [list(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def pair(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+        """The tokens of a prompt and of its response: the joint text's tokens split after the prompt's own, where the
+        joint tokens start with them (the boundary falls between two tokens), else each encoded on its own, so the
+        boundary is exact either way. Joint first, since a tokenizer that puts a space before every text it encodes
+        (SentencePiece's dummy prefix) would put one before the response too, which the text does not have."""
+        p_ids, r_ids, joint = self.encode([prompt, response, prompt + response])
+        if prompt and joint[:len(p_ids)] == p_ids and len(joint) > len(p_ids):
+            return p_ids, joint[len(p_ids):]
+        return p_ids, r_ids
 
     def turn_end(self, ids: list[int], a: int, b: int) -> int:
         """End of an assistant turn's targets in ``ids[a:b]``: through the last special token (the end-of-turn
@@ -200,7 +212,7 @@ def _example(record: int, loc: str, raw: Any, enc: Encoder, fields: Fields) -> E
         if not response.strip():
             raise bad_record(loc, "empty_response", "is empty; a prompt+response record trains on its response",
                        fields.response)
-        p_ids, r_ids = enc.encode([prompt, response])
+        p_ids, r_ids = enc.pair(prompt, response)
         ids = enc.bos + p_ids + r_ids
         mask = np.arange(len(ids)) >= len(ids) - len(r_ids)
     elif has[fields.text]:

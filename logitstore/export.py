@@ -43,10 +43,14 @@ the value at row index ``t``):
 Row ``T - 1`` (nothing after the last token) and rows of positions not cached are all padding. A
 mass-adaptive cache has rows with fewer than K entries: their padded columns have mask 0, yet
 axolotl's ``kd_normalize_topk`` renormalises the student over all K columns (token 0 included), so
-train such an export with ``kd_normalize_topk: false`` or export a top-k cache. Caches with sampled
-entries (``--sample``) are refused (axolotl would read the draws as a top-k and lose their counts), so
+train such an export with ``kd_normalize_topk: false`` or export a top-k cache. Caches of independent
+draws (``--sample D`` without ``--systematic``) are refused (axolotl would read the draws as a top-k and lose
+their weights, and no id is certain), so
 are caches without logprobs (``--values none``) and weighted selections; a ``--tail-draws`` cache
-exports its exact head with ``drop_tail_draws=True``.
+exports its exact head with ``drop_tail_draws=True``. A ``--sample D --systematic`` cache (the build
+default) exports its certain head: every id that systematic draws hit whatever their offset, ``D q_x >= 1``
+(``p_x >= 1/D`` at proposal temperature 1), which is the exact top-m of the position for a varying m
+(``logitstore.rules.certain_head``); the other draws, which only their estimator weights make unbiased, are left out.
 
 Files: ``DIR/data/train-NNNNN-of-NNNNN.parquet`` (zstd; ``datasets.load_dataset(DIR)`` and axolotl's
 ``path: DIR`` read them as the ``train`` split), ``DIR/seq_ids.txt`` (the seq id of each row, in
@@ -62,6 +66,7 @@ Only an export's own files are ever deleted (here, in the temporary directory an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -79,6 +84,7 @@ from logitstore.manifest import fsync_dir, now
 from logitstore.ownership import describe_entries, refuse_file, rmdir_if_empty
 from logitstore.progress import progress_bar
 from logitstore.reader import Cache
+from logitstore.rules import Rule, certain_head, has_certain_head
 from logitstore.selection import cache_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -91,8 +97,12 @@ PAD_LOGPROB = -1e9  # axolotl's own padding value (kd/collator.py): exp() is 0, 
 LOGPROBS = ("normalized", "raw")
 
 
-def axolotl_rows(block: Block, *, k: int, logprobs: str = "normalized", temperature: float = 1.0) -> pa.Table:
-    """The axolotl rows (module docstring) of the sequences of a decoded ``block``, with ``k`` entry columns."""
+def axolotl_rows(block: Block, *, k: int, logprobs: str = "normalized", temperature: float = 1.0,
+                 certain: Rule | None = None) -> pa.Table:
+    """The axolotl rows (module docstring) of the sequences of a decoded ``block``, with ``k`` entry columns;
+    ``certain``: the systematic ``Sampled`` rule of the block, whose entries are cut to those drawn with certainty."""
+    if certain is not None:
+        block = certain_block(block, certain)
     tok = block.token_offsets.astype(np.int64)
     n_tok = int(tok[-1])
     owner = np.repeat(np.arange(len(block)), np.diff(block.pos_offsets))
@@ -129,6 +139,13 @@ def axolotl_rows(block: Block, *, k: int, logprobs: str = "normalized", temperat
                      "target_mask": lists(mask, k)})
 
 
+def certain_block(block: Block, rule: Rule) -> Block:
+    """``block`` with only the entries its systematic draws hit with certainty (``logitstore.rules.certain_head``)."""
+    ids, lp, n, tail = certain_head(rule, block.ids, block.logprobs, block.n_entries, block.tail_mass,
+                                    block.proposal_log_norm)
+    return dataclasses.replace(block, ids=ids, logprobs=lp, n_entries=n, tail_mass=tail, counts=None)
+
+
 def _check_exportable(cache: Cache, logprobs: str, temperature: float, drop_tail_draws: bool,
                       allow_incomplete: bool) -> None:
     rule = cache.rule.name
@@ -148,10 +165,11 @@ def _check_exportable(cache: Cache, logprobs: str, temperature: float, drop_tail
     if cache.codec.values == "none":
         raise InvalidInputError(f"{where} stores no logprobs (built with --values none): axolotl's KD loss needs "
                                 "target_logprobs; export a cache built with logprobs")
-    if rule == "sample":
-        raise InvalidInputError(f"{where} holds sampled entries (rule 'sample'): axolotl reads target_token_ids as "
-                                "a top-k and would drop the draw counts that make them unbiased; export a top-k or "
-                                "mass cache (train sampled caches with logitstore train)")
+    if rule == "sample" and not has_certain_head(cache.rule):
+        raise InvalidInputError(f"{where} holds sampled entries (rule 'sample') of independent draws (or capped at "
+                                "k < D): axolotl reads target_token_ids as a top-k and would drop the weights that "
+                                "make the draws unbiased, and no id is drawn with certainty; export a top-k or mass "
+                                "cache, or a --sample D --systematic one (train sampled caches with logitstore train)")
     if rule == "topk_tail" and not drop_tail_draws:
         raise InvalidInputError(f"{where} holds tail draws beyond its exact top-{cache.k} (rule 'topk_tail'), which "
                                 "axolotl has no field for; pass --drop-tail-draws to export the exact head only")
@@ -326,7 +344,8 @@ def export(source, out, *, to: str = "axolotl", force: bool = False, logprobs: s
         for shard in range(cache.num_shards):
             writer = None
             for block in cache.iter_blocks([shard]):
-                table = axolotl_rows(block, k=k, logprobs=logprobs, temperature=float(temperature))
+                table = axolotl_rows(block, k=k, logprobs=logprobs, temperature=float(temperature),
+                                     certain=cache.rule if cache.rule.name == "sample" else None)
                 if writer is None:
                     parts.append(tmp / "data" / f"part-{len(parts):05d}.parquet")
                     writer = pq.ParquetWriter(parts[-1], table.schema, compression="zstd")
@@ -336,7 +355,9 @@ def export(source, out, *, to: str = "axolotl", force: bool = False, logprobs: s
                 target = block.loss_mask
                 stats["tokens"] += int(n_tok.sum())
                 stats["targets"] += int(target.sum())
-                stats["padded_entries"] += int((k - np.minimum(block.n_entries, k))[target].sum())
+                n_entries = certain_block(block, cache.rule).n_entries if cache.rule.name == "sample" else \
+                    block.n_entries
+                stats["padded_entries"] += int((k - np.minimum(n_entries, k))[target].sum())
                 stats["max_tokens"] = max(stats["max_tokens"], int(n_tok.max(initial=0)))
                 if bar is not None:
                     bar.update(len(block))
@@ -359,7 +380,9 @@ def export(source, out, *, to: str = "axolotl", force: bool = False, logprobs: s
                            "complete": bool(m.complete)},
                 "teacher": m.teacher, "tokenizer": m.tokenizer, "vocab_size": m.vocab_size, "rule": m.rule,
                 "codec": m.codec, "logprob_error": cache.codec.logprob_error_text(), "k": k, "logprobs": logprobs,
-                "temperature": float(temperature), "tail_draws_dropped": cache.rule.name == "topk_tail",
+                "temperature": float(temperature), "tail_draws_dropped": cache.rule.name in ("topk_tail", "sample"),
+                "head": ("p >= 1/D: the ids the draws hit with certainty" if cache.rule.name == "sample" else
+                         f"the exact top {k}"),
                 "rows": len(seq_ids), **stats, "files": files}
         info["axolotl_config"] = axolotl_config(out, info)
         with open(tmp / MARKER, "w", encoding="utf-8") as f:  # written last: a directory with it is complete

@@ -18,8 +18,11 @@ merged entries describe the mixture ``p = sum_i w_i p_i``:
 
 The target rule: ``TopK(K)`` with K the largest input k (``top_k`` overrides it), or
 ``MassTopK(p, K)`` when every input is mass-adaptive with the same p. A ``topk_tail`` input
-contributes its exact head (its draws are dropped; their mass stays in the tail); a
-``sample`` input (no exact entries) is refused. Merged logprobs carry the inputs' decoding
+contributes its exact head (its draws are dropped; their mass stays in the tail), and so does a
+``sample`` input of systematic draws (the build default): its head is the ids its draws hit with
+certainty, ``p >= 1/D`` (``logitstore.rules.certain_head``; at least its most likely entry per
+position), the other draws' mass joins its tail. A ``sample`` input of independent draws (no id
+certain) is refused. Merged logprobs carry the inputs' decoding
 error twice (the value and the rescaling) plus the output codec's: at most ``2 e_in + e_out``.
 
 ``how``: ``mean`` (the weighted mixture), ``agreement`` (the mixture, with ``loss_mask`` false
@@ -33,6 +36,7 @@ vocabularies or temperatures are refused before anything is written; the output 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -46,7 +50,7 @@ from logitstore.manifest import MANIFEST_NAME
 from logitstore.progress import progress_bar
 from logitstore.reader import Cache, Sequence
 from logitstore.records import Scored, SequenceRecord
-from logitstore.rules import MassTopK, Rule, TopK, cut
+from logitstore.rules import MassTopK, Rule, TopK, certain_head, cut, has_certain_head
 from logitstore.selection import cache_fingerprint
 from logitstore.writer import CacheWriter
 
@@ -106,9 +110,11 @@ def merge(inputs: Seq[str | os.PathLike], out: str | os.PathLike, *, weights: Se
 def target_rule(rules: list[Rule], top_k: int | None = None) -> Rule:
     """The rule the merged entries are re-cut by (module docstring); refuses rules without exact entries."""
     for r in rules:
-        if r.name == "sample":
-            raise InvalidInputError("merge needs caches with exact entries (rules topk, mass, topk_tail); a 'sample' "
-                                    "cache holds drawn ids, whose estimator weights do not mix")
+        if r.name == "sample" and not has_certain_head(r):
+            raise InvalidInputError("merge needs caches with exact entries (rules topk, mass, topk_tail, or sample "
+                                    "with --systematic draws, whose certain head it takes); this 'sample' cache's "
+                                    "draws are independent (or capped), so no id is certain and their estimator "
+                                    "weights do not mix: build the inputs with --top-k K or --sample D --systematic")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise InvalidInputError(f"--top-k {top_k!r}: must be an integer >= 1")
     k = top_k or max(r.k for r in rules)
@@ -193,7 +199,16 @@ def _plan(caches: list[Cache], how: str, missing: str) -> tuple[list[tuple[str, 
 
 
 def _decode(cache: Cache, seq_ids: list[str]) -> dict[str, Sequence]:
-    return {s.seq_id: s for s in cache.iter_sequences(seq_ids)} if seq_ids else {}
+    """The sequences ``seq_ids`` of ``cache``; a systematic sampled cache's cut to its certain head (at least its most
+    likely entry per position), its other draws' mass moved to the tail (module docstring)."""
+    seqs = {s.seq_id: s for s in cache.iter_sequences(seq_ids)} if seq_ids else {}
+    if cache.rule.name != "sample":
+        return seqs
+    for sid, q in seqs.items():
+        ids, lp, n, tail = certain_head(cache.rule, q.ids, q.logprobs, q.n_entries, q.tail_mass, q.proposal_log_norm,
+                                        at_least=1)
+        seqs[sid] = dataclasses.replace(q, ids=ids, logprobs=lp, n_entries=n, tail_mass=tail, counts=None)
+    return seqs
 
 
 def merge_sequence(seqs: list[Sequence], w: np.ndarray, rule: Rule, vocab: int, *, how: str = "mean",

@@ -267,6 +267,38 @@ def cut(ids: np.ndarray, logprobs: np.ndarray, rule: Rule) -> Entries:
     )
 
 
+def has_certain_head(rule: Rule) -> bool:
+    """Whether a rule's entries include a deterministic head besides its draws: systematic draws, none left out by a
+    cap (``certain_head``)."""
+    return rule.name == "sample" and rule.systematic and rule.k >= rule.draws
+
+
+def certain_head(rule: Rule, ids: np.ndarray, logprobs: np.ndarray, n_entries: np.ndarray, tail_mass: np.ndarray,
+                 proposal_log_norm: np.ndarray | None = None, *, at_least: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The entries of a systematic ``Sampled`` cache that its draws hit whatever their offset: ``D q_x >= 1`` with
+    ``q_x = exp(lp_x / T - log Z)`` (``p_x >= 1/D`` at T = 1), i.e. every id above a probability threshold, the exact
+    top-m of the position for a varying m; decided on the stored (decoded) logprobs, so up to the codec's rounding at
+    the threshold. ``at_least``: keep that many entries per position even where fewer are certain (the most likely
+    drawn ones). Returns ``(ids, logprobs, n_entries, tail_mass)`` of the same widths, most likely first, padded with
+    -1 / -inf; the left-out draws' mass joins the tail mass."""
+    if not has_certain_head(rule):
+        raise InvalidInputError(f"rule {rule.to_dict()}: only systematic draws with no cap have a certain head")
+    lp = np.asarray(logprobs, np.float64)
+    valid = np.arange(lp.shape[1])[None, :] < np.asarray(n_entries)[:, None]
+    lp_q = lp if rule.proposal_temperature == 1.0 else \
+        lp / rule.proposal_temperature - np.asarray(proposal_log_norm, np.float64)[:, None]
+    order = np.argsort(np.where(valid, -lp, np.inf), axis=1, kind="stable")  # most likely first
+    lp_sorted = np.take_along_axis(np.where(valid, lp, -np.inf), order, 1)
+    certain = np.take_along_axis(valid & (lp_q + math.log(rule.draws) >= 0), order, 1).sum(1)
+    n = np.minimum(np.maximum(certain, at_least), np.asarray(n_entries)).astype(np.int32)
+    keep = np.arange(lp.shape[1])[None, :] < n[:, None]
+    dropped = np.where(np.isfinite(lp_sorted) & ~keep, np.exp(lp_sorted), 0.0).sum(1)
+    return (np.where(keep, np.take_along_axis(np.asarray(ids), order, 1), -1).astype(np.asarray(ids).dtype),
+            np.where(keep, lp_sorted, -np.inf).astype(np.asarray(logprobs).dtype), n,
+            (np.asarray(tail_mass, np.float64) + dropped).astype(np.asarray(tail_mass).dtype))
+
+
 def entries_from_draws(logprobs: np.ndarray, draws: np.ndarray, cap: int) -> Entries:
     """Full ``[N, V]`` logprobs and ``[N, D]`` drawn ids (-1: no draw) -> unique ids with counts, most likely first;
     ``tail_mass`` is the mass outside the unique ids."""

@@ -214,6 +214,41 @@ def tiny_tokenizer(chat_template=None):
     return tk
 
 
+def sentencepiece_like():
+    """A SentencePiece-style tokenizer (Llama 2, Mistral): spaces as "▁", a "▁" put before every encoded text (the
+    dummy prefix), byte fallback, <s> added in front."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁", *"aehinorstuw4.:?", "▁t", "▁th",
+              "▁the", "an", "er"]
+    merges = [("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("a", "n"), ("e", "r")]
+    t = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, byte_fallback=True, unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    t.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("prompt,response", [("Q: what is two plus two?", " four."), ("the answer is", " 4"),
+                                             ("the answer is ", "4")])
+def test_prompt_response_of_a_tokenizer_with_a_dummy_prefix(tmp_path, prompt, response):
+    """A tokenizer that puts "▁" before every text it encodes would put one before a response encoded on its own,
+    a space the record does not have: the sequence is the joint text's tokens, the targets those after the
+    prompt's."""
+    t = sentencepiece_like()
+    alone = t(response, add_special_tokens=False)["input_ids"]
+    assert t.convert_ids_to_tokens(alone)[0].startswith("▁")  # what encoding the response on its own gives
+    ex, = load_examples(write_jsonl(tmp_path / "pr.jsonl", [{"prompt": prompt, "response": response}]), t)
+    joint = t(prompt + response)["input_ids"]
+    p_ref = t(prompt)["input_ids"]
+    np.testing.assert_array_equal(ex.input_ids, joint)
+    np.testing.assert_array_equal(ex.loss_mask, np.arange(len(joint)) >= len(p_ref))
+    assert t.decode(ex.input_ids, skip_special_tokens=True) == prompt + response
+
+
 def test_chat_end_marker_on_a_word_level_tokenizer(tmp_path):
     """Another tokenizer family and template: the end-of-turn marker is the special </s>, nothing after it."""
     template = ("{% for m in messages %}{{ m.role }} {{ m.content }} </s> {% endfor %}"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import logitstore
-from logitstore.rules import Sampled, TopK, TopKTail
+from logitstore.rules import MassTopK, Sampled, TopK, TopKTail
 from logitstore.verify import verify
 from tests.builders.conftest import reference_logprobs
 from tests.builders.test_driver import write_jsonl
@@ -207,8 +207,28 @@ def test_a_build_without_a_rule_flag_uses_the_recommended_default(tiny_teacher, 
     assert isinstance(default_rule("vllm"), TopK)
 
 
+def test_resume_without_a_rule_flag_keeps_the_caches_rule(tiny_teacher, tmp_path, capsys):
+    """A cache started with another rule than today's default (an older default, here 24 draws) resumes without a
+    rule flag on its own rule; a rule flag that differs from it is still refused."""
+    from builders.config import DEFAULT_RULE
+
+    data, out = tmp_path / "d.jsonl", tmp_path / "c"
+    write_jsonl(data, 3)
+    old = Sampled(24, systematic=True)
+    assert old != DEFAULT_RULE
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "-q", *_flags_of(old).split()]) == 0
+    capsys.readouterr()
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "-q", "--resume"]) == 0
+    assert f"the cache's own rule, {_flags_of(old)}" in capsys.readouterr().err
+    assert logitstore.open(out).manifest.rule == old.to_dict() and verify(out) == []
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["build", str(tiny_teacher), str(data), "-o", str(out), "-q", "--resume", "--top-k", "8"]) == 2
+    assert "rule" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("rule", [TopK(32), TopKTail(4, 16, 2.0), TopKTail(4, 8, 1.0, systematic=True), Sampled(24),
-                                  Sampled(24, systematic=True), Sampled(50, 20, 2.0, True)], ids=str)
+                                  Sampled(24, systematic=True), Sampled(50, 20, 2.0, True), MassTopK(0.9, 16)], ids=str)
 def test_the_flags_printed_for_a_rule_name_that_rule(rule):
     """What `build --help` and the no-flag message print for a rule (the default's) builds exactly that rule."""
     from tools.cli import build_parser

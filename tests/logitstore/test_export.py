@@ -162,6 +162,37 @@ def test_tail_draws_are_dropped_only_when_asked(tmp_path):
         np.testing.assert_allclose(np.array(row["target_logprobs"][:-1]), np.take_along_axis(lp, head, 1), atol=1e-6)
 
 
+@pytest.mark.parametrize("rule", [Sampled(12, systematic=True), Sampled(12, 0, 2.0, True)], ids=["T1", "T2"])
+def test_a_systematic_sampled_cache_exports_the_ids_it_draws_with_certainty(tmp_path, rule):
+    """The build default's kind of cache: each position exports the ids whose proposal probability is at least 1/D
+    (drawn whatever the offset), most likely first: from the full reference distribution, every id of p >= 1/D at
+    T = 1, the exact top-m. With independent draws (none certain) the export is refused."""
+    from tests.logitstore.test_tail_rule import build as build_tail
+
+    refs = build_tail(tmp_path / "c", rule, Codec(values="fp32", ids="raw"))
+    info = export(tmp_path / "c", tmp_path / "e", logprobs="raw")
+    assert info["tail_draws_dropped"] and info["k"] == 12
+    heads = 0
+    for sid, row in zip((tmp_path / "e" / "seq_ids.txt").read_text().split(), rows_of(tmp_path / "e")):
+        tok, lp, _ = refs[sid]
+        q = np.stack([log_softmax(x / rule.proposal_temperature) for x in lp])
+        for t in range(len(tok) - 1):
+            want = [x for x in np.argsort(-lp[t], kind="stable") if q[t, x] + np.log(rule.draws) >= 0]
+            m = len(want)
+            heads += m
+            assert row["target_token_ids"][t][:m] == want and row["target_mask"][t][m:] == [0] * (12 - m)
+            np.testing.assert_allclose(row["target_logprobs"][t][:m], lp[t, want], atol=1e-6)
+            if rule.proposal_temperature == 1:
+                assert want == list(np.argsort(-lp[t], kind="stable")[:m]) and 1 <= m <= rule.draws
+    assert heads > 0
+    independent = tmp_path / "i"
+    build_tail(independent, Sampled(12), Codec())
+    for flag in (False, True):
+        with pytest.raises(InvalidInputError, match="no id is drawn with certainty"):
+            export(independent, tmp_path / "x", drop_tail_draws=flag)
+    assert not (tmp_path / "x").exists()
+
+
 def test_refusals_and_force(tmp_path, capsys):
     build(tmp_path / "c", TopK(4), Codec())
     out = tmp_path / "e"

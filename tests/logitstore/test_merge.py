@@ -73,6 +73,46 @@ def test_full_support_merge_is_the_exact_mixture(tmp_path, weights):
     assert verify(tmp_path / "m") == []
 
 
+def test_systematic_sampled_caches_merge_by_their_certain_heads(tmp_path):
+    """Two caches of the build default's kind (systematic draws): each contributes the ids of p >= 1/D (drawn
+    whatever the offset), so the merged entries are, per id of either head, the mixture's known part
+    ``sum_i w_i p_i(x) [x in head_i]``, and the tail the exact rest; a position where no id is certain (a flat
+    teacher) keeps one drawn id. Against the numpy mixture of the full distributions."""
+    rng = np.random.default_rng(3)
+    D = 16
+    toks, (lp_a, lp_b) = full_teachers(rng, 2, [9, 14, 5])
+    lp_a[1][2] = np.log(np.full(V, 1.0 / V))  # flat: no id reaches 1/16
+    rule = logitstore.Sampled(D, systematic=True)
+    a = write_teacher(tmp_path / "a", toks, lp_a, rule)
+    b = write_teacher(tmp_path / "b", toks, lp_b, rule)
+    assert main(["merge", str(a), str(b), "-o", str(tmp_path / "m"), "--weights", "3,1", "-q"]) == 0
+    w = np.array([0.75, 0.25])
+    merged = {s.seq_id: s for s in logitstore.open(tmp_path / "m")}
+    assert logitstore.open(tmp_path / "m").manifest.rule == {"rule": "topk", "k": D}
+    flat = 0
+    for tok, la, lb in zip(toks, lp_a, lp_b):
+        s = merged[logitstore.sequence_id(tok)]
+        pa, pb = np.exp(la), np.exp(lb)
+        for t in range(len(tok) - 1):
+            ha, hb = pa[t] >= 1.0 / D, pb[t] >= 1.0 / D
+            got = dense(s)[t]
+            if not ha.any():  # one of teacher a's drawn ids (all equally likely) stands for its head
+                flat += 1
+                (x,) = set(np.flatnonzero(got)) - set(np.flatnonzero(hb)) or {int(np.argmax(got))}
+                assert pa[t, x] == pytest.approx(1.0 / V)
+                ha = np.arange(V) == x
+            want = w[0] * pa[t] * ha + w[1] * pb[t] * hb
+            assert (ha | hb).sum() <= D
+            np.testing.assert_allclose(got, want, atol=2e-6)
+            assert s.tail_mass[t] == pytest.approx(1.0 - want.sum(), abs=2e-6)
+            assert s.label_logprob[t] == pytest.approx(math.log(w[0] * pa[t, tok[t + 1]] + w[1] * pb[t, tok[t + 1]]),
+                                                       abs=2e-6)
+    assert flat == 1 and verify(tmp_path / "m") == []
+    independent = write_teacher(tmp_path / "i", toks, lp_b, logitstore.Sampled(D))
+    assert main(["merge", str(a), str(independent), "-o", str(tmp_path / "x"), "-q"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 def test_topk_merge_keeps_the_known_part_and_the_tail_as_mass(tmp_path):
     rng = np.random.default_rng(1)
     toks, (lp_a, lp_b) = full_teachers(rng, 2, [9, 15])

@@ -162,6 +162,8 @@ def test_a_finished_run_resumes_to_nothing_and_other_settings_are_refused(run_di
     original = json.dumps(settings)
     for section, key in (("train", "gradmag"), ("train", "alm_mode"), ("build", "seed")):
         del settings[section][key]
+    del settings["build"]["generation"]["top_p"]  # a sub-setting too (one level down)
+    del settings["build"]["fields"]["answer"]
     (run / "run.json").write_text(json.dumps(settings))
     assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume", refs=refs)) == 0
     assert (run / "round-002" / "student" / "model.safetensors").read_bytes() == before

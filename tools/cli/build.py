@@ -33,7 +33,8 @@ def add_build(sub) -> None:
     b.add_argument("-o", "--output", required=True, metavar="CACHE", help="cache directory to create (or resume)")
     add_rule_flags(b)
     b.add_argument("--resume", action="store_true",
-                   help="continue an interrupted build of CACHE (same teacher, data, rule)")
+                   help="continue an interrupted build of CACHE (same teacher, data, rule; with no rule flag, the "
+                        "rule CACHE was started with)")
     add_input_flags(b)
     add_teacher_flags(b)
     _ray_flags(b)
@@ -204,15 +205,32 @@ def _rule(args: argparse.Namespace):
     if args.top_k is None:
         from builders.config import default_rule
 
+        kept = _rule_of_cache(args.output) if args.resume else None
+        if kept is not None:  # a cache started with another default (or another rule) goes on with its own
+            print(f"--resume with no rule flag: the cache's own rule, {_flags_of(kept)}", file=sys.stderr)
+            return kept
         rule = default_rule(args.backend)
         print(f"no rule flag given: the default, {_flags_of(rule)} (docs/choosing-a-cache.md)", file=sys.stderr)
         return rule
     return TopK(args.top_k)
 
 
+def _rule_of_cache(path: str):
+    """The rule recorded by the cache at ``path`` (complete or cut short), or None where there is no readable one
+    (a new output; the build's own checks then say what is wrong)."""
+    from logitstore.errors import LogitstoreError
+    from logitstore.manifest import load_manifest
+    from logitstore.rules import rule_from_dict
+
+    try:
+        return rule_from_dict(load_manifest(path).rule)
+    except (LogitstoreError, OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def _flags_of(rule) -> str:
-    """The build flags that name a top-k, sampled or top-k + tail-draws rule."""
-    from logitstore.rules import Sampled, TopKTail
+    """The build flags that name a rule."""
+    from logitstore.rules import MassTopK, Sampled, TopKTail
 
     t = f" --proposal-temperature {rule.proposal_temperature:g}" if rule.proposal_temperature != 1 else ""
     s = " --systematic" if rule.systematic else ""
@@ -220,6 +238,8 @@ def _flags_of(rule) -> str:
         return f"--top-k {rule.k} --tail-draws {rule.tail_draws}{t}{s}"
     if isinstance(rule, Sampled):
         return f"--sample {rule.draws}" + (f" --top-k {rule.k}" if rule.k != rule.draws else "") + t + s
+    if isinstance(rule, MassTopK):
+        return f"--mass {rule.p:g} --top-k {rule.k}"
     return f"--top-k {rule.k}"
 
 

@@ -35,7 +35,9 @@ def add_export(sub) -> None:
                    help="re-temper the normalized logprobs, log_softmax(lp / T) over the entries, as axolotl's "
                         "chat_template strategy does; set axolotl's kd_temperature to the same T (default 1)")
     p.add_argument("--drop-tail-draws", action="store_true",
-                   help="a --tail-draws cache: export its exact top-k head only (axolotl has no field for draws)")
+                   help="a --tail-draws cache: export its exact top-k head only (axolotl has no field for draws; a "
+                        "--sample D --systematic cache, the build default, exports the ids drawn with certainty, "
+                        "every id of probability >= 1/D, without this flag)")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="export an unfinished build (manifest complete: false): the sequences committed so far")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -63,7 +65,12 @@ def export(args: argparse.Namespace) -> int:
         if remote.is_remote(args.output):
             shutil.rmtree(out, ignore_errors=True)
     print(f"{args.output}: {info['rows']:,} rows, {info['tokens']:,} tokens ({info['targets']:,} targets), "
-          f"{info['k']} entries per position, {len(info['files'])} Parquet files, {size(total)}")
+          f"{'up to ' if info['padded_entries'] else ''}{info['k']} entries per position, {len(info['files'])} Parquet "
+          f"files, {size(total)}")
+    if info["rule"].get("rule") == "sample":
+        print(f"note: a sampled cache: exported per position the ids of probability >= 1/{info['rule']['draws']}, "
+              "which its systematic draws hit with certainty (an exact top-m head); the other draws have no axolotl "
+              "field", file=sys.stderr)
     if info["padded_entries"]:
         print(f"note: {info['padded_entries']:,} target entries are padding (positions with fewer than {info['k']} "
               "entries); the config below sets kd_normalize_topk: false", file=sys.stderr)

@@ -354,7 +354,9 @@ def add_merge(sub) -> None:
                     "the teachers (union of their supports, each one's tail mass kept as mass, re-cut to the target "
                     "rule; label logprobs exact, entropy an upper bound: see `logitstore info MERGED`), or route "
                     "each sequence to the teachers whose answer the verifier accepted (--how correct). The result "
-                    "is a normal cache (verify, sql, select, train).")
+                    "is a normal cache (verify, sql, select, train). Inputs: top-k, mass and --tail-draws caches "
+                    "(their exact head), and --sample D --systematic ones, the build default (the ids their draws "
+                    "hit with certainty, probability >= 1/D).")
     p.add_argument("caches", metavar="CACHE", nargs="+", help="two or more caches (or selections)")
     p.add_argument("-o", "--output", required=True, metavar="MERGED", help="the new cache directory")
     p.add_argument("--weights", metavar="W1,W2,...", help="one positive weight per cache (default: equal); "
