@@ -99,8 +99,9 @@ def load_union(path: str | os.PathLike) -> Union:
 
 
 def save_union(path: str | os.PathLike, union: Union) -> Path:
-    """Write ``union`` to ``path`` (a file, or a directory: ``DIR/union.json``) atomically; member paths are stored
-    relative to the file's directory where they lie inside it."""
+    """Write ``union`` to ``path`` (a file, or a directory: ``DIR/union.json``) atomically. Member paths are given as
+    any path is (absolute, or relative to the working directory) and stored relative to the file's directory where
+    they lie inside it."""
     p = Path(path)
     if p.is_dir():
         p = p / UNION_NAME
@@ -108,7 +109,6 @@ def save_union(path: str | os.PathLike, union: Union) -> Path:
     members = []
     for m in union.members:
         c = Path(m.cache)
-        c = c if c.is_absolute() else (base / c)
         try:
             rel = c.resolve().relative_to(base).as_posix()
         except ValueError:

@@ -64,6 +64,17 @@ def test_the_union_file_stores_paths_relative_to_its_directory(run_dir, tmp_path
     assert connect(moved).sql("SELECT count(*) FROM sequences").fetchall() == [(sum(len(s) for s in refs.values()),)]
 
 
+def test_member_paths_relative_to_the_working_directory(run_dir, monkeypatch):
+    """A union saved from relative paths (``distill -o RUN`` with RUN relative) names the same caches."""
+    path, refs = run_dir
+    monkeypatch.chdir(path.parent)
+    save_union(path.name, Union(labels=["round"], members=[Member(cache=f"{path.name}/round-{r:03d}/cache",
+                                                                  labels={"round": r}) for r in (1, 2)]))
+    d = json.loads((path / "union.json").read_text())
+    assert [m["cache"] for m in d["members"]] == ["round-001/cache", "round-002/cache"]
+    assert connect(path.name).sql("SELECT count(*) FROM sequences").fetchall() == [(sum(map(len, refs.values())),)]
+
+
 def test_logitstore_sql_on_a_run_directory(run_dir, capsys):
     path, refs = run_dir
     assert main(["sql", str(path), "SELECT round, count(*) AS n FROM sequences GROUP BY round ORDER BY round",
