@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 from logitstore.errors import InvalidInputError
@@ -27,6 +28,7 @@ KEEP_BY = ("teacher_entropy", "student_entropy")  # or "score:<column>" of a `lo
 ROUTES = ("none", "correctness")
 CROSS = ("alm", "gold", "nextbyte")  # cross-tokenizer methods (trainers.cross)
 ALM_MODES = ("plain", "append_space", "merge_by_space_prob", "merge_by_space_prob+append_space")  # tokenkit's names
+NEXTBYTE_AT = ("chunks", "tokens")  # where nextbyte compares next-byte distributions (trainers.cross)
 DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -139,6 +141,10 @@ class TrainConfig:
                               "so that their gradients w.r.t. the student's final hidden states have norms in the "
                               "ratio (1 - lambda) : lambda, keeping the harmonic-mean magnitude (GradMag, the ALM "
                               "paper's balancing; lambda 0.5 weighs them equally)")
+    nextbyte_at: str = _f("chunks", "with --cross-tokenizer nextbyte: where the next-byte distributions are compared: "
+                                    "'chunks' (where both tokenizations start a token) or 'tokens' (at every "
+                                    "student token of the target text; inside a teacher token, the teacher's side "
+                                    "is its distribution at the token's start given the bytes so far)")
     skip_verify: bool = _f(False, "do not check the cache's shard checksums, schema and counts before training "
                                   "(pages are still checked by their CRCs while reading)")
     skip_bad_shards: bool = _f(False, "train on the sound shards of a damaged cache, leaving out (and naming) the "
@@ -198,8 +204,9 @@ class TrainConfig:
             self._validate_cross(_bad)
         elif self.teacher_tokenizer:
             raise InvalidInputError("--teacher-tokenizer goes with --cross-tokenizer")
-        elif self.gradmag or self.alm_mode != "plain":
-            raise InvalidInputError(f"{'--gradmag' if self.gradmag else '--alm-mode'} goes with --cross-tokenizer")
+        elif self.gradmag or self.alm_mode != "plain" or self.nextbyte_at != "chunks":
+            flag = "--gradmag" if self.gradmag else "--alm-mode" if self.alm_mode != "plain" else "--nextbyte-at"
+            raise InvalidInputError(f"{flag} goes with --cross-tokenizer")
         return self
 
     def validate_loss(self) -> TrainConfig:
@@ -245,6 +252,10 @@ class TrainConfig:
         if self.gradmag and self.cross_tokenizer == "nextbyte":
             raise bad("gradmag", True, "goes with --cross-tokenizer alm or gold (nextbyte weighs KD and CE per "
                                        "token by --ce-weight)")
+        if self.nextbyte_at not in NEXTBYTE_AT:
+            raise bad("nextbyte_at", self.nextbyte_at, f"choose from {', '.join(NEXTBYTE_AT)}")
+        if self.nextbyte_at != "chunks" and self.cross_tokenizer != "nextbyte":
+            raise bad("nextbyte_at", self.nextbyte_at, "goes with --cross-tokenizer nextbyte")
         if self.gradmag and self.loss == "ce":
             raise bad("loss", self.loss, "--gradmag balances KD and CE: --loss ce has no KD term")
         unsupported = [(self.pack, "--pack"), (self.keep_fraction < 1, "--keep-fraction"),
@@ -294,6 +305,18 @@ LOSS_FIELDS = ("loss", "tail", "estimator", "temperature", "ce_weight", "beta", 
                "keep_fraction", "keep_by", "keep_lowest", "scores", "route", "chunk_size", "head_memory_mb")
 
 #: Options that may differ between a run and its resumption (they do not shape the trajectory).
+#: settings that name a file or directory: a resume compares where they point, not how they were spelled
+PATH_FIELDS = ("cache", "student", "eval", "mix_cache", "scores", "tokenizer", "teacher_tokenizer")
+
+
+def where(value: Any) -> Any:
+    """A path setting as the place it names (absolute, symlinks resolved); empty values and URLs
+    (``s3://...``) as they are."""
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    return os.path.realpath(value)
+
+
 RESUMABLE_CHANGES = ("output", "max_steps", "resume", "quiet", "log_every", "eval_every", "save_every",
                      "keep_checkpoints", "eval", "eval_sequences", "device", "trace_data", "skip_verify", "force",
                      "allow_missing", "allow_incomplete")

@@ -137,6 +137,25 @@ def test_resume_refuses_a_student_whose_content_changed(text_cache, student_conf
     assert main(_train(text_cache, student, out, "--save-every", "1", "--max-steps", "3", "--resume")) == 0
 
 
+def test_resume_from_another_working_directory(text_cache, student_config, tmp_path, monkeypatch, capsys):
+    """Paths are compared by where they point: a run started with relative paths resumes from elsewhere with the
+    same files spelled otherwise, and is refused with another cache."""
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    shutil.copytree(text_cache, tmp_path / "cache")
+    shutil.copy2(student_config, tmp_path / "config.json")
+    monkeypatch.chdir(work)
+    assert main(_train("../../cache", "../../config.json", "../../run", "--save-every", "1", "--max-steps", "3")) == 0
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000003")
+    monkeypatch.chdir(tmp_path)
+    assert main(_train("cache", "config.json", "run", "--save-every", "1", "--max-steps", "3", "--resume")) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000003")
+    shutil.copytree(text_cache, tmp_path / "other")
+    assert main(_train("other", "config.json", "run", "--save-every", "1", "--max-steps", "3", "--resume")) == 2
+    assert "--cache" in _err_line(capsys)
+
+
 # ---------------------------------------------------------------- item 8: hand-edited selections
 
 
