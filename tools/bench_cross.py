@@ -9,8 +9,8 @@ Students, all the same body (a 2-layer Llama, hidden 128) from scratch, differin
   byte   256 bytes + 3 specials (``tools.student_tokenizers.byte_tokenizer``): ``--cross-tokenizer alm``
          with ``--loss ce`` (CE only), with ALM (``--ce-weight`` from ``--alm-ce-weight``, ``--alm-mode``,
          ``--gradmag``), ``--cross-tokenizer gold`` (forward KL on matched one-token chunks, ULD elsewhere) and
-         ``--cross-tokenizer nextbyte`` (forward KL over first-byte buckets at chunk starts), both with CE
-         weighted by ``--mix-ce``
+         ``--cross-tokenizer nextbyte`` (forward KL over first-byte buckets at chunk starts, or with
+         ``--nextbyte-at tokens`` at every student token), both with CE weighted by ``--mix-ce``
   bpe    byte-level BPE of 2,048 tokens trained on the training records: the same four runs
 
 Every run: ``--steps`` steps of batch 8 (lr 3e-3, warm-up then cosine), ``--seeds`` seeds (student
@@ -28,7 +28,8 @@ of each method over CE against the gain of same-tokenizer KD over CE, over the s
         --alm-mode merge_by_space_prob+append_space  # the ALM authors' recommended configuration
 
 Results are one JSON file per (student, method, seed) under ``WORKDIR/results``, named by the flags the run
-depends on (``--alm-ce-weight``, ``--alm-mode``, ``--gradmag`` for ALM, ``--mix-ce`` for gold and nextbyte;
+depends on (``--alm-ce-weight``, ``--alm-mode``, ``--gradmag`` for ALM, ``--mix-ce`` for gold and nextbyte,
+``--nextbyte-at`` for nextbyte;
 a run skips what is there); the cache, tokenizers and students stay in WORKDIR.
 """
 
@@ -98,7 +99,7 @@ def prepare(work: Path, n_train: int) -> dict:
 
 
 def run(p: dict, student: str, method: str, seed: int, steps: int, ce_weight: float, out: Path,
-        alm_mode: str = "plain", gradmag: bool = False) -> dict:
+        alm_mode: str = "plain", gradmag: bool = False, nextbyte_at: str = "chunks") -> dict:
     from trainers.config import TrainConfig
     from trainers.loop import train
 
@@ -113,6 +114,8 @@ def run(p: dict, student: str, method: str, seed: int, steps: int, ce_weight: fl
             kw.update(gradmag=gradmag)
         if method == "alm":
             kw.update(alm_mode=alm_mode)
+        if method == "nextbyte":
+            kw.update(nextbyte_at=nextbyte_at)
     t = time.perf_counter()
     summary = train(TrainConfig(**kw))
     from transformers import AutoModelForCausalLM
@@ -127,7 +130,8 @@ def target_check(p: dict, records: int = 8) -> str:
     the teacher's full distributions (the embedded teacher run again on the first ``records`` held-out records):
     mean / median / 90th percentile over chunk starts of KL(exact || from the cache), nats, for the next-byte
     distribution at the boundary (P_i) with the tail spread evenly over the tokens outside the entries (what
-    ``nextbyte`` does) and with the entries renormalised instead, and for the whole one-token-back target."""
+    ``nextbyte`` does) and with the entries renormalised instead, and for the whole one-token-back target, at
+    chunk starts and (``--nextbyte-at tokens``) at the byte student's sites inside teacher tokens."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -139,7 +143,7 @@ def target_check(p: dict, records: int = 8) -> str:
     from trainers.student import load_student
 
     cfg = TrainConfig(cache=str(p["eval"]), student=str(p["students"]["byte"]), output="unused",
-                      cross_tokenizer="nextbyte", max_length=128).validate()
+                      cross_tokenizer="nextbyte", nextbyte_at="tokens", max_length=128).validate()
     manifest = logitstore.open(p["cache"]).manifest
     cross = CrossTokenizer(cfg, manifest, load_student(cfg.student, manifest=manifest, seed=0, cache_tokenizer=False))
     batch = next(iter(StreamingLoader(str(p["eval"]), batch_size=records, max_length=128, shuffle=False)))
@@ -149,7 +153,6 @@ def target_check(p: dict, records: int = 8) -> str:
         full = torch.log_softmax(teacher(input_ids=batch["input_ids"],
                                          attention_mask=batch["attention_mask"]).logits.double(), -1)
     fb = torch.from_numpy(cross.byte_t)
-    ptr, ext_ids, ext_next = cross.ext_t
     n, T = 257, batch["input_ids"].shape[1]
     t_ids, t_valid, t_lp = batch["topk_ids"], batch["topk_valid"], batch["topk_logprobs"].double()
 
@@ -158,18 +161,24 @@ def target_check(p: dict, records: int = 8) -> str:
         inf = bool(lost.any())
         return (math.inf if inf else float((a[keep] * (a[keep].log() - b[keep].log())).sum()), float(a[lost].sum()))
 
-    out = {"P_i, tail spread over the other tokens": [], "P_i, entries renormalised": [], "whole target": []}
-    for c, f in enumerate(sb["nb_first"].tolist()):
+    out = {"P_i, tail spread over the other tokens": [], "P_i, entries renormalised": [], "whole target": [],
+           "whole target, inside teacher tokens": []}
+    for c, (f, n_w) in enumerate(zip(sb["nb_tpos"].tolist(), sb["nb_wlen"].tolist())):
         if not bool(sb["nb_ok"][c]):
             continue
         b, i = divmod(f, T)
         V = min(full.shape[-1], fb.numel())
         p_i = torch.zeros(n, dtype=torch.float64).index_add(0, fb[:V], full[b, i, :V].exp())
         v = int(batch["input_ids"][b, i])
-        sl = slice(int(ptr[v]), int(ptr[v + 1]))
-        ext = torch.zeros(n, dtype=torch.float64).index_add(0, torch.from_numpy(ext_next[sl]),
-                                                            full[b, i - 1, torch.from_numpy(ext_ids[sl])].exp())
-        exact = one_token_back(p_i, ext, full[b, i - 1, v])
+        w = cross.teacher.table[v][:n_w]
+        e_ids, e_next = cross.teacher.extending(w)
+        ext = torch.zeros(n, dtype=torch.float64).index_add(0, torch.from_numpy(e_next),
+                                                            full[b, i - 1, torch.from_numpy(e_ids)].exp())
+        w_id = cross.teacher.id_of(w)
+        exact = one_token_back(p_i, ext, full[b, i - 1, w_id] if w_id is not None else torch.tensor(-math.inf))
+        if n_w < len(cross.teacher.table[v]):  # a site inside teacher token v
+            out["whole target, inside teacher tokens"].append(kl(exact, sb["nb_target"][c]))
+            continue
         ok = t_valid[b, i]
         head = torch.zeros(n, dtype=torch.float64).index_add(0, fb[t_ids[b, i][ok]], t_lp[b, i][ok].exp())
         rest = torch.bincount(fb, minlength=n).double() - torch.bincount(fb[t_ids[b, i][ok]], minlength=n).double()
@@ -177,8 +186,10 @@ def target_check(p: dict, records: int = 8) -> str:
         out["P_i, tail spread over the other tokens"].append(kl(p_i, spread / spread.sum()))
         out["P_i, entries renormalised"].append(kl(p_i, head / head.sum()))
         out["whole target"].append(kl(exact, sb["nb_target"][c]))
-    lines = [f"KL(exact || from the cache), nats, over {len(out['whole target'])} chunk starts of {records} held-out "
-             "records (byte student); infinite where the cache's target gives 0 to a byte the exact one does not",
+    lines = [f"KL(exact || from the cache), nats, over {len(out['whole target'])} chunk starts and "
+             f"{len(out['whole target, inside teacher tokens'])} sites inside teacher tokens of {records} held-out "
+             "records (byte student, --nextbyte-at tokens); infinite where the cache's target gives 0 to a byte the "
+             "exact one does not",
              "", "| target | mean | median | p90 | share infinite | exact mass given 0 (mean) |",
              "|---|---|---|---|---|---|"]
     for k, v in out.items():
@@ -238,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                     "GradMag (with --alm-ce-weight / --mix-ce in (0, 1))")
     ap.add_argument("--mix-ce", type=float, default=0.5, help="--ce-weight of the gold and nextbyte runs "
                     "(default 0.5: they teach at chunk starts only)")
+    ap.add_argument("--nextbyte-at", default="chunks", choices=("chunks", "tokens"), help="--nextbyte-at of the "
+                    "nextbyte runs (default chunks: where both tokenizations start a token; tokens: at every "
+                    "student token)")
     ap.add_argument("--only", default="", help="comma-separated student:method runs, e.g. byte:alm,same:kd")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 40 records, 20 steps, 1 seed")
     ap.add_argument("--report", action="store_true", help="print the tables of the results so far and exit")
@@ -256,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = "" if args.alm_mode == "plain" else "-" + args.alm_mode.replace("merge_by_space_prob", "merge").replace(
         "append_space", "append").replace("+", "")
     tags = {"alm": f"{base}-w{args.alm_ce_weight:g}{mode}{gm}", "gold": f"{base}-w{args.mix_ce:g}{gm}",
-            "nextbyte": f"{base}-w{args.mix_ce:g}{gm}"}  # a run's file names the flags it depends on
+            "nextbyte": f"{base}-w{args.mix_ce:g}{gm}{'-tokens' if args.nextbyte_at == 'tokens' else ''}"}
+    # a run's file names the flags it depends on
     if args.target_check:
         print(target_check(prepare(work, args.records)))
         return 0
@@ -288,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
 
                     shutil.rmtree(out)
                 weight = args.alm_ce_weight if method == "alm" else args.mix_ce
-                r = run(p, student, method, seed, args.steps, weight, out, args.alm_mode, args.gradmag)
+                r = run(p, student, method, seed, args.steps, weight, out, args.alm_mode, args.gradmag,
+                        args.nextbyte_at)
                 f.write_text(json.dumps(r, indent=1))
                 print(f"{student:5s} {method:8s} seed {seed}: bpb {r['eval_bpb']:.4f} ({r['seconds']:.0f} s)",
                       flush=True)

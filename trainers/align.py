@@ -129,20 +129,36 @@ class TokenBytes:
 
     def extensions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Which tokens continue each token's text, CSR: for token v, ``ids[ptr[v]:ptr[v + 1]]`` are the tokens whose
-        bytes strictly extend v's, and ``next_byte`` (same slice) the byte of each that follows v's text. Special and
-        empty tokens have none."""
-        keys = sorted((b, i) for i, b in enumerate(self.table) if b and not self.special[i])
-        texts = [b for b, _ in keys]
-        ptr, ids, nxt = [0], [], []
-        for v, b in enumerate(self.table):
-            if b and not self.special[v]:
-                k = bisect.bisect_right(texts, b)
-                while k < len(texts) and texts[k].startswith(b):
-                    ids.append(keys[k][1])
-                    nxt.append(texts[k][len(b)])
-                    k += 1
-            ptr.append(len(ids))
-        return np.asarray(ptr, np.int64), np.asarray(ids, np.int64), np.asarray(nxt, np.int64)
+        bytes strictly extend v's, and ``next_byte`` (same slice) the byte of each that follows v's text
+        (``extending`` of each token's bytes). Special and empty tokens have none."""
+        per = [self.extending(b) if b and not self.special[v] else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+               for v, b in enumerate(self.table)]
+        ptr = np.concatenate([[0], np.cumsum([x.size for x, _ in per])]).astype(np.int64)
+        return (ptr, np.concatenate([x for x, _ in per]).astype(np.int64) if per else np.zeros(0, np.int64),
+                np.concatenate([y for _, y in per]).astype(np.int64) if per else np.zeros(0, np.int64))
+
+    def extending(self, prefix: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens whose bytes strictly extend ``prefix`` (any byte string, not only a token's) and the byte of
+        each that follows it: ``(ids, next_byte)``, remembered per prefix. Special and empty tokens are none's."""
+        memo = self.__dict__.setdefault("_extending", {})
+        if prefix not in memo:
+            if "_sorted" not in self.__dict__:
+                keys = sorted((b, i) for i, b in enumerate(self.table) if b and not self.special[i])
+                self._sorted = ([b for b, _ in keys], np.asarray([i for _, i in keys], np.int64))
+            texts, order = self._sorted
+            lo = bisect.bisect_right(texts, prefix)  # the extensions sort right after the prefix, up to
+            hi = bisect.bisect_left(texts, prefix + b"\xff" * (int(self.length.max(initial=0)) + 1))  # this bound
+            memo[prefix] = (order[lo:hi], np.asarray([texts[k][len(prefix)] for k in range(lo, hi)], np.int64))
+        return memo[prefix]
+
+    def id_of(self, text: bytes) -> int | None:
+        """The (lowest) id of the non-special token that spells ``text`` exactly, or None."""
+        if "_id_of" not in self.__dict__:
+            self._id_of = {}
+            for i, b in enumerate(self.table):
+                if b and not self.special[i]:
+                    self._id_of.setdefault(b, i)
+        return self._id_of.get(text)
 
     def spell(self, ids) -> bytes:
         """The bytes a token sequence spells (special tokens spell nothing)."""

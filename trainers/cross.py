@@ -51,7 +51,12 @@ head run as for any student (``trainers.view.student_view``, chunked).
   some mass. (Renormalising over the entries instead gives 0 to the bytes no entry starts with, at every
   boundary of the benchmark's top-32 cache, 1.7% of the exact mass on average, and the student is taught
   they never come; ``python tools/bench_cross.py --target-check``.) A chunk whose token before it is not
-  predicted on both sides (the text's first) gets no KD term.
+  predicted on both sides (the text's first) gets no KD term. ``--nextbyte-at tokens`` adds a site at every
+  other student token of a chunk (its byte offset lies inside a teacher token v, after v's first bytes w):
+  the teacher's side is the same formula at the start j of v with w in place of v, ``P(b) = [P_j(w) X(b) +
+  sum_{u extends w, next byte b} P_j(u)] / [P_j(w) + sum_{u extends w} P_j(u)]``, with ``P_j(v)`` exact (its
+  label logprob), ``P_j(w)`` from the entries (or the tail's share; 0 where no token spells w) and X the first
+  byte at the position after v, the nearest distribution the cache holds to the one after w.
 
 Evaluation is in bits per byte over the target text (``trainers.align.roles``): ``eval_bpb`` the
 student's, ``eval_teacher_bpb`` the teacher's on the same bytes (special tokens' chunks spell no text
@@ -128,13 +133,17 @@ class CrossTokenizer:
         if len(student.tokenizer) > student.vocab_size:
             raise InvalidInputError(f"student {cfg.student} has {student.vocab_size} embedding rows, its tokenizer "
                                     f"{len(student.tokenizer)} tokens: every token id must fit")
-        exact_entries = manifest.codec.get("values") != "none" and manifest.rule.get("rule") != "sample"
+        # every rule stores exact logprobs for its entries (the top k, or the drawn ids of a sampled cache) and the
+        # exact mass outside them, which is all gold, nextbyte and the space probability read
+        exact_entries = manifest.codec.get("values") != "none"
         if cfg.cross_tokenizer in ("gold", "nextbyte") and not exact_entries:
-            raise InvalidInputError(f"--cross-tokenizer {cfg.cross_tokenizer} needs a cache with exact top entries "
-                                    "(rules topk, mass, topk_tail); use alm, which needs only the label logprobs")
+            raise InvalidInputError(f"--cross-tokenizer {cfg.cross_tokenizer} needs the entries' logprobs; this cache "
+                                    "stores ids only (built with --values none): use alm, which needs only the label "
+                                    "logprobs")
         if cfg.alm_mode != "plain" and not exact_entries:
-            raise InvalidInputError(f"--alm-mode {cfg.alm_mode} needs a cache with exact top entries (rules topk, "
-                                    "mass, topk_tail) for the teacher's space probability; use --alm-mode plain")
+            raise InvalidInputError(f"--alm-mode {cfg.alm_mode} needs the entries' logprobs for the teacher's space "
+                                    "probability; this cache stores ids only (built with --values none): use "
+                                    "--alm-mode plain")
         self.cfg, self.method = cfg, cfg.cross_tokenizer
         self.tokenizer = student.tokenizer
         self.teacher = TokenBytes.of(load_teacher_tokenizer(manifest, cfg.teacher_tokenizer))
@@ -146,7 +155,7 @@ class CrossTokenizer:
         if self.method == "nextbyte":  # token id -> bucket: its first byte, or 256 for a special or empty token
             self.byte_t = self.teacher.first_byte()
             self.byte_s = torch.from_numpy(self.student.first_byte())
-            self.ext_t, self.ext_s = self.teacher.extensions(), self.student.extensions()
+            self.ext_s = self.student.extensions()  # the teacher side: TokenBytes.extending, per prefix
             self.count_t = np.bincount(self.byte_t, minlength=NEXT_BYTE_BUCKETS).astype(np.float64)
         mode = cfg.alm_mode if self.method == "alm" else "plain"
         self.merge, self.append = "merge_by_space_prob" in mode, "append_space" in mode
@@ -307,12 +316,12 @@ class CrossTokenizer:
         ``(1 - lambda) KD + lambda CE``; at every other token, CE; ``sum_u w_u loss_u / sum_u w_u``."""
         kd_c = self.nextbyte(hs, h, sb, student, objective)
         ok = sb["nb_ok"]
-        at = sb["chunk_first"][ok]  # the chunk's first token among the target positions
+        at = sb["nb_site"][ok]  # the sites' tokens among the target positions
         a = torch.zeros_like(lp).index_fill(0, at, 1 - self.cfg.ce_weight)
         kd_tok = torch.zeros(lp.shape[0], dtype=kd_c.dtype, device=lp.device).index_copy(0, at, kd_c[ok])
         w = w_tok.to(kd_c)
         total = ((w * (a.to(kd_c) * kd_tok + (1 - a.to(kd_c)) * -lp.to(kd_c))).sum() / w.sum().clamp(min=1e-30))
-        kd = reduce(kd_c[ok], sb["chunk_weight"][ok].to(kd_c)) if bool(ok.any()) else kd_c.sum() * 0
+        kd = reduce(kd_c[ok], sb["chunk_weight"][sb["nb_chunk"][ok]].to(kd_c)) if bool(ok.any()) else kd_c.sum() * 0
         return total.float(), {**metrics, "kd": float(kd.detach()), "loss": float(total.detach())}
 
     def gold(self, hs, lp, s_lp, sb: dict, student, objective) -> torch.Tensor:
@@ -341,58 +350,123 @@ class CrossTokenizer:
         return torch.where(sb["chunk_single"], matched_kd, uld)
 
     def next_byte_inputs(self, batch: dict, rows: list, t_first: np.ndarray, S: int) -> dict:
-        """What ``nextbyte`` needs per chunk ``[C]``: the teacher's next-byte distribution ``nb_target [C, 257]``
-        (at the flattened ``[B, T]`` teacher position ``nb_first``), ``nb_ok`` (both sides predict the token before
-        the chunk), the student's token before it (``nb_prev_id``) and where its prediction sits in the flattened
-        ``[B, S]`` layout (``nb_prev_pos``), and the student tokens extending it (``nb_ext_row``, ``nb_ext_id``,
-        ``nb_ext_byte``: chunk, token, next byte)."""
+        """What ``nextbyte`` needs per *site* ``[N]``, a student token before which the two models' next-byte
+        distributions are compared: every chunk's first token, and with ``--nextbyte-at tokens`` every other text
+        token of a chunk too. ``nb_target [N, 257]``: the teacher's next-byte distribution; ``nb_ok``: both sides
+        take it one token back (at a chunk's first token: both predict the token before the chunk; an inner site
+        always); ``nb_site``: the token's index among the target positions; ``nb_chunk``: its chunk; ``nb_tpos``: the
+        flattened ``[B, T]`` teacher position whose first bytes follow the teacher token v the site is inside or
+        after (v is predicted one position earlier), ``nb_wlen``: how many of v's bytes precede the site; the student's
+        token before it (``nb_prev_id``) and where its prediction sits in the flattened ``[B, S]`` layout
+        (``nb_prev_pos``); the student tokens extending that token (``nb_ext_row``, ``nb_ext_id``, ``nb_ext_byte``:
+        site, token, next byte)."""
         n = NEXT_BYTE_BUCKETS
         ids, tgt = batch["input_ids"].numpy(), batch["target_mask"].numpy()
-        B, T = ids.shape
+        T = ids.shape[1]
         t_ids, t_valid = batch["topk_ids"].numpy(), batch["topk_valid"].numpy()
         t_lp, label_lp = batch["topk_logprobs"].numpy().astype(np.float64), batch["label_logprob"].numpy()
-        C = t_first.size
-        b_of, i0 = t_first // T, t_first % T  # layout index i0 predicts the chunk's first teacher token i0 + 1
-        heads, exts, v_lp, ok = np.zeros((C, n)), np.zeros((C, n)), np.zeros(C), np.zeros(C, bool)
-        prev_pos, prev_id = np.zeros(C, np.int64), np.zeros(C, np.int64)
         tail = batch["tail_mass"].numpy().astype(np.float64)
-        V = len(self.teacher.table)
-        t_ptr, t_ext, t_next = self.ext_t
-        c = 0
-        for b, al in enumerate(rows):
-            u0 = np.full(al.n_chunks, np.iinfo(np.int64).max)
-            u = np.flatnonzero(al.chunk_of_student >= 0)
-            np.minimum.at(u0, al.chunk_of_student[u], u)  # each chunk's first student token
-            for k in range(al.n_chunks):
-                bb, i = int(b_of[c]), int(i0[c])
-                head = self._entries(t_ids[bb, i], t_valid[bb, i], t_lp[bb, i])
+        V, table = len(self.teacher.table), self.teacher.table
+        entries, heads = {}, {}
+
+        def at(b: int, p: int) -> dict[int, float]:  # the cached entries at layout p
+            if (b, p) not in entries:
+                entries[b, p] = self._entries(t_ids[b, p], t_valid[b, p], t_lp[b, p])
+            return entries[b, p]
+
+        def first_byte(b: int, p: int) -> np.ndarray:  # the next token's first byte at layout p, the tail spread
+            if (b, p) not in heads:  # evenly over the tokens outside the entries
+                head = at(b, p)
                 hid = np.fromiter(head, np.int64, len(head))
-                np.add.at(heads[c], self.byte_t[hid], np.fromiter(head.values(), np.float64, len(head)))
-                rest = self.count_t - np.bincount(self.byte_t[hid], minlength=n)  # tokens outside the entries
-                heads[c] += tail[bb, i] * rest / max(rest.sum(), 1.0)
-                heads[c] /= max(heads[c].sum(), 1e-300)
-                if i >= 1 and tgt[bb, i - 1] and u0[k] >= 2:  # both sides predict the token before the chunk
-                    ok[c], v_lp[c] = True, label_lp[bb, i - 1]
-                    at_j = self._entries(t_ids[bb, i - 1], t_valid[bb, i - 1], t_lp[bb, i - 1])
-                    v = int(ids[bb, i])
-                    e_ids, e_next = t_ext[t_ptr[v]:t_ptr[v + 1]], t_next[t_ptr[v]:t_ptr[v + 1]]
-                    known = np.array([e in at_j for e in e_ids.tolist()], bool)
-                    np.add.at(exts[c], e_next[known], [at_j[e] for e in e_ids[known].tolist()])
-                    exts[c] += tail[bb, i - 1] * np.bincount(e_next[~known], minlength=n) / max(V - len(at_j), 1)
-                    prev_pos[c], prev_id[c] = b * S + u0[k] - 2, al.student_ids[u0[k] - 1]
-                c += 1
-        heads_t = torch.from_numpy(heads)
-        target = torch.where(torch.from_numpy(ok)[:, None],
-                             one_token_back(heads_t, torch.from_numpy(exts), torch.from_numpy(v_lp)), heads_t)
+                h = np.zeros(n)
+                np.add.at(h, self.byte_t[hid], np.fromiter(head.values(), np.float64, len(head)))
+                rest = self.count_t - np.bincount(self.byte_t[hid], minlength=n)
+                h += tail[b, p] * rest / max(rest.sum(), 1.0)
+                heads[b, p] = h / max(h.sum(), 1e-300)
+            return heads[b, p]
+
+        def extensions(b: int, j: int, v: int, w: bytes) -> tuple[np.ndarray, float]:
+            """At layout j (which predicts teacher token v): the mass of the tokens strictly extending the bytes w (v's
+            first bytes) by their next byte ``[257]``, and log P_j(w as a whole token). Entries exact, v exact (its
+            label logprob), every other token an even share of the tail mass."""
+            head = at(b, j)
+            spread = tail[b, j] / max(V - len(head), 1)
+            k = len(w)
+            ext = spread * np.bincount(self.teacher.extending(w)[1], minlength=n).astype(np.float64)
+            for x, px in head.items():
+                if len(table[x]) > k and table[x].startswith(w):
+                    ext[table[x][k]] += px - spread
+            if len(table[v]) == k:
+                return ext, float(label_lp[b, j])
+            if v not in head:
+                ext[table[v][k]] += math.exp(float(label_lp[b, j])) - spread
+            wid = self.teacher.id_of(w)
+            p_w = 0.0 if wid is None else head.get(wid, spread)
+            return ext, math.log(p_w) if p_w > 0 else -math.inf
+
+        x_rows, e_rows, v_lp, ok, site, chunk, prev_pos, prev_id, tpos, wlen = [], [], [], [], [], [], [], [], [], []
+
+        def add(x, e, lv, good, u, k, b, al, p, n_w):
+            tpos.append(b * T + p)
+            wlen.append(n_w)
+            x_rows.append(x)
+            e_rows.append(e)
+            v_lp.append(lv)
+            ok.append(good)
+            site.append(base + int(np.searchsorted(toks, u)))
+            chunk.append(c0 + k)
+            prev_pos.append(b * S + u - 2 if good else 0)
+            prev_id.append(int(al.student_ids[u - 1]) if good else 0)
+
+        c0 = base = 0
+        zero = np.zeros(n)
+        for b, al in enumerate(rows):
+            cs = al.chunk_of_student
+            toks = np.flatnonzero(cs >= 0)  # the student's target tokens; token u is predicted at layout u - 1
+            u0 = np.full(al.n_chunks, np.iinfo(np.int64).max)
+            np.minimum.at(u0, cs[toks], toks)  # each chunk's first student token
+            if self.cfg.nextbyte_at == "tokens":
+                t_end = np.cumsum(self.teacher.length[ids[b, :al.chunk_of_teacher.size]])
+                t_start = t_end - self.teacher.length[ids[b, :t_end.size]]
+                _, last_t, _ = chunk_ends(al)
+            for k in range(al.n_chunks):
+                i = int(t_first[c0 + k] % T)  # layout i predicts the chunk's first teacher token, i + 1
+                if i >= 1 and tgt[b, i - 1] and u0[k] >= 2:  # both sides predict the token before the chunk
+                    v = int(ids[b, i])
+                    add(first_byte(b, i), *extensions(b, i - 1, v, table[v]), True, int(u0[k]), k, b, al, i,
+                        len(table[v]))
+                else:
+                    add(first_byte(b, i), zero, 0.0, False, int(u0[k]), k, b, al, i, 0)
+                if self.cfg.nextbyte_at != "tokens" or al.chunk_bytes[k] == 0:
+                    continue
+                us = toks[cs[toks] == k]
+                lens = self.student.length[al.student_ids[us]]
+                starts = t_end[last_t[k]] - np.cumsum(lens[::-1])[::-1]  # from the chunk's end: the first token may
+                for u, i_b, ln in zip(us[1:].tolist(), starts[1:].tolist(), lens[1:].tolist()):  # carry a space
+                    tv = int(np.searchsorted(t_end, i_b, side="right"))  # the teacher token holding byte i_b
+                    if ln == 0 or not (1 <= tv < t_end.size and t_start[tv] < i_b and tgt[b, tv - 1] and tgt[b, tv]):
+                        continue  # an empty token, or the teacher's distribution before or after v is not cached
+                    v, n_w = int(ids[b, tv]), i_b - int(t_start[tv])
+                    add(first_byte(b, tv), *extensions(b, tv - 1, v, table[v][:n_w]), True, u, k, b, al, tv, n_w)
+            c0 += al.n_chunks
+            base += toks.size
+        N = len(site)
+        x_t = torch.from_numpy(np.asarray(x_rows, np.float64).reshape(N, n))
+        ok_a = np.asarray(ok, bool)
+        target = torch.where(torch.from_numpy(ok_a)[:, None],
+                             one_token_back(x_t, torch.from_numpy(np.asarray(e_rows, np.float64).reshape(N, n)),
+                                            torch.tensor(v_lp, dtype=torch.float64)), x_t)
         ptr, e_ids, e_byte = self.ext_s
-        lo, hi = ptr[prev_id], ptr[prev_id + 1]
-        cnt = np.where(ok, hi - lo, 0)
-        row = np.repeat(np.arange(C), cnt)
-        at = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(lo, cnt)
-        return dict(nb_target=target, nb_ok=torch.from_numpy(ok), nb_first=torch.from_numpy(t_first),
-                    nb_prev_pos=torch.from_numpy(prev_pos), nb_prev_id=torch.from_numpy(prev_id),
-                    nb_ext_row=torch.from_numpy(row), nb_ext_id=torch.from_numpy(e_ids[at]),
-                    nb_ext_byte=torch.from_numpy(e_byte[at]))
+        prev = np.asarray(prev_id, np.int64)
+        lo, hi = ptr[prev], ptr[prev + 1]
+        cnt = np.where(ok_a, hi - lo, 0)
+        row = np.repeat(np.arange(N), cnt)
+        at_ = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(lo, cnt)
+        as_t = lambda x: torch.from_numpy(np.asarray(x, np.int64))  # noqa: E731
+        return dict(nb_target=target, nb_ok=torch.from_numpy(ok_a), nb_site=as_t(site), nb_chunk=as_t(chunk),
+                    nb_tpos=as_t(tpos), nb_wlen=as_t(wlen), nb_prev_pos=as_t(prev_pos), nb_prev_id=as_t(prev),
+                    nb_ext_row=torch.from_numpy(row),
+                    nb_ext_id=torch.from_numpy(e_ids[at_]), nb_ext_byte=torch.from_numpy(e_byte[at_]))
 
     def _entries(self, ids: np.ndarray, valid: np.ndarray, logprobs: np.ndarray) -> dict[int, float]:
         """The cached entries of one position as {teacher id: probability}."""
@@ -401,9 +475,9 @@ class CrossTokenizer:
                 if ok and 0 <= t < V}
 
     def nextbyte(self, hs, h, sb: dict, student, objective) -> torch.Tensor:
-        """The per-chunk loss ``[C]`` over next-byte buckets at each chunk's start (module docstring)."""
+        """The per-site loss ``[N]`` over next-byte buckets (``next_byte_inputs``; module docstring)."""
         n = NEXT_BYTE_BUCKETS
-        first = sb["chunk_first"]
+        first = sb["nb_site"]
         C = first.shape[0]
         fb = self.byte_s.to(hs.device)
 

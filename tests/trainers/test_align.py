@@ -145,3 +145,16 @@ def test_a_lossy_tokenizer_is_refused(tmp_path):
     lossy = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     with pytest.raises(UnsupportedTokenizerError, match="byte for byte"):
         TokenBytes.of(lossy)
+
+
+@pytest.mark.parametrize("prefix", [b"", b" th", b" the", b"ing", b"\xe4\xb8", b"\xff", b"zzzzzzzzqq"])
+def test_extending_and_id_of_equal_a_scan_of_the_vocabulary(teacher, prefix):
+    """The tokens strictly extending a byte string (any, not only a token's) and their next bytes, and the id that
+    spells a string, against a plain scan of every token's bytes."""
+    want = sorted((i, b[len(prefix)]) for i, b in enumerate(teacher.table)
+                  if not teacher.special[i] and len(b) > len(prefix) and b.startswith(prefix))
+    ids, nxt = teacher.extending(prefix)
+    assert sorted(zip(ids.tolist(), nxt.tolist())) == want
+    assert (len(want) > 0) == (prefix not in (b"\xff", b"zzzzzzzzqq"))
+    spelled = [i for i, b in enumerate(teacher.table) if b == prefix and not teacher.special[i]]
+    assert teacher.id_of(prefix) == (min(spelled) if spelled else None)

@@ -453,27 +453,52 @@ def test_alm_mode_and_gradmag_refusals(text_cache, byte_student, tmp_path):
     c = cfg(text_cache, byte_student, tmp_path / "o", alm_mode="append_space")
     m = logitstore.open(text_cache).manifest
     student = load_student(c.student, manifest=m, seed=1, cache_tokenizer=False)
-    for rule in ("sample", "topk"):  # draws, or no stored values: no exact entries for the space probability
-        other = dataclasses.replace(m, rule={**m.rule, "rule": rule},
-                                    codec={**m.codec, "values": "none" if rule == "topk" else m.codec["values"]})
-        with pytest.raises(logitstore.errors.InvalidInputError, match="needs a cache with exact top entries"):
-            CrossTokenizer(c, other, student)
+    other = dataclasses.replace(m, codec={**m.codec, "values": "none"})  # no stored values: no space probability
+    with pytest.raises(logitstore.errors.InvalidInputError, match="needs the entries' logprobs"):
+        CrossTokenizer(c, other, student)
+    c = cfg(text_cache, byte_student, tmp_path / "o", cross_tokenizer="nextbyte")
+    with pytest.raises(logitstore.errors.InvalidInputError, match="needs the entries' logprobs.*use alm"):
+        CrossTokenizer(c, other, student)
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("which", ["byte", "bpe"])
-def test_nextbyte_loss_equals_a_plain_reference(text_cache, byte_student, bpe_student, embedded_tokenizer, which):
+@pytest.fixture(scope="module")
+def sampled_text_cache(tmp_path_factory, tiny_teacher):
+    """The lines of ``text_cache`` in a cache of 16 systematic draws (the default rule's kind): its entries are the
+    drawn ids with their exact logprobs, ``tail_mass`` the exact mass outside them."""
+    from builders.config import BuildConfig
+    from builders.driver import build
+    from logitstore import Sampled
+
+    d = tmp_path_factory.mktemp("sampledcache")
+    data = d / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in english_lines(48)))
+    build(str(tiny_teacher), data, d / "cache", BuildConfig(rule=Sampled(16, systematic=True), max_length=48),
+          progress=False)
+    return d / "cache"
+
+
+@pytest.mark.parametrize("which,at,cache", [("byte", "chunks", "text_cache"), ("bpe", "chunks", "text_cache"),
+                                            ("byte", "tokens", "text_cache"), ("bpe", "tokens", "text_cache"),
+                                            ("byte", "chunks", "sampled_text_cache")])
+def test_nextbyte_loss_equals_a_plain_reference(request, byte_student, bpe_student, embedded_tokenizer, which, at,
+                                                cache):
     """Next-byte KD: at each chunk start, (1 - lambda) times the forward KL between the teacher's and the student's
     next-byte distributions in 256 + 1 buckets plus lambda times the CE, and the CE at every other token; each
     next-byte distribution taken one token back (from the distribution that predicted the token before the chunk:
     that token, then the first byte of the next, or a longer token that extends it), restated here from the
     tokenizers' own token strings, the batch's entries and the student's full distributions. The random teacher's
-    entries rarely extend the token they follow, so the batch gets one such entry per position."""
+    entries rarely extend the token they follow, so the batch gets one such entry per position.
+    With ``--nextbyte-at tokens`` every other student token of a chunk is a site too: at a byte offset inside
+    teacher token v, the teacher's side is its distribution before v given v's bytes so far (w): the tokens
+    extending w by their next byte, and w as a whole token followed by the first byte of the distribution after v."""
     from trainers.align import byte_level_alphabet
 
     lam = 0.25
+    text_cache = request.getfixturevalue(cache)
     c, student, cross, batch, objective = setup(text_cache, byte_student if which == "byte" else bpe_student,
-                                                cross_tokenizer="nextbyte", ce_weight=lam)
+                                                cross_tokenizer="nextbyte", ce_weight=lam, nextbyte_at=at)
+    assert logitstore.open(text_cache).manifest.rule["rule"] == ("sample" if cache.startswith("sampled") else "topk")
     alphabet = byte_level_alphabet()
 
     def spelled(tokenizer):
@@ -499,15 +524,15 @@ def test_nextbyte_loss_equals_a_plain_reference(text_cache, byte_student, bpe_st
     got_grad = student.model.get_input_embeddings().weight.grad.clone()
     student.model.zero_grad()
 
-    def one_back(p_i, v, p_v, dist, texts, tail=0.0):
+    def one_back(p_i, v, p_v, dist, texts, tail=0.0, exact=None):
         """(p_v p_i + ext) / (p_v + sum(ext)), ext the mass of the tokens u extending v by their next byte: dist[u]
-        where given, else an even share of ``tail`` among the tokens outside ``dist``."""
+        where given (or ``exact[u]``), else an even share of ``tail`` among the tokens outside ``dist``."""
         ext = torch.zeros(257, dtype=torch.float64)
         if (id(texts), v) not in longer_of:
             longer_of[id(texts), v] = [(u, tu[len(v)]) for u, tu in enumerate(texts)
                                        if v and len(tu) > len(v) and tu.startswith(v)]
         for u, nxt in longer_of[id(texts), v]:
-            ext[nxt] += dist[u] if u in dist else tail / (len(texts) - len(dist))
+            ext[nxt] += dist[u] if u in dist else (exact or {}).get(u, tail / (len(texts) - len(dist)))
         return (p_v * p_i + ext) / (p_v + ext.sum()), float(ext.sum().detach())
 
     longer_of = {}
@@ -529,33 +554,60 @@ def test_nextbyte_loss_equals_a_plain_reference(text_cache, byte_student, bpe_st
             return {int(t): math.exp(float(x)) for t, x in zip(batch["topk_ids"][b, k - 1][ok],
                                                                batch["topk_logprobs"][b, k - 1][ok].double())}
 
+        def first_bytes(k, b=b):  # the first byte of teacher token k, the tail spread evenly over the other tokens
+            p = torch.zeros(257, dtype=torch.float64)
+            at_k = entries(k)
+            for t, pt in at_k.items():
+                p[t_bucket[t]] += pt
+            rest = vocab_count.clone()
+            for t in at_k:
+                rest[t_bucket[t]] -= 1
+            p += float(batch["tail_mass"][b, k - 1]) * rest / rest.sum()
+            return p / p.sum()
+
+        def student_side(u, lp=lp, s_ids=s_ids):  # the student's next-byte distribution before its token u, one
+            # token back
+            q_i = torch.zeros(257, dtype=torch.float64).index_add(0, s_bucket, lp[u - 1, :len(s_bucket)].exp())
+            prev = lp[u - 2, :len(s_text)].exp()
+            return one_back(q_i, s_text[s_ids[u - 1]], prev[s_ids[u - 1]], dict(enumerate(prev)), s_text)
+
+        inner = 0
         for ti, sj in reference_chunks(t_ends, s_ends, t_ends[0]):
             if 0 in sj:
                 continue
-            ces.extend(-lp[u - 1, ids[0, u]] for u in sj[1:])
+            for u in sj[1:]:
+                i_b = s_ends[u - 1]  # the byte where student token u starts, inside teacher token tv
+                tv = next(k for k, e in enumerate(t_ends) if e > i_b)
+                start = t_ends[tv - 1] if tv else 0
+                mask = batch["target_mask"][b]
+                if at == "chunks" or not (tv >= 1 and mask[tv - 1] and mask[tv] and start < i_b):
+                    ces.append(-lp[u - 1, ids[0, u]])
+                    continue
+                inner += 1
+                ces.append(lam * -lp[u - 1, ids[0, u]])
+                v, w = t_ids[tv], t_text[t_ids[tv]][:i_b - start]
+                head, tail = entries(tv), float(batch["tail_mass"][b, tv - 1])
+                w_id = min((k for k, t in enumerate(t_text) if t == w), default=None)
+                p_w = 0.0 if w_id is None else head.get(w_id, tail / (len(t_text) - len(head)))
+                p, _ = one_back(first_bytes(tv + 1), w, p_w, head, t_text, tail=tail,
+                                exact={v: math.exp(float(batch["label_logprob"][b, tv - 1]))})
+                q, _ = student_side(u)
+                keep = p > 0
+                kls.append((p[keep] * (p[keep].log() - q[keep].log())).sum())
             if ti[0] < 2 or not batch["target_mask"][b, ti[0] - 2] or sj[0] < 2:  # no prediction of the token
                 ces.append(-lp[sj[0] - 1, ids[0, sj[0]]])  # before the chunk on both sides: CE alone
                 continue
             ces.append(lam * -lp[sj[0] - 1, ids[0, sj[0]]])  # the chunk's first token: (1 - lambda) KD + lambda CE
-            p = torch.zeros(257, dtype=torch.float64)
-            at_i = entries(ti[0])
-            for t, pt in at_i.items():
-                p[t_bucket[t]] += pt
-            rest = vocab_count.clone()  # the tail, evenly over the tokens outside the entries
-            for t in at_i:
-                rest[t_bucket[t]] -= 1
-            p += float(batch["tail_mass"][b, ti[0] - 1]) * rest / rest.sum()
-            p, e_t = one_back(p / p.sum(), t_text[t_ids[ti[0] - 1]],
+            p, e_t = one_back(first_bytes(ti[0]), t_text[t_ids[ti[0] - 1]],
                               math.exp(float(batch["label_logprob"][b, ti[0] - 2])), entries(ti[0] - 1), t_text,
                               tail=float(batch["tail_mass"][b, ti[0] - 2]))
-            q_i = torch.zeros(257, dtype=torch.float64).index_add(0, s_bucket, lp[sj[0] - 1, :len(s_bucket)].exp())
-            prev = lp[sj[0] - 2, :len(s_text)].exp()
-            q, e_s = one_back(q_i, s_text[s_ids[sj[0] - 1]], prev[s_ids[sj[0] - 1]], dict(enumerate(prev)), s_text)
+            q, e_s = student_side(sj[0])
             assert bool((p > 0)[vocab_count > 0].all())  # every byte a teacher token starts with keeps some mass
             keep = p > 0
             kls.append((p[keep] * (p[keep].log() - q[keep].log())).sum())
             ext_mass[0] += e_t
             ext_mass[1] += float(e_s)
+        assert (inner > 0) == (at == "tokens")
     ref = ((1 - lam) * sum(kls) + sum(ces)) / len(ces)  # the mean over the student's tokens
     kl_values = [float(k.detach()) for k in kls]
     assert int(sb["nb_ok"].sum()) == len(kls) > 0 and min(kl_values) >= 0 and max(kl_values) > 0.1
