@@ -52,9 +52,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def tokenizer_record(tokenizer: Any) -> dict[str, Any]:
-    """What a manifest records about a tokenizer."""
+    """What a manifest records about a tokenizer; a local directory's name as its absolute path, so the cache finds
+    it (``train --cross-tokenizer``) from any working directory."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if os.path.isdir(name):
+        name = os.path.realpath(name)
     return {
-        "name": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        "name": name,
         "fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
     }

@@ -300,7 +300,8 @@ class CacheWriter:
             teacher_diff(old.teacher, new.teacher) if name == "teacher" else
             f"{name}: cache has {getattr(old, name)!r}, this build has {getattr(new, name)!r}"
             for name in ("vocab_size", "rule", "codec", "teacher", "tokenizer", "temperature")
-            if getattr(old, name) != getattr(new, name)
+            if not (same_tokenizer(old.tokenizer, new.tokenizer) if name == "tokenizer" else
+                    getattr(old, name) == getattr(new, name))
         ] + build_key_diffs(old.build, new.build, self.resume_build_keys, self.resume_defaults)
         if old.has_policy != self.policy:
             diffs.append(f"policy fields: cache has {'them' if old.has_policy else 'none'}, this build "
@@ -425,6 +426,15 @@ class CacheWriter:
         if self.target is not None:
             self.target.upload(self.path / self.manifest.id_map["file"], self.manifest.id_map["file"])
         self._code_of = C.invert_id_map(id_map)
+
+
+def same_tokenizer(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether two tokenizer records name one tokenizer: by fingerprint and vocabulary size where both have a
+    fingerprint (its name is where it was loaded from, which a resume from another directory spells otherwise),
+    else by the whole record."""
+    if old.get("fingerprint") and new.get("fingerprint"):
+        return (old["fingerprint"], old.get("vocab_size")) == (new["fingerprint"], new.get("vocab_size"))
+    return old == new
 
 
 def teacher_diff(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -227,6 +227,24 @@ def test_resume_without_a_rule_flag_keeps_the_caches_rule(tiny_teacher, tmp_path
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_resume_from_another_working_directory(tiny_teacher, tmp_path, monkeypatch):
+    """A build started with relative paths resumes from another directory naming the same teacher, data and cache
+    otherwise: the tokenizer is recorded by its absolute directory and compared by fingerprint."""
+    import shutil
+
+    shutil.copytree(tiny_teacher, tmp_path / "teacher")
+    write_jsonl(tmp_path / "d.jsonl", 3)
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["build", "../teacher", "../d.jsonl", "-o", "../c", "--top-k", "4", "-q"]) == 0
+    rec = logitstore.open(tmp_path / "c").manifest.tokenizer
+    assert rec["name"] == str((tmp_path / "teacher").resolve())
+    n = len(logitstore.open(tmp_path / "c"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "teacher", "d.jsonl", "-o", "c", "--top-k", "4", "-q", "--resume"]) == 0
+    assert len(logitstore.open(tmp_path / "c")) == n > 0 and verify(tmp_path / "c") == []
+
+
 @pytest.mark.parametrize("rule", [TopK(32), TopKTail(4, 16, 2.0), TopKTail(4, 8, 1.0, systematic=True), Sampled(24),
                                   Sampled(24, systematic=True), Sampled(50, 20, 2.0, True), MassTopK(0.9, 16)], ids=str)
 def test_the_flags_printed_for_a_rule_name_that_rule(rule):
