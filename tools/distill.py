@@ -47,7 +47,7 @@ from logitstore.ownership import describe_entries, refuse_file
 from logitstore.settings import declared_defaults, fill_defaults
 from logitstore.union import Member, Union, save_union
 from trainers.checkpoint import list_checkpoints
-from trainers.config import TrainConfig
+from trainers.config import PATH_FIELDS, TrainConfig, where
 from trainers.loop import train
 
 RUN_FILE, ROUNDS_FILE, SUMMARY = "run.json", "rounds.json", "summary.json"
@@ -85,7 +85,16 @@ class DistillConfig:
         d = {"format": RUN_FORMAT, "version": 1, "teacher": self.teacher, "prompts": str(Path(self.prompts).resolve()),
              "student": str(Path(self.student).resolve()), "rounds": self.rounds, "seed": self.seed, "build": b,
              "train": t, "policy": p}
-        return json.loads(json.dumps(d))
+        return placed(json.loads(json.dumps(d)))
+
+
+def placed(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (run.json's) with the teacher and the training's path settings as the places they name
+    (``trainers.config.where``), so a run resumes from any working directory."""
+    out = {**settings, "teacher": where(settings.get("teacher"))}
+    if isinstance(settings.get("train"), dict):
+        out["train"] = {k: where(v) if k in PATH_FIELDS else v for k, v in settings["train"].items()}
+    return out
 
 
 def round_dir(out: Path, r: int) -> Path:
@@ -180,7 +189,7 @@ def _start(out: Path, cfg: DistillConfig, resume: bool) -> None:
     want = cfg.settings()
     f = out / RUN_FILE
     if resume and f.is_file():
-        have = fill_defaults(json.loads(f.read_text(encoding="utf-8")), want,
+        have = fill_defaults(placed(json.loads(f.read_text(encoding="utf-8"))), want,
                              {name: declared_defaults(cls) for name, cls in SECTIONS.items()})
         changed = sorted(k for k in set(have) | set(want) if k not in RESUMABLE and have.get(k) != want.get(k))
         if changed:

@@ -310,9 +310,9 @@ PATH_FIELDS = ("cache", "student", "eval", "mix_cache", "scores", "tokenizer", "
 
 
 def where(value: Any) -> Any:
-    """A path setting as the place it names (absolute, symlinks resolved); empty values and URLs
-    (``s3://...``) as they are."""
-    if not isinstance(value, str) or not value or "://" in value:
+    """A path setting as the place it names (absolute, symlinks resolved) where it names a local file or directory;
+    anything else (empty, a URL such as ``s3://...``, a hub id) as it is."""
+    if not isinstance(value, str) or not value or "://" in value or not os.path.exists(value):
         return value
     return os.path.realpath(value)
 

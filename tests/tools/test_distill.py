@@ -149,13 +149,19 @@ def test_the_run_is_queried_as_one_union_with_a_round_column(run_dir, capsys):
 
 
 def test_a_finished_run_resumes_to_nothing_and_other_settings_are_refused(run_dir, tiny_teacher, prompts,
-                                                                          student_cfg, refs, tmp_path, capsys):
+                                                                          student_cfg, refs, tmp_path, capsys,
+                                                                          monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     before = (run / "round-002" / "student" / "model.safetensors").read_bytes()
     # how a build writes (its lock) is no setting of the run: runs started before --no-lock existed resume
     assert "lock" not in json.loads((run / "run.json").read_text())["build"]
     assert main(args(tiny_teacher, prompts, student_cfg, run, "--resume", refs=refs)) == 0
+    assert (run / "round-002" / "student" / "model.safetensors").read_bytes() == before
+    # from another working directory, every path spelled relative to it: the same run
+    monkeypatch.chdir(run.parent)
+    rel = [os.path.relpath(p) for p in (tiny_teacher, prompts, student_cfg, "run", refs)]
+    assert main(args(*rel[:4], "--resume", refs=rel[4])) == 0
     assert (run / "round-002" / "student" / "model.safetensors").read_bytes() == before
     # a run from before a setting existed (run.json without it) resumes where the setting is at its default ...
     settings = json.loads((run / "run.json").read_text())
