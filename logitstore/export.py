@@ -97,12 +97,8 @@ PAD_LOGPROB = -1e9  # axolotl's own padding value (kd/collator.py): exp() is 0, 
 LOGPROBS = ("normalized", "raw")
 
 
-def axolotl_rows(block: Block, *, k: int, logprobs: str = "normalized", temperature: float = 1.0,
-                 certain: Rule | None = None) -> pa.Table:
-    """The axolotl rows (module docstring) of the sequences of a decoded ``block``, with ``k`` entry columns;
-    ``certain``: the systematic ``Sampled`` rule of the block, whose entries are cut to those drawn with certainty."""
-    if certain is not None:
-        block = certain_block(block, certain)
+def axolotl_rows(block: Block, *, k: int, logprobs: str = "normalized", temperature: float = 1.0) -> pa.Table:
+    """The axolotl rows (module docstring) of the sequences of a decoded ``block``, with ``k`` entry columns."""
     tok = block.token_offsets.astype(np.int64)
     n_tok = int(tok[-1])
     owner = np.repeat(np.arange(len(block)), np.diff(block.pos_offsets))
@@ -344,8 +340,9 @@ def export(source, out, *, to: str = "axolotl", force: bool = False, logprobs: s
         for shard in range(cache.num_shards):
             writer = None
             for block in cache.iter_blocks([shard]):
-                table = axolotl_rows(block, k=k, logprobs=logprobs, temperature=float(temperature),
-                                     certain=cache.rule if cache.rule.name == "sample" else None)
+                if cache.rule.name == "sample":  # a systematic sampled cache: its certain head
+                    block = certain_block(block, cache.rule)
+                table = axolotl_rows(block, k=k, logprobs=logprobs, temperature=float(temperature))
                 if writer is None:
                     parts.append(tmp / "data" / f"part-{len(parts):05d}.parquet")
                     writer = pq.ParquetWriter(parts[-1], table.schema, compression="zstd")
@@ -355,9 +352,7 @@ def export(source, out, *, to: str = "axolotl", force: bool = False, logprobs: s
                 target = block.loss_mask
                 stats["tokens"] += int(n_tok.sum())
                 stats["targets"] += int(target.sum())
-                n_entries = certain_block(block, cache.rule).n_entries if cache.rule.name == "sample" else \
-                    block.n_entries
-                stats["padded_entries"] += int((k - np.minimum(n_entries, k))[target].sum())
+                stats["padded_entries"] += int((k - np.minimum(block.n_entries, k))[target].sum())
                 stats["max_tokens"] = max(stats["max_tokens"], int(n_tok.max(initial=0)))
                 if bar is not None:
                     bar.update(len(block))
