@@ -25,6 +25,8 @@ def version_for(rule: dict) -> int:
     return 3 if rule.get("design", "independent") != "independent" else 2
 
 MANIFEST_NAME = "manifest.json"
+#: A union of caches (``logitstore.union``: a distill run's rounds) is a directory with this file instead.
+UNION_NAME = "union.json"
 SHARD_DIR = "shards"
 SHARD_PATTERN = "shard-{index:06d}.parquet"
 #: Key of the Parquet key-value metadata that makes every shard self-describing.

@@ -18,7 +18,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from logitstore.errors import CacheNotFoundError, CorruptCacheError, FormatVersionError
-from logitstore.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, POLICY_FIELDS, READABLE_VERSIONS, version_for
+from logitstore.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    POLICY_FIELDS,
+    READABLE_VERSIONS,
+    UNION_NAME,
+    version_for,
+)
 from logitstore.jsonfile import read_json
 
 #: The manifest key holding the sha256 of everything else in it (FORMAT.md, "Manifest"); from format version 2.
@@ -255,10 +263,20 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def not_a_cache(path: str | os.PathLike) -> str:
+    """Why ``path`` cannot be opened as a cache, in one phrase; for a union of caches (a distill run), which
+    commands take it whole and where its member caches are."""
+    if (Path(path) / UNION_NAME).is_file():
+        return (f"{path}: a union of caches (a distill run: {UNION_NAME}), not one cache; sql, info and verify take it "
+                f"whole, other commands one member: {Path(path) / 'round-001' / 'cache'}, ... (`logitstore info "
+                f"{path}` lists them)")
+    return f"{path}: not a logitstore cache (no {MANIFEST_NAME})"
+
+
 def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise CacheNotFoundError(f"{cache_dir}: not a logitstore cache (no {MANIFEST_NAME})")
+        raise CacheNotFoundError(not_a_cache(cache_dir))
     d = read_json(path, CorruptCacheError)
     if not isinstance(d, dict):
         raise CorruptCacheError(f"{path}: expected a JSON object")

@@ -33,14 +33,13 @@ from typing import Any
 import duckdb
 
 from logitstore.errors import InvalidInputError
-from logitstore.format import MANIFEST_NAME
+from logitstore.format import MANIFEST_NAME, UNION_NAME
 from logitstore.manifest import atomic_write_bytes
 from logitstore.reader import Cache
 from logitstore.views import connect as connect_views
 
 UNION_FORMAT = "logitstore-union"
 UNION_VERSION = 1
-UNION_NAME = "union.json"
 
 
 @dataclasses.dataclass

@@ -75,6 +75,27 @@ def test_member_paths_relative_to_the_working_directory(run_dir, monkeypatch):
     assert connect(path.name).sql("SELECT count(*) FROM sequences").fetchall() == [(sum(map(len, refs.values())),)]
 
 
+def test_verify_checks_every_member_and_single_cache_commands_name_them(run_dir, capsys):
+    """`verify RUN` verifies each member (exit 1 if one is damaged); a command that takes one cache says so and
+    names a member, in one line, writing nothing."""
+    path, _ = run_dir
+    assert main(["verify", str(path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"round-00{r}/cache: OK" in out for r in (1, 2))
+    shard = sorted((path / "round-002" / "cache" / "shards").glob("*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(path), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "round-001/cache: OK" in out and "round-002/cache: OK" not in out
+    assert [ln for ln in out.splitlines() if "problem(s) found" in ln][0].split(":")[0].endswith("round-002/cache")
+    assert main(["select", str(path), "--where", "true", "-o", str(path.parent / "s.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "a union of caches" in err and "round-001" in err
+    assert not (path.parent / "s.json").exists()
+
+
 def test_logitstore_sql_on_a_run_directory(run_dir, capsys):
     path, refs = run_dir
     assert main(["sql", str(path), "SELECT round, count(*) AS n FROM sequences GROUP BY round ORDER BY round",

@@ -120,36 +120,46 @@ def info(args: argparse.Namespace) -> int:
 def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="check every shard against the manifest and the spec",
                        description="Check checksums, sizes, schema, version, counts and every decoded value "
-                                   "against the invariants of FORMAT.md. Exit 1 if anything is wrong.")
-    p.add_argument("cache", metavar="CACHE", help="cache directory")
+                                   "against the invariants of FORMAT.md. Exit 1 if anything is wrong. A union of "
+                                   "caches (a distill run directory) has each of its caches checked.")
+    p.add_argument("cache", metavar="CACHE", help="cache directory (or a distill run directory)")
     p.add_argument("--fast", action="store_true", help="checksums, schema and counts only; skip decoding values")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=verify)
 
 
 def verify(args: argparse.Namespace) -> int:
+    """Verify a cache, or every member of a union of caches (a distill run): exit 1 if any has a problem."""
+    from logitstore.union import is_union, member_paths
+
+    if not remote.is_remote(args.cache) and is_union(args.cache):
+        return max(_verify_one(str(p), args.fast, args.quiet) for p in member_paths(args.cache)[1:])
+    return _verify_one(args.cache, args.fast, args.quiet)
+
+
+def _verify_one(cache: str, fast: bool, quiet: bool) -> int:
     from logitstore.format import MANIFEST_NAME
-    from logitstore.manifest import load_manifest
+    from logitstore.manifest import load_manifest, not_a_cache
     from logitstore.progress import progress_bar
     from logitstore.verify import verify as verify_cache
 
-    if not remote.is_remote(args.cache) and not (Path(args.cache) / MANIFEST_NAME).is_file():
-        raise CacheNotFoundError(f"{args.cache}: not a logitstore cache (no {MANIFEST_NAME})")
-    bar = progress_bar(not args.quiet, desc="verifying shards", unit="shard")
+    if not remote.is_remote(cache) and not (Path(cache) / MANIFEST_NAME).is_file():
+        raise CacheNotFoundError(not_a_cache(cache))
+    bar = progress_bar(not quiet, desc="verifying shards", unit="shard")
 
     def progress(i: int, n: int) -> None:
         if bar is not None:
             bar.total = n
             bar.update(1)
 
-    problems = verify_cache(args.cache, deep=not args.fast, progress=progress)
+    problems = verify_cache(cache, deep=not fast, progress=progress)
     if bar is not None:
         bar.close()
     for p in problems:
         print(f"FAIL {p}")
     unfinished = ""
     try:
-        m = load_manifest(remote.Mirror(args.cache).dir if remote.is_remote(args.cache) else args.cache)
+        m = load_manifest(remote.Mirror(cache).dir if remote.is_remote(cache) else cache)
         if not m.complete:
             unfinished = (f"; the build is not finished (complete: false in its manifest: still running or "
                           f"interrupted): its {m.sequences:,} committed sequences were checked, `logitstore build ... "
@@ -157,9 +167,9 @@ def verify(args: argparse.Namespace) -> int:
     except LogitstoreError:  # a damaged manifest: its problem is in the list above
         pass
     if problems:
-        print(f"{args.cache}: {len(problems)} problem(s) found{unfinished}")
+        print(f"{cache}: {len(problems)} problem(s) found{unfinished}")
         return 1
-    print(f"{args.cache}: OK{unfinished}")
+    print(f"{cache}: OK{unfinished}")
     return 0
 
 
