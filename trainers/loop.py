@@ -102,6 +102,35 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
+class _DeferredInterrupt:
+    """While a single-process run trains: a first Ctrl-C (SIGINT) only asks to stop, and the loop stops at the next
+    step boundary with a checkpoint of a consistent state (the model, optimiser and data order of that step), so a
+    resume ends where an uninterrupted run ends; a second Ctrl-C stops at once, from the last checkpoint. Elsewhere
+    (several ranks, or not the main thread) Ctrl-C stops at once and a resume starts from the last periodic
+    checkpoint."""
+
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+
+        self.requested, self._previous = False, None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Ctrl-C: stopping after this step (press again to stop at once)")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one student as ``cfg`` says; returns the run's summary (also written to ``OUT/summary.json``)."""
     cfg.validate()
@@ -307,6 +336,7 @@ class _Run:
         it = iter(loader)
         t_run, self.wait, self.tokens = time.perf_counter(), 0.0, 0
         step, metrics = self.start, {}
+        interrupted = _DeferredInterrupt(self.world == 1)
         try:
             while step < max_steps:
                 t0 = time.perf_counter()
@@ -325,11 +355,12 @@ class _Run:
                                  self.cross)
                 if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
                     self.save(step)
-        except KeyboardInterrupt:
-            logger.warning("interrupted at step %d: writing a checkpoint to resume from", step)
-            self.save(step)
-            raise
+                if interrupted.requested and step < max_steps:  # Ctrl-C during the step: stop between steps
+                    logger.warning("interrupted at step %d: writing a checkpoint to resume from", step)
+                    self.save(step)
+                    raise KeyboardInterrupt
         finally:
+            interrupted.restore()
             bar.close()
         self.save(step)
         if not metrics and main:  # resumed at the last step (or logging off): the last row an earlier attempt logged

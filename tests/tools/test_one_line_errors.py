@@ -112,3 +112,19 @@ def test_an_output_that_names_a_file_is_refused_by_every_command(ranked_cache, t
         assert main(argv) == 2, argv
         assert str(f) in _err_line(capsys, argv[0])
         assert f.read_text() == "keep"
+
+
+@pytest.mark.parametrize("command,module,hint", [("info", "store", False), ("build", "build", True)])
+def test_ctrl_c_is_one_line_with_exit_130(monkeypatch, capsys, command, module, hint):
+    """Ctrl-C in any command: exit 130 and one line, which names --resume for the commands that have it (the
+    resumed results themselves: tests/trainers/test_train_reliability.py, tests/logitstore/test_crash.py)."""
+    import importlib
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(f"tools.cli.{module}"), command, interrupted)
+    argv = {"info": ["info", "CACHE"], "build": ["build", "T", "D", "-o", "C"]}[command]
+    assert main(argv) == 130
+    line = _err_line(capsys, command)
+    assert line.startswith(f"logitstore {command}: interrupted") and ("--resume" in line) == hint

@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     except LogitstoreError as exc:
         print(f"logitstore {args.command}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the writers keep only what they committed
+        resumable = args.command in ("build", "train", "distill")
+        print(f"logitstore {args.command}: interrupted" + ("; what was committed is kept, and the same command with "
+                                                          "--resume continues it" if resumable else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
