@@ -71,32 +71,43 @@ def test_skip_bad_shards_trains_on_the_rest_and_says_so(damaged, text_cache, stu
     assert len(seen) == total - len(in_bad)  # 12 steps x 4 cover one epoch of the sound shards exactly once
 
 
-def test_a_training_run_killed_with_sigkill_resumes_to_the_same_weights(text_cache, student_config, tmp_path):
-    from safetensors.torch import load_file
-
+def _signalled_run(text_cache, student_config, tmp_path, sig, loss: str):
+    """An uninterrupted run (``tmp_path/uninterrupted``) and the same run (``tmp_path/signalled``) sent ``sig`` once
+    its step-4 checkpoint exists; returns (the signalled process, finished, its argv without -o, env)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "tools.cli", "train", str(text_cache), "--student", str(student_config),
-            "--loss", "reverse_kl", "--max-steps", "10", "--save-every", "2", "--keep-checkpoints", "10",
+            "--loss", loss, "--max-steps", "10", "--save-every", "2", "--keep-checkpoints", "10",
             "--batch-size", "4", "--max-length", "48", "--quiet"]
-    ref = tmp_path / "uninterrupted"
-    subprocess.run(args + ["-o", str(ref)], check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
-    out = tmp_path / "killed"
+    subprocess.run(args + ["-o", str(tmp_path / "uninterrupted")], check=True, cwd=ROOT, env=env, capture_output=True,
+                   timeout=300)
+    out = tmp_path / "signalled"
     proc = subprocess.Popen(args + ["-o", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (out / "checkpoints" / "step-0000004").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "model.safetensors").exists()  # killed before the end
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    return proc, err, args, env
+
+
+def _resumes_to_the_uninterrupted_weights(tmp_path, args, env) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "signalled"
     r = subprocess.run(args + ["-o", str(out), "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    a, b = load_file(tmp_path / "uninterrupted" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
-    assert leftovers == []
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_training_run_killed_with_sigkill_resumes_to_the_same_weights(text_cache, student_config, tmp_path):
+    proc, _, args, env = _signalled_run(text_cache, student_config, tmp_path, signal.SIGKILL, "reverse_kl")
+    assert not (tmp_path / "signalled" / "model.safetensors").exists()  # killed before the end
+    _resumes_to_the_uninterrupted_weights(tmp_path, args, env)
 
 
 def test_a_version_1_cache_still_trains(tmp_path):
@@ -137,32 +148,12 @@ def test_a_run_killed_after_its_last_checkpoint_still_reports_its_last_metrics(t
 def test_ctrl_c_is_one_line_and_the_run_resumes_to_the_same_weights(text_cache, student_config, tmp_path):
     """SIGINT (Ctrl-C) mid-run: exit 130 with one line that says how to continue, no traceback, no lock left; the
     same command with --resume ends with the weights of an uninterrupted run."""
-    from safetensors.torch import load_file
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "tools.cli", "train", str(text_cache), "--student", str(student_config),
-            "--loss", "forward_kl", "--max-steps", "10", "--save-every", "2", "--keep-checkpoints", "10",
-            "--batch-size", "4", "--max-length", "48", "--quiet"]
-    ref = tmp_path / "uninterrupted"
-    subprocess.run(args + ["-o", str(ref)], check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
-    out = tmp_path / "interrupted"
-    proc = subprocess.Popen(args + ["-o", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "step-0000004").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=120)[1]
+    proc, err, args, env = _signalled_run(text_cache, student_config, tmp_path, signal.SIGINT, "forward_kl")
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal reached it")
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("logitstore ")]
     assert lines == ["logitstore train: interrupted; what was committed is kept, and the same command with --resume "
                      "continues it"], err[-2000:]
-    assert not (out / "run.lock").exists()
-    r = subprocess.run(args + ["-o", str(out), "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "signalled" / "run.lock").exists()
+    _resumes_to_the_uninterrupted_weights(tmp_path, args, env)
