@@ -10,6 +10,7 @@ import numpy as np
 
 from logitstore.format import POLICY_FIELDS
 from logitstore.records import Scored, SequenceRecord
+from logitstore.rules import Rule, certain_head
 
 #: the optional per-position fields of rules that draw (Block and Sequence)
 TAIL_FIELDS = ("tail_ids", "tail_logprobs", "tail_counts", "n_tail", "proposal_log_norm")
@@ -116,3 +117,12 @@ class Sequence:
                               policy_entropy=self.policy_entropy,
                               aggregates={"mean_entropy": self.mean_entropy, "teacher_nll": self.teacher_nll,
                                           "token_accuracy": self.token_accuracy})
+
+
+def with_certain_head(decoded: Block | Sequence, rule: Rule, *, at_least: int = 0) -> Block | Sequence:
+    """A ``Block`` or ``Sequence`` of a systematic sampled cache with only the entries its draws hit with certainty
+    (``logitstore.rules.certain_head``: every id of ``p >= 1/D``; ``at_least`` entries per position regardless), the
+    other draws' mass moved to ``tail_mass`` and their counts dropped: an exact head, as a top-k cache has."""
+    ids, lp, n, tail = certain_head(rule, decoded.ids, decoded.logprobs, decoded.n_entries, decoded.tail_mass,
+                                    decoded.proposal_log_norm, at_least=at_least)
+    return dataclasses.replace(decoded, ids=ids, logprobs=lp, n_entries=n, tail_mass=tail, counts=None)

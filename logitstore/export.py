@@ -66,7 +66,6 @@ Only an export's own files are ever deleted (here, in the temporary directory an
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -77,14 +76,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from logitstore.blocks import Block
+from logitstore.blocks import Block, with_certain_head
 from logitstore.errors import CacheExistsError, CacheLockedError, InvalidInputError
 from logitstore.lock import LOCK_NAME, BuildLock, read_lock
 from logitstore.manifest import fsync_dir, now
 from logitstore.ownership import describe_entries, refuse_file, rmdir_if_empty
 from logitstore.progress import progress_bar
 from logitstore.reader import Cache
-from logitstore.rules import Rule, certain_head, has_certain_head
+from logitstore.rules import has_certain_head
 from logitstore.selection import cache_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -133,13 +132,6 @@ def axolotl_rows(block: Block, *, k: int, logprobs: str = "normalized", temperat
                      "attention_mask": lists(np.ones(n_tok, np.int8)), "labels": lists(labels),
                      "target_token_ids": lists(ids, k), "target_logprobs": lists(lps, k),
                      "target_mask": lists(mask, k)})
-
-
-def certain_block(block: Block, rule: Rule) -> Block:
-    """``block`` with only the entries its systematic draws hit with certainty (``logitstore.rules.certain_head``)."""
-    ids, lp, n, tail = certain_head(rule, block.ids, block.logprobs, block.n_entries, block.tail_mass,
-                                    block.proposal_log_norm)
-    return dataclasses.replace(block, ids=ids, logprobs=lp, n_entries=n, tail_mass=tail, counts=None)
 
 
 def _check_exportable(cache: Cache, logprobs: str, temperature: float, drop_tail_draws: bool,
@@ -341,7 +333,7 @@ def export(source, out, *, to: str = "axolotl", force: bool = False, logprobs: s
             writer = None
             for block in cache.iter_blocks([shard]):
                 if cache.rule.name == "sample":  # a systematic sampled cache: its certain head
-                    block = certain_block(block, cache.rule)
+                    block = with_certain_head(block, cache.rule)
                 table = axolotl_rows(block, k=k, logprobs=logprobs, temperature=float(temperature))
                 if writer is None:
                     parts.append(tmp / "data" / f"part-{len(parts):05d}.parquet")

@@ -36,7 +36,6 @@ vocabularies or temperatures are refused before anything is written; the output 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -44,13 +43,14 @@ from collections.abc import Sequence as Seq
 
 import numpy as np
 
+from logitstore.blocks import with_certain_head
 from logitstore.codec import Codec
 from logitstore.errors import CacheExistsError, InvalidInputError
 from logitstore.manifest import MANIFEST_NAME
 from logitstore.progress import progress_bar
 from logitstore.reader import Cache, Sequence
 from logitstore.records import Scored, SequenceRecord
-from logitstore.rules import MassTopK, Rule, TopK, certain_head, cut, has_certain_head
+from logitstore.rules import MassTopK, Rule, TopK, cut, has_certain_head
 from logitstore.selection import cache_fingerprint
 from logitstore.writer import CacheWriter
 
@@ -204,11 +204,7 @@ def _decode(cache: Cache, seq_ids: list[str]) -> dict[str, Sequence]:
     seqs = {s.seq_id: s for s in cache.iter_sequences(seq_ids)} if seq_ids else {}
     if cache.rule.name != "sample":
         return seqs
-    for sid, q in seqs.items():
-        ids, lp, n, tail = certain_head(cache.rule, q.ids, q.logprobs, q.n_entries, q.tail_mass, q.proposal_log_norm,
-                                        at_least=1)
-        seqs[sid] = dataclasses.replace(q, ids=ids, logprobs=lp, n_entries=n, tail_mass=tail, counts=None)
-    return seqs
+    return {sid: with_certain_head(q, cache.rule, at_least=1) for sid, q in seqs.items()}
 
 
 def merge_sequence(seqs: list[Sequence], w: np.ndarray, rule: Rule, vocab: int, *, how: str = "mean",

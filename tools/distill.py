@@ -47,7 +47,8 @@ from logitstore.ownership import describe_entries, refuse_file
 from logitstore.settings import declared_defaults, fill_defaults
 from logitstore.union import Member, Union, save_union
 from trainers.checkpoint import list_checkpoints
-from trainers.config import PATH_FIELDS, TrainConfig, where
+from trainers.config import TrainConfig, where
+from trainers.config import placed as placed_train
 from trainers.loop import train
 
 RUN_FILE, ROUNDS_FILE, SUMMARY = "run.json", "rounds.json", "summary.json"
@@ -93,7 +94,7 @@ def placed(settings: dict[str, Any]) -> dict[str, Any]:
     (``trainers.config.where``), so a run resumes from any working directory."""
     out = {**settings, "teacher": where(settings.get("teacher"))}
     if isinstance(settings.get("train"), dict):
-        out["train"] = {k: where(v) if k in PATH_FIELDS else v for k, v in settings["train"].items()}
+        out["train"] = placed_train(settings["train"])
     return out
 
 

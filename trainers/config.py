@@ -304,7 +304,6 @@ class TrainConfig:
 LOSS_FIELDS = ("loss", "tail", "estimator", "temperature", "ce_weight", "beta", "alpha", "taid_start", "taid_end",
                "keep_fraction", "keep_by", "keep_lowest", "scores", "route", "chunk_size", "head_memory_mb")
 
-#: Options that may differ between a run and its resumption (they do not shape the trajectory).
 #: settings that name a file or directory: a resume compares where they point, not how they were spelled
 PATH_FIELDS = ("cache", "student", "eval", "mix_cache", "scores", "tokenizer", "teacher_tokenizer")
 
@@ -317,6 +316,12 @@ def where(value: Any) -> Any:
     return os.path.realpath(value)
 
 
+def placed(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (a ``TrainConfig.to_dict()``, or part of one) with its ``PATH_FIELDS`` as the places they name."""
+    return {k: where(v) if k in PATH_FIELDS else v for k, v in settings.items()}
+
+
+#: Options that may differ between a run and its resumption (they do not shape the trajectory).
 RESUMABLE_CHANGES = ("output", "max_steps", "resume", "quiet", "log_every", "eval_every", "save_every",
                      "keep_checkpoints", "eval", "eval_sequences", "device", "trace_data", "skip_verify", "force",
                      "allow_missing", "allow_incomplete")

@@ -36,7 +36,7 @@ from logitstore.head import Head
 from logitstore.manifest import atomic_write_bytes
 from logitstore.rules import Rule
 from trainers import checkpoint as ckpt
-from trainers.config import PATH_FIELDS, TrainConfig, where
+from trainers.config import TrainConfig, placed
 from trainers.cross import CrossTokenizer
 from trainers.data import StreamingLoader
 from trainers.evaluation import METRICS_FILE, batch_targets, eval_and_log, last_logged, log_metrics, to_device
@@ -288,7 +288,7 @@ class _Run:
     def save(self, step: int) -> None:
         st = {"step": step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
               "objective": self.objective.state_dict(), "loader": self.loader.state_dict(), "rng": ckpt.rng_state(),
-              "config": {k: where(v) if k in PATH_FIELDS else v for k, v in self.cfg.to_dict().items()},
+              "config": placed(self.cfg.to_dict()),
               "student_identity": self.identity}
         if self.main:
             ckpt.save_checkpoint(self.out, step, self.student.model, st, keep=self.cfg.keep_checkpoints)

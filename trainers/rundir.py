@@ -30,7 +30,7 @@ from logitstore.identity import model_revision
 from logitstore.lock import BuildLock
 from logitstore.ownership import describe_entries, refuse_file, rmdir_if_empty
 from trainers import checkpoint as ckpt
-from trainers.config import PATH_FIELDS, RESUMABLE_CHANGES, TrainConfig, where
+from trainers.config import RESUMABLE_CHANGES, TrainConfig, placed
 from trainers.evaluation import METRICS_FILE
 from trainers.student import TOKENIZER_FILES
 
@@ -110,9 +110,7 @@ class RunDir:
         if "estimator" not in state["config"] and cfg.estimator == "auto":
             # a run from before --estimator weighed draws by their counts: it goes on as it started
             saved["estimator"] = cfg.estimator = "counts"
-        now = cfg.to_dict()
-        for k in PATH_FIELDS:  # where a path points, whatever directory the run is resumed from
-            saved[k], now[k] = where(saved.get(k)), where(now.get(k))
+        saved, now = placed(saved), placed(cfg.to_dict())  # where paths point, from any working directory
         changed = sorted(k for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
         if changed:
             diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
