@@ -426,8 +426,9 @@ class CrossTokenizer:
             u0 = np.full(al.n_chunks, np.iinfo(np.int64).max)
             np.minimum.at(u0, cs[toks], toks)  # each chunk's first student token
             if self.cfg.nextbyte_at == "tokens":
-                t_end = np.cumsum(self.teacher.length[ids[b, :al.chunk_of_teacher.size]])
-                t_start = t_end - self.teacher.length[ids[b, :t_end.size]]
+                t_len = self.teacher.length[ids[b, :al.chunk_of_teacher.size]]
+                t_end = np.cumsum(t_len)
+                t_start = t_end - t_len
                 _, last_t, _ = chunk_ends(al)
             for k in range(al.n_chunks):
                 i = int(t_first[c0 + k] % T)  # layout i predicts the chunk's first teacher token, i + 1
