@@ -71,6 +71,27 @@ class Codec:
         """Max abs error of a decoded entry logprob (0 for fp32; fp16 is relative, see FORMAT.md)."""
         return self.logprob_step / 2 if self.values == "qdelta" else 0.0
 
+    def logprob_errors(self, logprobs):
+        """Elementwise bound on the abs error of decoded entry logprobs (a numpy array or torch tensor; FORMAT.md's
+        ``e_j``):
+        ``step / 2`` (qdelta), ``2^-11 |logprob| + 1e-7`` (fp16), ``1e-6 max(1, |logprob|)`` (fp32: float32
+        rounding)."""
+        a = abs(logprobs)
+        if self.values == "qdelta":
+            return a * 0.0 + self.logprob_step / 2
+        if self.values == "fp16":
+            return a * 2.0**-11 + 1e-7
+        return a.clip(min=1.0) * 1e-6
+
+    def scalar_error(self, value):
+        """Elementwise bound on the abs error of decoded per-position scalars (entropy, label logprob, tail mass; an
+        array or tensor):
+        float32 rounding (``1e-6 max(1, |x|)``) or fp16's (``2^-11 |x| + 1e-7``)."""
+        a = abs(value)
+        if self.scalars == "fp16":
+            return a * 2.0**-11 + 1e-7
+        return a.clip(min=1.0) * 1e-6
+
 
 # ---------------------------------------------------------------- values
 

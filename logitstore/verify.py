@@ -219,13 +219,10 @@ def _logprob_invariants(cache: Cache, lp: np.ndarray, valid: np.ndarray, tail: n
     if lp.shape[1] > 1 and ((lp[:, 1:] > lp[:, :-1]) & valid[:, 1:]).any():
         bad.append("entries not sorted by logprob, most likely first")
     # stored mass + tail = 1, within the decoding error of the values: an entry decoded with
-    # abs logprob error e has probability error p * expm1(e); fp16's error is relative (2^-11 |lp|)
+    # abs logprob error e (Codec.logprob_errors) has probability error p * expm1(e)
     lp64 = np.where(valid, lp, -np.inf).astype(np.float64)
     p = np.exp(lp64)
-    if cache.codec.values == "fp16":
-        err = np.where(valid, np.abs(lp64) * 2.0**-11 + 1e-7, 0.0)
-    else:
-        err = cache.codec.logprob_error_bound() if cache.codec.values == "qdelta" else 1e-6
+    err = np.where(valid, cache.codec.logprob_errors(np.where(valid, lp64, 0.0)), 0.0)
     mass = p.sum(axis=1)
     tol = (p * np.expm1(err)).sum(axis=1) + (1e-3 if cache.codec.scalars == "fp16" else 1e-5)
     if (np.abs(mass + tail - 1) > tol).any():
