@@ -65,6 +65,7 @@ CONFIGS = {
     "k32-other": ({"top_k": 32}, "forward_kl", "other"),
     "k32-label": ({"top_k": 32}, "forward_kl", "label"),
     "k32-residual": ({"top_k": 32}, "forward_kl", "residual"),
+    "k32-entropy": ({"top_k": 32}, "forward_kl", "entropy"),
     "k8-other": ({"top_k": 8}, "forward_kl", "other"),
     "s50": ({"sample": 50}, "forward_kl", "sampled"),
     "s50-T2": ({"sample": 50, "T": 2.0}, "forward_kl", "sampled"),
@@ -429,10 +430,14 @@ def angles(bench: Bench, names: list[str]) -> list[dict]:
         rows = torch.tensor([row_of[s] for s in b["seq_ids"]])[:, None].expand_as(sel)[sel]
         lt = torch.from_numpy(np.stack([lt_all[r, p - 1] for r, p in zip(rows.tolist(), b["pos"][sel].tolist())]))
         g_full = (torch.softmax(z0, -1) - lt.double().exp()) / z0.shape[0]
-        t = batch_targets(b, sel, logitstore.open(cache).manifest.vocab_size, logitstore.open(cache).rule)
+        c = logitstore.open(cache)
+        t = batch_targets(b, sel, c.manifest.vocab_size, c.rule, c.codec)
         z = z0.clone().requires_grad_(True)
-        view = student_view_from_logits(z, t.support()[0], t.labels)
-        Objective(loss, tail=tail, estimator=estimator_of(name)).kd(view, t).mean().backward()
+        objective = Objective(loss, tail=tail, estimator=estimator_of(name))
+        ids, valid, _ = t.support()
+        completed = (t.tail_entropy(), valid) if objective.needs_tail_entropy else (None, None)
+        view = student_view_from_logits(z, ids, t.labels, tail_target=completed[0], valid=completed[1])
+        objective.kd(view, t).mean().backward()
         g = z.grad
         p_full = torch.autograd.grad(logits, params, g_full.float(), retain_graph=True)
         p_g = torch.autograd.grad(logits, params, g.float())

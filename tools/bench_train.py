@@ -14,7 +14,7 @@
    V = 152,064 (Qwen2.5's padded vocabulary), chunked against one ``[N, V]`` pass,
    each in a fresh process.
 
-    python tools/bench_train.py [--batch 8 --length 256 --repeats 10] [--memory]
+    python tools/bench_train.py [--batch 8 --length 256 --repeats 10] [--memory] [--tail entropy]
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def write_cache(path: Path, k: int, sequences: int) -> None:
                                     scored=ls.Scored.of(e, entropy=s["entropy"], label_logprob=s["label_lp"])))
 
 
-def step_overhead(cache: Path, student_dir: Path, batch: int, length: int, repeats: int) -> dict:
+def step_overhead(cache: Path, student_dir: Path, batch: int, length: int, repeats: int, tail: str = "other"
+                  ) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -64,19 +65,21 @@ def step_overhead(cache: Path, student_dir: Path, batch: int, length: int, repea
     from trainers.losses import Objective
     from trainers.student import load_student
 
-    manifest = ls.open(cache).manifest
+    opened = ls.open(cache)
+    manifest = opened.manifest
     student = load_student(str(student_dir / "config.json"), manifest=manifest, seed=0)
     plain = AutoModelForCausalLM.from_pretrained(student_dir / "init", dtype=torch.float32)
     student.model.load_state_dict(plain.state_dict())
     cfg = TrainConfig(cache=str(cache), student="-", output="-", batch_size=batch, max_length=length)
     b = next(iter(StreamingLoader(str(cache), batch_size=batch, max_length=length, shuffle=False)))
-    body, obj = Body(student), Objective("forward_kl")
+    body, obj = Body(student), Objective("forward_kl", tail=tail)
     opt_kd = torch.optim.AdamW(student.model.parameters(), lr=1e-5)
     opt_ce = torch.optim.AdamW(plain.parameters(), lr=1e-5)
     labels = torch.where(b["attention_mask"].bool(), b["input_ids"], -100)
 
     def kd_step():
-        loss, _ = micro_loss(body, student.head, b, cfg, obj, manifest.vocab_size, ls.TopK(manifest.rule["k"]))
+        loss, _ = micro_loss(body, student.head, b, cfg, obj, manifest.vocab_size, ls.TopK(manifest.rule["k"]),
+                             codec=opened.codec)
         loss.backward()
         opt_kd.step()
         opt_kd.zero_grad(set_to_none=True)
@@ -141,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--tail", default="other", help="the KD step's tail policy (forward_kl): other or entropy")
     ap.add_argument("--workers", type=int, default=1, help="loader workers in the wait-fraction run")
     ap.add_argument("--memory", action="store_true", help="also the V=152,064 memory probe")
     ap.add_argument("--probe", nargs=5, metavar=("MODE", "N", "V", "H", "CHUNK"), help=argparse.SUPPRESS)
@@ -160,8 +164,8 @@ def main(argv=None) -> int:
         LlamaConfig(**STUDENT).to_json_file(str(sd.mkdir() or sd / "config.json"))
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**STUDENT)).save_pretrained(sd / "init")
-        r = step_overhead(cache, sd, a.batch, a.length, a.repeats)
-        print(f"step overhead  B={r['batch']} T={r['length']} ({r['tokens']} tokens), k=32:  CE step "
+        r = step_overhead(cache, sd, a.batch, a.length, a.repeats, a.tail)
+        print(f"step overhead  B={r['batch']} T={r['length']} ({r['tokens']} tokens), k=32, --tail {a.tail}:  CE step "
               f"{r['ce_step_s'] * 1000:.0f} ms, KD step {r['kd_step_s'] * 1000:.0f} ms, ratio {r['ratio']:.3f} "
               f"(target <= 1.10)")
         w = loader_wait(cache, sd, a.batch, a.length, a.train_steps, a.workers)

@@ -20,7 +20,7 @@ from logitstore.format import SAMPLING_RULES
 #: The distillation losses and tail policies, by name: the one list (trainers.losses implements each; this
 #: module stays free of torch, so the command line builds its parser fast).
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "taid", "ce")
-TAILS = ("other", "renormalize", "sampled", "sampled_label", "label", "residual")
+TAILS = ("other", "renormalize", "sampled", "sampled_label", "label", "residual", "entropy")
 SAMPLED_TAILS = ("sampled", "sampled_label")  # the unbiased estimators: caches with draws, forward_kl at T = 1
 ESTIMATORS = ("auto", "counts", "inclusion")  # how the sampled tails weigh a draw (SparseTargets.estimate)
 
@@ -52,8 +52,10 @@ class TrainConfig:
                            "sides restricted to the stored entries), 'sampled' (the unbiased estimator of a cache "
                            "with draws: --sample or --tail-draws; forward_kl), 'sampled_label' (the same with the "
                            "label's exact target in place of its draws: unbiased, lower variance), 'residual' "
-                           "(RS-KD: the tail mass on "
-                           "the label; forward_kl); auto: sampled for caches with draws and forward_kl, else other")
+                           "(RS-KD: the tail mass on the label; forward_kl), 'entropy' (the 'other' bucket, its "
+                           "mass spread as the student's own tail re-tempered to the teacher's exact entropy there: "
+                           "top-k caches; forward_kl); auto: sampled for caches with draws and forward_kl, else "
+                           "other")
     estimator: str = _f("auto", "with --tail sampled or sampled_label: how a draw is weighed: 'counts' (by how "
                                 "often it was drawn, (c/D) p/q) or 'inclusion' (by whether it was drawn at all, "
                                 "p / pi with pi = 1 - (1 - q)^D, or min(1, D q) for systematic draws: "
@@ -158,8 +160,13 @@ class TrainConfig:
         return "sampled" if rule in SAMPLING_RULES and self.loss == "forward_kl" and \
             self.temperature == 1.0 else "other"
 
-    def check_rule(self, rule: str, cache: str) -> None:
-        """Refuse a tail policy the cache ``cache`` (sparse-entry rule named ``rule``) cannot serve."""
+    def check_rule(self, rule: str, cache: str, exactness: dict[str, str] | None = None) -> None:
+        """Refuse a tail policy the cache ``cache`` (sparse-entry rule named ``rule``, fields as exact as its
+        manifest's ``exactness`` says) cannot serve."""
+        entropy = (exactness or {}).get("entropy", "exact")
+        if self.loss != "ce" and self.resolved_tail(rule) == "entropy" and entropy not in ("exact", "quantised"):
+            raise InvalidInputError(f"--tail entropy needs the teacher's exact entropy; {cache} stores it as "
+                                    f"{entropy!r} (a vLLM build stores a bound): use --tail other")
         if self.resolved_tail(rule) in SAMPLED_TAILS and rule not in SAMPLING_RULES:
             raise InvalidInputError(f"--tail {self.resolved_tail(rule)} needs a cache with draws (built with "
                                     f"--sample D or --top-k K --tail-draws D); {cache} has rule {rule!r}: use "

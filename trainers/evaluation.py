@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from logitstore.codec import Codec
 from logitstore.rules import Rule, rule_from_dict
 from trainers.align import TARGET, TokenBytes, UnsupportedTokenizerError, roles
 from trainers.config import TrainConfig
@@ -34,9 +35,10 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-def batch_targets(batch: dict, sel: torch.Tensor, vocab: int, rule: Rule) -> SparseTargets:
+def batch_targets(batch: dict, sel: torch.Tensor, vocab: int, rule: Rule, codec: Codec | None = None
+                  ) -> SparseTargets:
     """The teacher side of the positions ``sel [B, T]`` selects in a collated batch (``trainers.data``) of a cache
-    with sparse-entry ``rule``."""
+    with sparse-entry ``rule`` and values stored with ``codec`` (None: as exact)."""
     get = lambda k: batch[k][sel] if k in batch else None  # noqa: E731
     return SparseTargets(ids=batch["topk_ids"][sel], valid=batch["topk_valid"][sel], logprobs=get("topk_logprobs"),
                          tail_mass=batch["tail_mass"][sel], labels=batch["labels"][sel], vocab_size=vocab,
@@ -45,6 +47,7 @@ def batch_targets(batch: dict, sel: torch.Tensor, vocab: int, rule: Rule) -> Spa
                          tail_counts=get("tail_counts"),
                          proposal_temperature=getattr(rule, "proposal_temperature", 1.0),
                          proposal_log_norm=get("proposal_log_norm"), systematic=rule.systematic,
+                         entropy=get("teacher_entropy"), codec=codec,
                          capped=rule.name == "sample" and rule.k < rule.draws)
 
 

@@ -203,7 +203,7 @@ class DistillationLoss:
         # only its manifest is used (rule, vocabulary, fingerprint): the datasets check their selections' seq ids
         self.cache = cache if isinstance(cache, Cache) else Cache(cache, allow_missing=True)
         self.config, self.rule, self.vocab = cfg, self.cache.rule, int(self.cache.manifest.vocab_size)
-        cfg.check_rule(self.rule.name, str(self.cache.path))
+        cfg.check_rule(self.rule.name, str(self.cache.path), self.cache.manifest.exactness)
         self.objective = Objective.from_config(cfg, self.rule.name, total_steps)
         self._keeps_logits: dict[type, bool] = {}
 
@@ -236,7 +236,7 @@ class DistillationLoss:
         if head is None:
             raise InvalidInputError(f"{type(unwrap(model)).__name__} exposes no separate LM head")
         return micro_loss(lambda b: self.hidden(model, b), head, batch, self.config, self.objective, self.vocab,
-                          self.rule, reduction=reduction)
+                          self.rule, reduction=reduction, codec=self.cache.codec)
 
 
 class DistillationMixin:

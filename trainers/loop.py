@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from logitstore.codec import Codec
 from logitstore.errors import InvalidInputError, LogitstoreError
 from logitstore.head import Head
 from logitstore.manifest import atomic_write_bytes
@@ -188,7 +189,7 @@ class _Run:
         for c, flag in ((cache, "CACHE"), (eval_cache, "--eval")):
             if c is not None:
                 check_usable(c, flag, cfg.allow_incomplete)
-        cfg.check_rule(self.manifest.rule["rule"], cfg.cache)
+        cfg.check_rule(self.manifest.rule["rule"], cfg.cache, self.manifest.exactness)
         only = None
         if not cfg.skip_verify:
             if self.main:
@@ -310,7 +311,7 @@ class _Run:
             with contextlib.nullcontext() if last else self.body.no_sync(), _autocast(cfg, device):
                 if self.cross is None:
                     loss, m = micro_loss(self.body, self.student.head, batch, cfg, self.objective,
-                                         self.manifest.vocab_size, self.cache.rule)
+                                         self.manifest.vocab_size, self.cache.rule, codec=self.cache.codec)
                 else:
                     loss, m = self.cross.loss(self.body, self.student, batch, self.objective)
                 (loss / cfg.grad_accum).backward()
@@ -379,7 +380,7 @@ class _Run:
 
 
 def micro_loss(body, head: Head, batch: dict, cfg: TrainConfig, objective: Objective, vocab: int, rule: Rule, *,
-               reduction: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
+               reduction: str = "mean", codec: Codec | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one collated micro-batch (and its metrics): the student's body (``body(batch)``: hidden states
     ``[B, T, H]``), its ``head`` over the target positions in chunks (``student_view``), the token weights
     (``trainers.weighting``) and the objective.
@@ -395,11 +396,13 @@ def micro_loss(body, head: Head, batch: dict, cfg: TrainConfig, objective: Objec
     if hs.shape[0] == 0:  # nothing to learn here; keep every parameter in the graph for DDP
         zero = h.sum() * 0 + head.weight.sum() * 0
         return zero, {"loss": 0.0}
-    t = batch_targets(batch, sel, vocab, rule)
+    t = batch_targets(batch, sel, vocab, rule, codec)
     need_entropy = cfg.keep_fraction < 1 and cfg.keep_by == "student_entropy"
     recompute = hs.shape[0] * head.vocab_size * 4 > cfg.head_memory_mb * 2**20
-    view = student_view(hs, head, t.support()[0], t.labels, temperature=cfg.temperature,
-                        chunk_size=cfg.chunk_size, need_entropy=need_entropy, recompute=recompute)
+    ids, valid, _ = t.support()
+    tail = (t.tail_entropy(), valid) if objective.needs_tail_entropy else (None, None)
+    view = student_view(hs, head, ids, t.labels, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
+                        need_entropy=need_entropy, recompute=recompute, tail_target=tail[0], valid=tail[1])
     weight, kd, ce = coefficients(batch, sel, cfg, view.entropy)
     loss, metrics = objective(view, t, weight, kd, ce)
     if reduction == "sum":  # reduce() normalised over the positive weights (all of them: weights are >= 0)

@@ -23,6 +23,9 @@ temperature-1 logprobs ``lp`` and the tail mass ``m = 1 - sum exp(lp)`` outside 
      lower bound (for tau < 1 the reverse). Where n = V or m = 0 the "other" bucket is masked
      on both sides (then reverse-type divergences see a student summing to < 1 on the support).
    - ``tail="renormalize"`` (B = K): both sides restricted to the support and renormalised.
+   - ``tail="entropy"`` (``completed_forward_kl``): the ``other`` buckets, plus the teacher's mass outside the
+     support spread over the full vocabulary as the student's own tail re-tempered to the teacher's exact
+     entropy there (``SparseTargets.tail_entropy``, ``trainers.view.completed_tail``); forward_kl at tau = 1.
    For f-divergences a divergence over buckets is a lower bound on the full-vocabulary one
    (data processing inequality); with n = V they are equal.
 3. Divergences ``(log_t [N, B], log_s [N, B], mask [N, B]) -> [N]``, with p = teacher, q = student:
@@ -102,10 +105,7 @@ def buckets(student: StudentView, targets: SparseTargets, *, tail: str = "other"
     if tail == "renormalize":
         return _log_normalize(lt, valid), _log_normalize(ls, valid), valid
     # the teacher's mass outside S (the tail mass counts the head only: take the tail draws off)
-    m = targets.tail_mass.to(dev, dtype)
-    if targets.tail_ids is not None:
-        m = m - torch.where(targets.tail_valid.to(dev), torch.exp(targets.tail_logprobs.to(dev, dtype)), 0.0).sum(-1)
-    m = m.clamp(0.0, 1.0)
+    m = targets.outside_mass(dtype).to(dev)
     unseen = (targets.vocab_size - valid.sum(-1)).to(dtype)
     if tail == "label":
         if tau != 1.0:
@@ -225,6 +225,27 @@ def sampled_forward_kl(student: StudentView, targets: SparseTargets, *, temperat
     return _sum(use, w * (torch.where(use, lp.to(ls.device, dtype), 0.0) - ls)) + lab
 
 
+def completed_forward_kl(student: StudentView, targets: SparseTargets) -> torch.Tensor:
+    """Forward KL against the cache's distribution completed outside its support, [N] (tail ``entropy``).
+
+    The target is the teacher's exact entries, and its mass m outside them spread as ``m r`` with ``r`` the
+    student's own distribution there re-tempered to the teacher's exact entropy there
+    (``targets.tail_entropy()``, ``trainers.view.completed_tail``: the distribution closest to the student's
+    that agrees with all the cache knows of that tail: its mass and its entropy). Value:
+    ``KL(buckets, tail 'other') + m KL(r || q_out)`` with ``q_out`` the student's distribution outside the
+    support, renormalised; ``r`` carries no gradient. Where the tail entropy is not determined (NaN), ``r =
+    q_out`` and this is the ``other`` bucket's KL. ``student`` must come with ``tail_xent`` and ``tail_h``
+    (``student_view(..., tail_target=targets.tail_entropy())``)."""
+    if student.tail_xent is None or student.tail_h is None:
+        raise InvalidInputError("tail 'entropy' needs the student's completed tail: student_view(..., "
+                                "tail_target=targets.tail_entropy(), valid=targets.support()[1])")
+    log_t, log_s, mask = buckets(student, targets, tail="other")
+    has = mask[:, -1]
+    dtype = log_t.dtype
+    within = -student.tail_h.to(dtype) - student.tail_xent.to(dtype) + log_s[:, -1]
+    return forward_kl(log_t, log_s, mask) + torch.where(has, torch.exp(log_t[:, -1]) * within, 0.0)
+
+
 def residual_forward_kl(student: StudentView, targets: SparseTargets, *, temperature: float = 1.0) -> torch.Tensor:
     """RS-KD's top-k baseline with the residual mass on the ground truth, [N]: ``KL(t || q)`` with
     ``t`` = the head's ``p_j`` plus the tail mass ``m`` on the label (``targets.residual()``) and ``q`` the
@@ -282,10 +303,11 @@ class Objective:
             raise InvalidInputError(f"estimator={estimator!r} weighs the draws of the sampled tails "
                                     f"({', '.join(SAMPLED_TAILS)}); tail is {tail!r}")
         self.temperature = number("temperature", temperature, 0.0, math.inf, lo_open=True, hi_open=True)
-        if tail in (*SAMPLED_TAILS, "residual") and (loss != "forward_kl" or self.temperature != 1.0):
+        if tail in (*SAMPLED_TAILS, "residual", "entropy") and (loss != "forward_kl" or self.temperature != 1.0):
             raise InvalidInputError(f"tail={tail!r} with loss={loss!r}, temperature={temperature!r}: that target "
-                                    "exists only for loss 'forward_kl' at temperature 1 (the cached draws and "
-                                    "label logprobs are at T = 1); use tail 'other', 'label' or 'renormalize'")
+                                    "exists only for loss 'forward_kl' at temperature 1 (the cached draws, "
+                                    "label logprobs and entropy are at T = 1); use tail 'other', 'label' or "
+                                    "'renormalize'")
         if tail == "label" and self.temperature != 1.0:
             raise InvalidInputError(f"tail='label' with temperature={temperature!r}: the label bucket uses the "
                                     "temperature-1 label logprob; use temperature 1 or tail 'other'")
@@ -317,6 +339,11 @@ class Objective:
         return self.loss != "ce" and (self.tail not in SAMPLED_TAILS or self.estimator == "inclusion")
 
     @property
+    def needs_tail_entropy(self) -> bool:
+        """Whether the student view must carry the completed tail (``student_view(tail_target=...)``)."""
+        return self.loss != "ce" and self.tail == "entropy"
+
+    @property
     def needs_entropy(self) -> bool:
         """No loss here uses the student entropy."""
         return False
@@ -332,6 +359,8 @@ class Objective:
                                       exact_label=self.tail == "sampled_label", design=self.estimator)
         if self.tail == "residual":
             return residual_forward_kl(student, targets, temperature=self.temperature)
+        if self.tail == "entropy":
+            return completed_forward_kl(student, targets)
         b = buckets(student, targets, tail=self.tail, temperature=self.temperature)
         extra = {"jsd": {"beta": self.beta}, "skew_kl": {"alpha": self.alpha}, "skew_rkl": {"alpha": self.alpha},
                  "taid": {"t": self._t}}.get(self.loss, {})

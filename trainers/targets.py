@@ -33,6 +33,7 @@ import dataclasses
 
 import torch
 
+from logitstore.codec import Codec
 from logitstore.errors import InvalidInputError
 from trainers.config import ESTIMATORS
 
@@ -58,11 +59,13 @@ class SparseTargets:
     proposal_log_norm: torch.Tensor | None = None  # [N] log Z of the proposal (T != 1)
     systematic: bool = False  # the draws are systematic (rules.draw), not independent
     capped: bool = False  # a sampled cache kept at most k < D unique draws (rules.Sampled): a draw may be left out
+    entropy: torch.Tensor | None = None  # [N] the teacher's full-vocabulary entropy (nats, T = 1)
+    codec: Codec | None = None  # how the values were stored (their decoding error); None: exact
 
     def __post_init__(self):
         nk = tuple(self.ids.shape)
         want = {"ids": nk, "valid": nk, "logprobs": nk, "counts": nk, "tail_mass": nk[:1], "labels": nk[:1],
-                "label_logprob": nk[:1], "proposal_log_norm": nk[:1]}
+                "label_logprob": nk[:1], "proposal_log_norm": nk[:1], "entropy": nk[:1]}
         if self.tail_ids is not None:
             nu = tuple(self.tail_ids.shape)
             want.update(tail_valid=nu, tail_logprobs=nu, tail_counts=nu)
@@ -170,6 +173,37 @@ class SparseTargets:
         w = torch.where(is_label & (torch.arange(ids.shape[1], device=ids.device) >= k), 0.0, w)
         p_label = torch.where(in_head, 0.0, torch.exp(self.label_logprob.to(dtype)))
         return w, p_label
+
+    def outside_mass(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The teacher's mass outside ``support()`` [N], in [0, 1]: the tail mass less the tail draws' exact mass."""
+        m = self.tail_mass.to(dtype)
+        if self.tail_ids is not None:
+            m = m - torch.where(self.tail_valid, torch.exp(self.tail_logprobs.to(dtype)), 0.0).sum(-1)
+        return m.clamp(0.0, 1.0)
+
+    def tail_entropy(self, dtype: torch.dtype = torch.float64, max_error: float = 0.25) -> torch.Tensor:
+        """The entropy of the teacher's distribution over the ids outside ``support()``, renormalised, [N] (nats):
+        ``H_out = (H - sum_S -p_x log p_x) / m + log m`` with H the exact full-vocabulary entropy, S the support
+        and m the mass outside it (clipped at 0 below). NaN where it is not determined to within ``max_error``
+        nats: the stored values' decoding error (``codec``) enters divided by m, first order
+        ``(sum_S p_x |1 + log p_x| e_x + e_H + e_m |1 + log m - H_out|) / m`` with ``e`` the codec's bounds (so
+        a quantised cache leaves out the positions with a small tail), or no entropy stored."""
+        if self.entropy is None:
+            raise InvalidInputError("the teacher's tail entropy needs targets.entropy (the cache's exact entropy)")
+        _, valid, lp = self.support()
+        if lp is None:
+            raise InvalidInputError("the teacher's tail entropy needs the entries' logprobs (this cache stores none)")
+        lp = torch.where(valid, lp.to(dtype), 0.0)
+        p = torch.where(valid, torch.exp(lp), 0.0)
+        inside = -(p * lp).sum(-1)
+        m = self.outside_mass(dtype)
+        big = m.clamp(min=torch.finfo(dtype).tiny)
+        h = self.entropy.to(dtype)
+        out = ((h - inside) / big + torch.log(big)).clamp(min=0.0)
+        codec = self.codec or Codec(values="fp32")
+        err = (p * (1 + lp).abs() * torch.where(valid, codec.logprob_errors(lp), 0.0)).sum(-1) \
+            + codec.scalar_error(h) + codec.scalar_error(m) * (1 + torch.log(big) - out).abs()
+        return torch.where((m > 0) & torch.isfinite(out) & (err <= max_error * big), out, torch.nan)
 
     def residual(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """RS-KD's top-k target with the residual mass on the label: (ids ``[N, K + 1]``, target ``t [N, K + 1]``,

@@ -201,7 +201,7 @@ def test_every_loss_equals_our_loop_s(small, loss):
 # every tail policy, on a cache that serves it (sampled: the draws of rule sample and of rule topk_tail)
 TAIL_CASES = [("other", "small"), ("renormalize", "small"), ("label", "small"), ("residual", "small"),
               ("sampled", "sampled"), ("sampled", "tail"), ("sampled_label", "sampled"), ("sampled_label", "tail"),
-              ("other", "tail"), ("residual", "tail")]
+              ("other", "tail"), ("residual", "tail"), ("entropy", "small"), ("entropy", "tail")]
 
 
 @pytest.mark.parametrize(("tail", "which"), TAIL_CASES, ids=[f"{t}-{w}" for t, w in TAIL_CASES])

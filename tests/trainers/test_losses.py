@@ -367,6 +367,170 @@ def test_every_loss_is_minimised_by_the_teacher_when_its_tail_is_empty(loss):
     torch.testing.assert_close(q[:n] / q[:n].sum(), lp_t[0].exp(), atol=2e-3, rtol=0)
 
 
+# ---------------------------------------------------------------- the completed tail (tail "entropy")
+
+
+def with_entropy(targets, zt):
+    """``targets`` with the teacher's exact full-vocabulary entropy of logits ``zt``."""
+    lp = torch.log_softmax(zt.to(F64), -1)
+    targets.entropy = -(lp.exp() * lp).sum(-1)
+    return targets
+
+
+def ref_tail_entropy(p, support):
+    """The entropy of p [N, V] restricted to the ids outside ``support`` and renormalised."""
+    out = torch.where(support, 0.0, p)
+    out = out / out.sum(-1, keepdim=True)
+    return -torch.where(out > 0, out * out.log(), 0.0).sum(-1)
+
+
+def ref_completed(p, q, support, h):
+    """The dense target: p on the support, the teacher's mass outside it spread as ``q^b`` there, renormalised,
+    with b found by bisection (200 halvings of [e^-8, e^8]) so that its entropy is ``h``."""
+    rows = []
+    for i in range(p.shape[0]):
+        s = q[i][~support[i]].log()
+        lo, hi = -8.0, 8.0
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            r = torch.softmax(math.exp(mid) * s, 0)
+            lo, hi = (mid, hi) if -(r * r.log()).sum() > h[i] else (lo, mid)
+        row = torch.where(support[i], p[i], 0.0)
+        row[~support[i]] = p[i][~support[i]].sum() * torch.softmax(math.exp(lo) * s, 0)
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def test_the_tail_entropy_is_the_teachers_outside_the_entries():
+    """``SparseTargets.tail_entropy`` from the exact entropy and the entries against the dense distribution's; NaN
+    where the mass outside is below 1e-4 (its rounding, divided by m, would swamp it)."""
+    gen = torch.Generator().manual_seed(21)
+    zt = logits(gen, 6, 30)
+    zt[5, 0] = 40.0  # one id holds all but ~1e-13 of the mass
+    targets, support = sparse_targets(zt, torch.tensor([1, 3, 5, 7, 2, 1]), 7, gen=gen)
+    got = with_entropy(targets, zt).tail_entropy()
+    want = ref_tail_entropy(torch.softmax(zt, -1), support)
+    torch.testing.assert_close(got[:5], want[:5], rtol=0, atol=1e-9)
+    assert torch.isnan(got[5])
+    targets.entropy = None
+    with pytest.raises(InvalidInputError, match="needs targets.entropy"):
+        targets.tail_entropy()
+
+
+def test_the_tail_entropy_of_quantised_entries_is_within_its_bound_or_undetermined():
+    """qdelta entries (rounded to STEP): where ``tail_entropy`` gives a number it is within ``max_error`` of the dense
+    one; it gives none where the mass outside is small (the rounding, divided by m, could exceed that), and the
+    worst rows it does give miss by more than the exact codec's rounding."""
+    from logitstore.codec import Codec
+
+    gen = torch.Generator().manual_seed(26)
+    N, V, K = 400, 60, 6
+    zt = logits(gen, N, V, 2.5)
+    targets, support = sparse_targets(zt, torch.randint(1, K + 1, (N,), generator=gen), K, gen=gen, quantise=True)
+    with_entropy(targets, zt).codec = Codec(values="qdelta", logprob_step=STEP)
+    want = ref_tail_entropy(torch.softmax(zt, -1), support)
+    m = targets.tail_mass
+    for max_error in (0.25, 0.05):
+        got = targets.tail_entropy(max_error=max_error)
+        ok = torch.isfinite(got)
+        assert (got[ok] - want[ok]).abs().max() <= max_error
+        assert 0.2 * N < int(ok.sum()) < N and not ok[m < 0.02].any()
+    assert (got[ok] - want[ok]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("chunk", [None, 2, 64])  # None: student_view_from_logits
+def test_the_completed_forward_kl_equals_a_dense_reference(chunk):
+    """Value and gradient against KL(t || q) with the dense target ``ref_completed`` held fixed; padded columns,
+    supports of different sizes, and the chunked view."""
+    gen = torch.Generator().manual_seed(22)
+    N, V, K, H = 7, 40, 6, 5
+    zt = logits(gen, N, V)
+    targets, support = sparse_targets(zt, torch.tensor([1, 2, 6, 3, 5, 6, 4]), K, gen=gen)
+    with_entropy(targets, zt)
+    head = torch.nn.Linear(H, V, dtype=F64)
+    hidden = torch.randn(N, H, generator=gen, dtype=F64) * 2
+    tt = targets.tail_entropy()
+    if chunk is None:
+        zs = head(hidden)
+        view = SV.student_view_from_logits(zs, targets.ids, targets.labels, tail_target=tt, valid=targets.valid)
+    else:
+        view = SV.student_view(hidden, head, targets.ids, targets.labels, chunk_size=chunk, tail_target=tt,
+                               valid=targets.valid)
+    got = L.Objective("forward_kl", tail="entropy").kd(view, targets)
+    g_got = torch.autograd.grad(got.sum(), head.weight)[0]
+    zs = head(hidden)
+    q = torch.softmax(zs, -1)
+    # the target's tail has the teacher's entropy there, to completed_tail's tolerance (1e-9 nats in float64); the
+    # reference target is built at the entropy reached
+    assert (view.tail_h - ref_tail_entropy(torch.softmax(zt, -1), support)).abs().max() <= 1e-9
+    t = ref_completed(torch.softmax(zt, -1), q.detach(), support, view.tail_h.detach())
+    want = ref_kl(t, q)
+    g_want = torch.autograd.grad(want.sum(), head.weight)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-8)
+    torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-8)
+    # the loss adds m KL(r || q_out) to the buckets' KL: above it wherever the tail is not negligible
+    bucket_kl = ref_kl(coarse(torch.softmax(zt, -1), targets, support), coarse(q, targets, support))
+    assert (want >= bucket_kl - 1e-12).all() and (want > bucket_kl + 1e-6)[targets.tail_mass > 0.05].all()
+
+
+def test_the_completed_tail_is_the_teacher_where_the_teachers_tail_is_a_power_of_the_students():
+    """A teacher whose tail is ``q^2`` renormalised (and exact entries elsewhere): the completed target is the
+    teacher itself, so the loss is the full-vocabulary KL(p || q), value and gradient; at q = p it is 0 with
+    gradient 0."""
+    gen = torch.Generator().manual_seed(23)
+    N, V, K = 5, 30, 4
+    zs = logits(gen, N, V, 1.0).requires_grad_()
+    zt = 2 * zs.detach().clone()
+    zt.scatter_(1, torch.randint(0, V, (N, K), generator=gen), torch.randn(N, K, generator=gen, dtype=F64) + 8)
+    targets, _ = sparse_targets(zt, torch.full((N,), K), K, gen=gen)
+    with_entropy(targets, zt)
+    for student, want in ((zs, ref_kl(torch.softmax(zt, -1), torch.softmax(zs, -1))), (zt.clone().requires_grad_(),
+                                                                                    torch.zeros(N, dtype=F64))):
+        view = SV.student_view_from_logits(student, targets.ids, targets.labels, tail_target=targets.tail_entropy(),
+                                           valid=targets.valid)
+        got = L.Objective("forward_kl", tail="entropy").kd(view, targets)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+        (g,) = torch.autograd.grad(got.sum(), student)
+        g_want = torch.softmax(student.detach(), -1) - torch.softmax(zt, -1)
+        torch.testing.assert_close(g, g_want, rtol=0, atol=1e-9)
+
+
+def test_where_the_tail_entropy_is_undetermined_the_completed_loss_is_the_other_buckets():
+    gen = torch.Generator().manual_seed(24)
+    zt, zs = logits(gen, 4, 20), logits(gen, 4, 20).requires_grad_()
+    targets, _ = sparse_targets(zt, torch.tensor([2, 3, 4, 5]), 5, gen=gen)
+    nan = torch.full((4,), math.nan, dtype=F64)
+    view = SV.student_view_from_logits(zs, targets.ids, targets.labels, tail_target=nan, valid=targets.valid)
+    got = L.Objective("forward_kl", tail="entropy").kd(view, targets)
+    (g,) = torch.autograd.grad(got.sum(), zs)
+    plain = SV.student_view_from_logits(zs, targets.ids, targets.labels)
+    want = L.Objective("forward_kl", tail="other").kd(plain, targets)
+    (g_want,) = torch.autograd.grad(want.sum(), zs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g, g_want, rtol=0, atol=1e-12)
+
+
+def test_the_completed_tail_refusals():
+    from trainers.config import TrainConfig
+
+    TrainConfig(tail="entropy").check_rule("topk", "C", {"entropy": "quantised"})
+    with pytest.raises(InvalidInputError, match="--tail entropy needs the teacher's exact entropy; C stores it as "
+                                                "'bound'"):
+        TrainConfig(tail="entropy").check_rule("topk", "C", {"entropy": "bound"})
+    with pytest.raises(InvalidInputError, match="tail='entropy' with loss='reverse_kl'"):
+        L.Objective("reverse_kl", tail="entropy")
+    with pytest.raises(InvalidInputError, match="tail='entropy' with loss='forward_kl', temperature=2.0"):
+        L.Objective("forward_kl", tail="entropy", temperature=2.0)
+    gen = torch.Generator().manual_seed(25)
+    zt = logits(gen, 3, 12)
+    targets, _ = sparse_targets(zt, torch.tensor([2, 3, 4]), 4, gen=gen)
+    with pytest.raises(InvalidInputError, match="needs the student's completed tail"):
+        L.Objective("forward_kl", tail="entropy").kd(SV.student_view_from_logits(zt, targets.ids, targets.labels),
+                                                     with_entropy(targets, zt))
+    with pytest.raises(InvalidInputError, match="go together"):
+        SV.student_view_from_logits(zt, targets.ids, targets.labels, tail_target=torch.zeros(3, dtype=F64))
+
+
 # ---------------------------------------------------------------- sampled estimator
 
 
