@@ -73,15 +73,13 @@ class Codec:
 
     def logprob_errors(self, logprobs):
         """Elementwise bound on the abs error of decoded entry logprobs (a numpy array or torch tensor; FORMAT.md's
-        ``e_j``):
-        ``step / 2`` (qdelta), ``2^-11 |logprob| + 1e-7`` (fp16), ``1e-6 max(1, |logprob|)`` (fp32: float32
-        rounding)."""
+        ``e_j``, "Invariants"): ``step / 2`` (qdelta), ``2^-11 |logprob| + 1e-7`` (fp16), ``1e-6`` (fp32)."""
         a = abs(logprobs)
         if self.values == "qdelta":
             return a * 0.0 + self.logprob_step / 2
         if self.values == "fp16":
             return a * 2.0**-11 + 1e-7
-        return a.clip(min=1.0) * 1e-6
+        return a * 0.0 + 1e-6
 
     def scalar_error(self, value):
         """Elementwise bound on the abs error of decoded per-position scalars (entropy, label logprob, tail mass; an
