@@ -434,9 +434,7 @@ def angles(bench: Bench, names: list[str]) -> list[dict]:
         t = batch_targets(b, sel, c.manifest.vocab_size, c.rule, c.codec)
         z = z0.clone().requires_grad_(True)
         objective = Objective(loss, tail=tail, estimator=estimator_of(name))
-        ids, valid, _ = t.support()
-        completed = (t.tail_entropy(), valid) if objective.needs_tail_entropy else (None, None)
-        view = student_view_from_logits(z, ids, t.labels, tail_target=completed[0], valid=completed[1])
+        view = student_view_from_logits(z, t.support()[0], t.labels, **objective.view_options(t))
         objective.kd(view, t).mean().backward()
         g = z.grad
         p_full = torch.autograd.grad(logits, params, g_full.float(), retain_graph=True)

@@ -399,10 +399,9 @@ def micro_loss(body, head: Head, batch: dict, cfg: TrainConfig, objective: Objec
     t = batch_targets(batch, sel, vocab, rule, codec)
     need_entropy = cfg.keep_fraction < 1 and cfg.keep_by == "student_entropy"
     recompute = hs.shape[0] * head.vocab_size * 4 > cfg.head_memory_mb * 2**20
-    ids, valid, _ = t.support()
-    tail = (t.tail_entropy(), valid) if objective.needs_tail_entropy else (None, None)
-    view = student_view(hs, head, ids, t.labels, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
-                        need_entropy=need_entropy, recompute=recompute, tail_target=tail[0], valid=tail[1])
+    view = student_view(hs, head, t.support()[0], t.labels, temperature=cfg.temperature,
+                        chunk_size=cfg.chunk_size, need_entropy=need_entropy, recompute=recompute,
+                        **objective.view_options(t))
     weight, kd, ce = coefficients(batch, sel, cfg, view.entropy)
     loss, metrics = objective(view, t, weight, kd, ce)
     if reduction == "sum":  # reduce() normalised over the positive weights (all of them: weights are >= 0)

@@ -235,10 +235,10 @@ def completed_forward_kl(student: StudentView, targets: SparseTargets) -> torch.
     ``KL(buckets, tail 'other') + m KL(r || q_out)`` with ``q_out`` the student's distribution outside the
     support, renormalised; ``r`` carries no gradient. Where the tail entropy is not determined (NaN), ``r =
     q_out`` and this is the ``other`` bucket's KL. ``student`` must come with ``tail_xent`` and ``tail_h``
-    (``student_view(..., tail_target=targets.tail_entropy())``)."""
+    (``student_view(..., **Objective.view_options(targets))``)."""
     if student.tail_xent is None or student.tail_h is None:
         raise InvalidInputError("tail 'entropy' needs the student's completed tail: student_view(..., "
-                                "tail_target=targets.tail_entropy(), valid=targets.support()[1])")
+                                "**objective.view_options(targets))")
     log_t, log_s, mask = buckets(student, targets, tail="other")
     has = mask[:, -1]
     dtype = log_t.dtype
@@ -338,10 +338,12 @@ class Objective:
         """Whether the targets must carry teacher logprobs."""
         return self.loss != "ce" and (self.tail not in SAMPLED_TAILS or self.estimator == "inclusion")
 
-    @property
-    def needs_tail_entropy(self) -> bool:
-        """Whether the student view must carry the completed tail (``student_view(tail_target=...)``)."""
-        return self.loss != "ce" and self.tail == "entropy"
+    def view_options(self, targets: SparseTargets) -> dict:
+        """What ``student_view`` must compute beyond the ids for this objective on ``targets``: with tail
+        ``entropy``, the completed tail (``tail_target``: the teacher's entropy outside the support; ``valid``)."""
+        if self.loss == "ce" or self.tail != "entropy":
+            return {}
+        return {"tail_target": targets.tail_entropy(), "valid": targets.support()[1]}
 
     @property
     def needs_entropy(self) -> bool:
