@@ -403,7 +403,7 @@ def ref_completed(p, q, support, h):
 
 def test_the_tail_entropy_is_the_teachers_outside_the_entries():
     """``SparseTargets.tail_entropy`` from the exact entropy and the entries against the dense distribution's; NaN
-    where the mass outside is below 1e-4 (its rounding, divided by m, would swamp it)."""
+    where the mass outside is so small (here ~1e-13) that the values' rounding, divided by it, swamps it."""
     gen = torch.Generator().manual_seed(21)
     zt = logits(gen, 6, 30)
     zt[5, 0] = 40.0  # one id holds all but ~1e-13 of the mass
