@@ -3,18 +3,20 @@
 Teacher: the embedded SmolLM2-135M-Instruct. Problems: arithmetic with worked reference solutions,
 generated offline by ``tools/make_problems.py`` (``--problems`` of them, seed 0): the last ``--heldout`` are
 held out, the first ``--base`` are the start student's data, the next ``--pool`` the off-policy arm's.
-Student: a small Llama with the teacher's tokenizer (``STUDENT``). Steps:
+Student: a small Llama with the teacher's tokenizer (``STUDENT``), or with ``--student-layers N`` the teacher cut to N
+of its layers (evenly spaced, first and last kept, as DistilBERT initialises its student): a student that
+already writes text, the regime GKD reports on-policy gains in (pair it with a lower ``--lr``). Steps:
 
 1. *Start*: the teacher scores the reference solutions of the base problems (a top-32 cache) and a
    fresh student trains ``--base-steps`` steps on them: one student distilled off-policy, shared by both
    arms.
 2. *Pool*: the teacher scores the reference solutions of the pool problems: the off-policy arm's data
    (data-generated responses).
-3. Per seed (``--seeds``): the **on-policy** arm runs ``logitstore distill`` from the start student on the
-   first ``--prompts`` pool problems (``--rounds`` rounds of ``--samples`` samples per prompt at
-   temperature 1, ``--steps`` steps per round); the **off-policy** arm trains the start student
-   ``rounds x steps`` steps on a seeded random part of the pool with at least as many target positions as
-   the on-policy rounds had the teacher score (the same teacher tokens, steps, loss and optimiser).
+3. Per seed (``--seeds`` of them from ``--first-seed``): the **on-policy** arm runs ``logitstore distill``
+   from the start student on the first ``--prompts`` pool problems (``--rounds`` rounds of ``--samples``
+   samples per prompt at temperature 1, ``--steps`` steps per round); the **off-policy** arm trains the start
+   student ``rounds x steps`` steps on a seeded random part of the pool with at least as many target
+   positions as the on-policy rounds had the teacher score (the same teacher tokens, steps, loss and optimiser).
    Optional arms: ``--mix-ratio L`` runs the same rounds with a fraction L of each round's batches from the
    round's cache and the rest from the base cache (no extra teacher tokens); ``--split S`` spends the
    fraction S of the on-policy arm's teacher tokens on rounds over S x ``--prompts`` prompts and the rest on
@@ -76,9 +78,11 @@ class Settings:
     loss: str = "reverse_kl"
     top_k: int = 32
     seeds: int = 3
+    first_seed: int = 0
     mix_ratio: float = 0.0
     split: float = 0.0
     off_teacher: int = 0
+    student_layers: int = 0
 
 
 QUICK = Settings(problems=200, heldout=4, base=16, pool=24, prompts=6, base_steps=8, rounds=2, steps=4,
@@ -102,6 +106,31 @@ def split_problems(work: Path, s: Settings) -> dict[str, Path]:
         paths[name] = work / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in data))
     return paths
+
+
+def pruned_teacher(teacher: Path, n: int, out: Path) -> Path:
+    """The teacher cut to ``n`` of its layers, evenly spaced with the first and the last kept, saved with its
+    tokenizer into ``out`` (once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    total = model.config.num_hidden_layers
+    if not 2 <= n <= total:
+        raise SystemExit(f"--student-layers {n}: the teacher has {total} layers; give 2 to {total}")
+    keep = [round(i * (total - 1) / (n - 1)) for i in range(n)]
+    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in keep)
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(out)
+    log(f"student: the teacher's layers {keep} of {total}")
+    return out
 
 
 def build_once(teacher, data, out: Path, s: Settings, generation=None) -> None:
@@ -266,9 +295,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "logitstore" / "bench-onpolicy"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--report", nargs="+", metavar="RESULTS", help="print the table of these results.json files "
+                    "(copies kept from earlier runs of one workdir), combined per seed, and run nothing")
     for f in dataclasses.fields(Settings):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     a = ap.parse_args(argv)
+    if a.report:
+        report(combine(a.report))
+        return 0
     s = QUICK if a.quick else Settings()
     s = dataclasses.replace(s, **{f.name: getattr(a, f.name) for f in dataclasses.fields(Settings)
                                   if getattr(a, f.name) is not None})
@@ -285,10 +319,11 @@ def main(argv=None) -> int:
     cfg = work / "student-config" / "config.json"
     cfg.parent.mkdir(exist_ok=True)
     LlamaConfig(**STUDENT).to_json_file(str(cfg))
+    init = pruned_teacher(teacher, s.student_layers, work / "student-init") if s.student_layers else cfg
     log("start: the teacher scores the base problems' solutions; a student is distilled on them")
     build_once(teacher, files["base"], work / "base", s)
     start = work / "start-student"
-    train_once(work / "base", cfg, start, s, s.base_steps, seed=0, loss=s.base_loss)
+    train_once(work / "base", init, start, s, s.base_steps, seed=0, loss=s.base_loss)
     log("pool: the teacher scores the pool problems' solutions (the off-policy arm's data)")
     build_once(teacher, files["pool"], work / "pool", s)
     if s.off_teacher:
@@ -305,7 +340,7 @@ def main(argv=None) -> int:
     from logitstore import TopK
     from trainers.config import TrainConfig
 
-    for seed in range(s.seeds):
+    for seed in range(s.first_seed, s.first_seed + s.seeds):
         log(f"seed {seed}: on-policy, {s.rounds} rounds")
         gen = GenerationConfig(n=s.samples, max_new_tokens=s.max_new_tokens, temperature=1.0, verifier="last-number")
         dc = DistillConfig(teacher=str(teacher), prompts=str(files["prompts"]), student=str(start),
@@ -389,24 +424,44 @@ def off_arms(s: Settings) -> list[tuple[str, str, str]]:
 
 
 def report(res: dict) -> None:
+    """The table of every arm (mean ± population sd over the seeds that ran it, [min, max]) and each on-policy arm
+    against each off-policy arm, the ratio of their means over the seeds both ran."""
     from tools.cli.text import format_table
 
-    s = Settings(**res["settings"])
-    ons, offs = on_arms(s), [name for name, _, _ in off_arms(s)]
-    arms = ons + offs
+    names = [a for a in ("on_policy", "on_policy_mixed", "on_policy_split", "off_policy", "off_policy_fkl",
+                         "off_teacher") if any(a in x for x in res["arms"])]
+    ons, offs = [a for a in names if a.startswith("on_")], [a for a in names if a.startswith("off_")]
     pairs = [(a, b) for a in ons for b in offs]
     stat = lambda v: f"{v.mean():.4f} ± {v.std():.4f} [{v.min():.4f}, {v.max():.4f}]"  # noqa: E731
+    runs = lambda *arms: [x for x in res["arms"] if all(a in x for a in arms)]  # noqa: E731
     rows = []
     for key in ("reverse_kl", "heldout_ce", "pass_rate"):
-        vals = {a: np.array([x[a][key] for x in res["arms"]]) for a in arms}
-        rel = [f"{100 * (vals[a].mean() / vals[b].mean() - 1):+.1f}%" if vals[b].mean() else "n/a"
-               for a, b in pairs]
-        rows.append([key, f"{res['start'][key]:.4f}", *[stat(vals[a]) for a in arms], *rel])
-    print(format_table(["metric", "start", *[f"{a} (mean ± sd [min, max])" for a in arms],
+        vals = {a: np.array([x[a][key] for x in runs(a)]) for a in names}
+        rel = []
+        for a, b in pairs:
+            both = runs(a, b)
+            on, off = (float(np.mean([x[c][key] for x in both])) for c in (a, b))
+            rel.append(f"{100 * (on / off - 1):+.1f}%" if off else "n/a")
+        rows.append([key, f"{res['start'][key]:.4f}", *[stat(vals[a]) for a in names], *rel])
+    print(format_table(["metric", "start", *[f"{a} ({len(runs(a))} seeds: mean ± sd [min, max])" for a in names],
                         *[f"{a} vs {b}" for a, b in pairs]], rows))
     t = res["throughput"]
     print(f"\nteacher scoring: round {t['round_teacher_pos_per_s']:.1f} pos/s, plain build "
           f"{t['plain_teacher_pos_per_s']:.1f} pos/s: {t['ratio']:.3f}x; total {res['seconds'] / 60:.1f} min")
+
+
+def combine(paths: list[str]) -> dict:
+    """The runs of several results files of one workdir (``--first-seed`` runs, or reruns with more arms) as one:
+    per seed, the arms of every file (the last file's where two hold the same arm)."""
+    got = [json.loads(Path(p).read_text()) for p in paths]
+    start = {json.dumps(g["start"], sort_keys=True) for g in got}
+    if len(start) != 1:
+        raise SystemExit("these results files start from different students: combine runs of one workdir only")
+    seeds: dict[int, dict] = {}
+    for g in got:
+        for arm in g["arms"]:
+            seeds.setdefault(arm["seed"], {}).update(arm)
+    return {**got[-1], "arms": [seeds[k] for k in sorted(seeds)], "seconds": sum(g["seconds"] for g in got)}
 
 
 if __name__ == "__main__":
