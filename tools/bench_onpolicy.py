@@ -110,11 +110,14 @@ def split_problems(work: Path, s: Settings) -> dict[str, Path]:
 
 def pruned_teacher(teacher: Path, n: int, out: Path) -> Path:
     """The teacher cut to ``n`` of its layers, evenly spaced with the first and the last kept, saved with its
-    tokenizer into ``out`` (once)."""
+    tokenizer into ``out`` (once; a workdir cut to another layer count is refused)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if (out / "config.json").is_file():
+        had = AutoConfig.from_pretrained(out).num_hidden_layers
+        if had != n:
+            raise SystemExit(f"--student-layers {n}: {out} holds a student of {had} layers; use another --workdir")
         return out
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
     total = model.config.num_hidden_layers

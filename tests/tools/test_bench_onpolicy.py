@@ -39,6 +39,9 @@ def test_pruned_teacher_is_the_chosen_layers_of_the_teacher(tmp_path, embedded_t
         want = full.lm_head(full.model.norm(h))
         got = cut(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit, match="holds a student of 3 layers"):
+        pruned_teacher(src, 4, out)  # the workdir's student is not silently reused for another layer count
+    assert pruned_teacher(src, 3, out) == out
 
 
 def test_pruned_teacher_refuses_a_layer_count_outside_the_teacher(tmp_path, embedded_tokenizer):
