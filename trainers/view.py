@@ -58,9 +58,11 @@ def completed_tail(lq: torch.Tensor, outside: torch.Tensor, target: torch.Tensor
         live = torch.isfinite(target) & (n_out > 1)
         u = torch.zeros_like(lq[:, 0])
         rows = live.nonzero().squeeze(1)
-        if rows.numel():  # the rows with a target: Newton's method on them alone
-            u[rows] = _solve_log_beta(lq[rows], outside[rows], target[rows].to(lq), n_out[rows], tol, max_iterations)
-        w, z, h, _ = _Tempering(lq, outside).moments(u.exp())
+        tempering = _Tempering(lq, outside)
+        if rows.numel():  # the rows with a target: Newton's method on them alone (formed once when that is all)
+            sub = tempering if rows.numel() == lq.shape[0] else _Tempering(lq[rows], outside[rows])
+            u[rows] = _solve_log_beta(sub, target[rows].to(lq), n_out[rows], tol, max_iterations)
+        w, z, h, _ = tempering.moments(u.exp())
         return w.div_(z[:, None]), h
 
 
@@ -83,10 +85,9 @@ class _Tempering:
         return w, z, torch.log(z) + beta * (self.smax - mean), var
 
 
-def _solve_log_beta(lq, outside, target, n_out, tol: float, max_iterations: int) -> torch.Tensor:
-    """``log beta`` [c] of ``completed_tail`` for rows that all have a finite target."""
-    tgt = torch.minimum(target, torch.log(n_out.to(lq)))
-    tempering = _Tempering(lq, outside)
+def _solve_log_beta(tempering: _Tempering, target, n_out, tol: float, max_iterations: int) -> torch.Tensor:
+    """``log beta`` [c] of ``completed_tail`` for the rows of ``tempering``, which all have a finite target."""
+    tgt = torch.minimum(target, torch.log(n_out.to(target)))
     u = torch.zeros_like(tgt)
     for _ in range(max_iterations):
         beta = u.exp()
